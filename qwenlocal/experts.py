@@ -1,0 +1,105 @@
+"""How the model reaches expert weights: one call per MoE layer, whatever holds the weights.
+
+`Experts` groups the routed tokens by expert and calls `expert_forward` for each expert that
+was hit, in increasing id order; subclasses decide where the weights live (stacked 16-bit
+tensors here; quantized blobs and the GPU expert cache elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Qwen3MoeConfig
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_tensor_name(layer: int, expert: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def group_by_expert(
+    ids: torch.Tensor, weights: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """ids, weights [N, k] -> (expert, token rows [n], their routing weights [n]) per expert hit,
+    in increasing expert order. No loop over experts that no token picked."""
+    n, k = ids.shape
+    flat = ids.flatten()
+    if n == 1:  # decode: k distinct experts, one token
+        order = flat.argsort()
+        for e, w in zip(flat[order].tolist(), weights.flatten()[order], strict=True):
+            yield e, ids.new_zeros(1), w.view(1)
+        return
+    order = flat.argsort(stable=True)
+    sorted_ids = flat[order].tolist()
+    tokens, sorted_w = order // k, weights.flatten()[order]
+    start = 0
+    while start < len(sorted_ids):
+        e = sorted_ids[start]
+        end = start + 1
+        while end < len(sorted_ids) and sorted_ids[end] == e:
+            end += 1
+        yield e, tokens[start:end], sorted_w[start:end]
+        start = end
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with gate and up stacked as gate_up [2I, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+class Experts(nn.Module):
+    """All MoE layers' experts. Call: experts(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.config = config
+
+    def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # each storage defines it
+
+    def forward(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for expert, tokens, w in group_by_expert(ids, weights):
+            y = self.expert_forward(layer, expert, x[tokens])
+            out.index_add_(0, tokens, y * w[:, None])
+        return out
+
+
+class DenseExperts(Experts):
+    """16/32-bit experts, stacked per layer: gate_up [E, 2I, H] and down [E, H, I]."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__(config)
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up = nn.ParameterDict()
+        self.down = nn.ParameterDict()
+        for layer in config.moe_layers:
+            self.gate_up[str(layer)] = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
+            self.down[str(layer)] = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
+
+    def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        key = str(layer)
+        return swiglu(x, self.gate_up[key][expert], self.down[key][expert])
+
+    def allocate(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        for d in (self.gate_up, self.down):
+            for key, p in d.items():
+                d[key] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype), requires_grad=False)
+
+    def set_expert(self, layer: int, expert: int, proj: str, weight: torch.Tensor) -> None:
+        i = self.config.moe_intermediate_size
+        key = str(layer)
+        if proj == "gate_proj":
+            self.gate_up[key][expert, :i].copy_(weight)
+        elif proj == "up_proj":
+            self.gate_up[key][expert, i:].copy_(weight)
+        else:
+            self.down[key][expert].copy_(weight)

@@ -1,0 +1,45 @@
+"""A preallocated KV cache: one [B, kv_heads, max_len, head_dim] pair per layer, no growth."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Qwen3MoeConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: Qwen3MoeConfig,
+        max_len: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens already stored (the same for every layer after a forward)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, kv, T, D] at positions start..start+T; return views of all stored keys/values."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; this step needs {end}.")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (kept prefix reused by the next turn)."""
+        self.length = min(self.length, length)
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,200 @@
+"""Qwen3-MoE forward pass in plain PyTorch, with Hugging Face's module and weight names.
+
+Attention (q_norm/k_norm, RoPE, grouped-query SDPA over a preallocated KV cache), the sparse
+MoE block (router softmax in fp32 -> top-k -> renormalise), dense MLP layers, final norm and
+lm_head. Expert weights are reached only through an `Experts` object, so the quantized and
+offloaded variants plug in without touching this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Qwen3MoeConfig
+from .experts import DenseExperts, Experts
+from .kv_cache import KVCache
+from .rope import Rope, apply_rope
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). A plain module so the quantizer can swap it for a quantized one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, layer: int):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.layer, self.head_dim = layer, d
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        bias = config.attention_bias
+        self.q_proj = Linear(h, self.n_heads * d, bias)
+        self.k_proj = Linear(h, self.n_kv * d, bias)
+        self.v_proj = Linear(h, self.n_kv * d, bias)
+        self.o_proj = Linear(self.n_heads * d, h, bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        start: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)
+        if t == 1:
+            mask, causal = None, False  # one query sees every stored key
+        elif k.shape[2] == t:
+            mask, causal = None, True
+        else:  # a chunk after earlier tokens: query i sees keys 0..start+i
+            q_pos = torch.arange(start, start + t, device=x.device)[:, None]
+            mask, causal = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos, False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """The dense SiLU-gated MLP of layers listed in mlp_only_layers."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, layer: int, experts: Experts):
+        super().__init__()
+        self.layer = layer
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = Linear(config.hidden_size, config.num_experts)
+        # Shared by every layer and owned by the top-level model: kept out of this module's state.
+        self.__dict__["experts"] = experts
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (expert ids [N, k], weights [N, k] in x's dtype)."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        ids, weights = self.route(flat)
+        return self.experts(self.layer, flat, ids, weights).view(b, t, h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, layer: int, experts: Experts):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        if config.is_moe_layer(layer):
+            self.mlp: nn.Module = SparseMoeBlock(config, layer, experts)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, config: Qwen3MoeConfig, experts: Experts):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, experts) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    """Call on input_ids [B, T]: logits [B, T, vocab] (float32) for a fresh sequence,
+    or, with a cache, for the tokens that follow what the cache already holds."""
+
+    def __init__(self, config: Qwen3MoeConfig, experts: Experts | None = None):
+        super().__init__()
+        self.config = config
+        self.experts = experts if experts is not None else DenseExperts(config)
+        self.model = Qwen3MoeModel(config, self.experts)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.rope: Rope | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope_tables(self, max_len: int) -> Rope:
+        if self.rope is None or self.rope.max_len < max_len or self.rope.cos.device != self.device:
+            length = max(max_len, self.config.native_context if self.rope is None else 0)
+            self.rope = Rope(self.config, length, self.device)
+        return self.rope
+
+    def new_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.config, max_len, batch, dtype or self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        b, t = input_ids.shape
+        start = cache.length if cache is not None else 0
+        rope = self.rope_tables(start + t)
+        cos, sin = rope.tables(start, t, self.dtype)
+        x = self.model.embed_tokens(input_ids.to(self.model.embed_tokens.weight.device)).to(self.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start)
+        if cache is not None:
+            cache.length = start + t
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()

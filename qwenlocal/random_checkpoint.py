@@ -1,0 +1,92 @@
+"""Random-weight checkpoints in the exact Hugging Face layout of Qwen3-30B-A3B.
+
+config.json, generation_config.json, the real tokenizer files, per-expert tensor names, shards of
+a chosen size and model.safetensors.index.json: a folder that behaves like the real one in every
+way but the words it picks. Used by the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import ShardWriter, atomic_folder, checkpoint_shapes
+from .config import BUILTIN_DIR, Qwen3MoeConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = REPO_ROOT / "tests" / "data" / "qwen3-30b-a3b"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+# A small model for tests: real vocabulary and head layout, tiny widths.
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+}
+# The real layer shapes of Qwen3-30B-A3B with fewer layers (for benchmarks).
+REAL_SHAPES = {"num_hidden_layers": 2}
+
+
+def config_dict(overrides: dict | None = None, spelling: str = "4.x") -> dict:
+    """Qwen3-30B-A3B's config.json with overrides, in transformers 4.x or 5.x key spelling."""
+    d = json.loads((BUILTIN_DIR / "config.json").read_text())
+    d.update(overrides or {})
+    if spelling == "5.x":
+        d["num_local_experts"] = d.pop("num_experts")
+        rope = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+        scaling = d.pop("rope_scaling", None)
+        if scaling:
+            rope.update(scaling)
+        d["rope_parameters"] = rope
+    return d
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    elif name.endswith(".bias"):
+        t = 0.02 * torch.randn(shape, generator=gen)
+    elif name.endswith("mlp.gate.weight"):
+        t = 0.5 * torch.randn(shape, generator=gen) / shape[1] ** 0.5  # decisive routing
+    else:
+        t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+    return t.to(dtype)
+
+
+def write_random_checkpoint(
+    out: str | Path,
+    overrides: dict | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_size: int = 2 * 1024**3,
+    seed: int = 0,
+    spelling: str = "4.x",
+    tokenizer_dir: Path | None = TOKENIZER_DIR,
+    force: bool = False,
+) -> Path:
+    """Write a random checkpoint of the config (Qwen3-30B-A3B + overrides); returns its folder."""
+    d = config_dict(overrides, spelling)
+    d["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    config = Qwen3MoeConfig.from_dict(d)
+    gen = torch.Generator().manual_seed(seed)
+    out = Path(out)
+    with atomic_folder(out, force=force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+        shutil.copyfile(BUILTIN_DIR / "generation_config.json", tmp / "generation_config.json")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copyfile(tokenizer_dir / name, tmp / name)
+        writer = ShardWriter(tmp, shard_size)
+        for name, shape in checkpoint_shapes(config).items():
+            writer.add(name, random_tensor(name, shape, gen, dtype))
+        writer.finish()
+    return out
