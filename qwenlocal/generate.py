@@ -1,0 +1,243 @@
+"""Generation: chunked prefill, decode, sampling, and one record per token for any front end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .model import Qwen3MoeForCausalLM
+
+PREFILL_CHUNK = 512
+DEFAULT_MAX_TOKENS = 4096
+# Qwen's recommended sampling per mode (model card); thinking mode must never be greedy.
+THINKING_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
+NON_THINKING_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.6
+    top_k: int = 20
+    top_p: float = 0.95
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}.")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0 <= self.min_p <= 1:
+            raise UserError(f"min_p must be in [0, 1], got {self.min_p}.")
+        return self
+
+    @classmethod
+    def for_mode(cls, thinking: bool, model_dir: Path | None = None, **overrides) -> SamplingParams:
+        """Qwen's values for the mode; in thinking mode generation_config.json's values win."""
+        values = dict(THINKING_SAMPLING if thinking else NON_THINKING_SAMPLING)
+        gen_config = Path(model_dir) / "generation_config.json" if model_dir else None
+        if thinking and gen_config is not None and gen_config.is_file():
+            try:
+                g = json.loads(gen_config.read_text())
+            except json.JSONDecodeError:
+                g = {}
+            values.update({k: g[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in g})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()
+
+
+def sample(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> int:
+    """logits [V] float32 -> token id. Order: presence penalty, temperature, top-k, top-p, min-p."""
+    if p.presence_penalty and seen is not None and seen.numel():
+        logits = logits.clone()
+        logits[seen.unique()] -= p.presence_penalty
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        values, ids = torch.topk(logits, p.top_k)  # sorted, largest first
+    else:
+        values, ids = torch.sort(logits, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    if p.top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = (probs.cumsum(-1) - probs) < p.top_p
+        probs = probs * keep
+    if p.min_p > 0:
+        probs = probs * (probs >= p.min_p * probs[0])
+    choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
+    return int(ids[choice])
+
+
+@dataclass
+class TokenRecord:
+    """One generated token, as any front end renders it."""
+
+    token_id: int
+    text: str  # newly completed text (may be empty while a UTF-8 character is incomplete)
+    index: int  # 0 for the first generated token
+    elapsed_s: float  # since the request started
+
+
+@dataclass
+class Summary:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache (not prefilled again)
+    generated_tokens: int = 0
+    prompt_s: float = 0.0
+    gen_s: float = 0.0
+    finish_reason: str = "length"  # "stop" (EOS or stop string), "length", "cancelled"
+    peak_memory_bytes: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def prompt_tps(self) -> float:
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return prefilled / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        decoded = max(self.generated_tokens - 1, 0)  # the first token comes from the prefill
+        return decoded / self.gen_s if self.gen_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(prompt_tps=self.prompt_tps, gen_tps=self.gen_tps)
+        return d
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Generator:
+    """Owns the KV cache of one conversation; a new prompt that extends the cached tokens
+    prefills only what is new."""
+
+    def __init__(self, model: Qwen3MoeForCausalLM, tokenizer=None, ctx_size: int = 4096,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.model, self.tokenizer = model, tokenizer
+        self.ctx_size, self.prefill_chunk = ctx_size, prefill_chunk
+        self.cache = model.new_cache(ctx_size)
+        self.cached: list[int] = []  # the tokens whose keys/values the cache holds
+        self.summary = Summary()
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.cached = []
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        n = 0
+        for a, b in zip(self.cached, prompt, strict=False):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)  # the last prompt token is always run again for its logits
+        self.cache.truncate(n)
+        self.cached = self.cached[:n]
+        return n
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        """Run tokens after what the cache holds; return the last position's logits [V]."""
+        device = self.model.device
+        logits = None
+        for i in range(0, len(tokens), self.prefill_chunk):
+            chunk = torch.tensor([tokens[i : i + self.prefill_chunk]], device=device)
+            logits = self.model(chunk, cache=self.cache, last_only=True)
+        self.cached.extend(tokens)
+        return logits[0, -1]
+
+    def stream(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        eos_ids: tuple[int, ...] | None = None,
+        stop: list[str] | None = None,
+    ) -> Iterator[TokenRecord]:
+        """Yield one record per generated token; `self.summary` holds the totals afterwards."""
+        if not prompt:
+            raise UserError("The prompt is empty.")
+        if len(prompt) >= self.ctx_size:
+            raise UserError(
+                f"The prompt has {len(prompt):,} tokens; the context holds {self.ctx_size:,}. "
+                "Raise --ctx-size or shorten the prompt."
+            )
+        if max_tokens <= 0:
+            raise UserError(f"max_tokens must be positive, got {max_tokens}.")
+        if eos_ids is None:
+            eos_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model.config.eos_token_id
+        device = self.model.device
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        s = self.summary = Summary(prompt_tokens=len(prompt))
+        decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
+        t0 = time.perf_counter()
+        s.cached_tokens = self._reuse_prefix(prompt)
+        logits = self.prefill(prompt[s.cached_tokens :])
+        _sync(device)
+        t_prefill = time.perf_counter()
+        s.prompt_s = t_prefill - t0
+        generated: list[int] = []
+        text = ""
+        try:
+            while True:
+                seen = torch.tensor(generated, dtype=torch.long) if params.presence_penalty else None
+                token = sample(logits.cpu(), params, gen, seen)
+                if token in eos_ids:
+                    s.finish_reason = "stop"
+                    break
+                generated.append(token)
+                piece = decoder.add(token) if decoder else ""
+                text += piece
+                yield TokenRecord(token, piece, len(generated) - 1, time.perf_counter() - t0)
+                if stop and any(x in text for x in stop):
+                    s.finish_reason = "stop"
+                    break
+                if len(generated) >= max_tokens or len(self.cached) >= self.ctx_size:
+                    s.finish_reason = "length"
+                    break
+                logits = self.prefill([token])
+        except GeneratorExit:
+            s.finish_reason = "cancelled"
+            raise
+        finally:
+            _sync(device)
+            s.gen_s = time.perf_counter() - t_prefill
+            s.generated_tokens = len(generated)
+            s.token_ids = generated
+            if decoder is not None:
+                text += decoder.flush()
+            s.text = _cut_at_stop(text, stop)
+            s.peak_memory_bytes = peak_memory_bytes(device)
+
+
+def _cut_at_stop(text: str, stop: list[str] | None) -> str:
+    for x in stop or ():
+        i = text.find(x)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
