@@ -125,7 +125,9 @@ def _hub_snapshot(repo_id: str, on_bytes: ProgressFn | None) -> str:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - a runtime dependency
-        raise UserError("huggingface_hub is needed to download models: pip install huggingface_hub.") from None
+        raise UserError(
+            "huggingface_hub is needed to download models: pip install huggingface_hub."
+        ) from None
     patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "LICENSE"]
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)

@@ -63,9 +63,7 @@ class Experts(nn.Module):
     def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # each storage defines it
 
-    def forward(
-        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for expert, tokens, w in group_by_expert(ids, weights):
             y = self.expert_forward(layer, expert, x[tokens])

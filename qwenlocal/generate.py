@@ -133,8 +133,13 @@ class Generator:
     """Owns the KV cache of one conversation; a new prompt that extends the cached tokens
     prefills only what is new."""
 
-    def __init__(self, model: Qwen3MoeForCausalLM, tokenizer=None, ctx_size: int = 4096,
-                 prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(
+        self,
+        model: Qwen3MoeForCausalLM,
+        tokenizer=None,
+        ctx_size: int = 4096,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.ctx_size, self.prefill_chunk = ctx_size, prefill_chunk
         self.cache = model.new_cache(ctx_size)
@@ -185,7 +190,9 @@ class Generator:
         if max_tokens <= 0:
             raise UserError(f"max_tokens must be positive, got {max_tokens}.")
         if eos_ids is None:
-            eos_ids = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model.config.eos_token_id
+            eos_ids = (
+                tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model.config.eos_token_id
+            )
         device = self.model.device
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         s = self.summary = Summary(prompt_tokens=len(prompt))

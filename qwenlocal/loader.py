@@ -13,8 +13,14 @@ from .errors import UserError
 from .experts import EXPERT_PROJS, DenseExperts, expert_tensor_name
 from .model import Qwen3MoeForCausalLM
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -50,8 +56,13 @@ def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_dense(
-    model: Qwen3MoeForCausalLM, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-    progress: ProgressFn | None = None, done: int = 0, total: int = 0,
+    model: Qwen3MoeForCausalLM,
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressFn | None = None,
+    done: int = 0,
+    total: int = 0,
 ) -> int:
     """Every non-expert tensor to `device` in `dtype`. Returns bytes read so far."""
     for name in dense_tensor_shapes(model.config):
@@ -67,8 +78,13 @@ def load_dense(
 
 
 def load_dense_experts(
-    experts: DenseExperts, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-    progress: ProgressFn | None = None, done: int = 0, total: int = 0,
+    experts: DenseExperts,
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressFn | None = None,
+    done: int = 0,
+    total: int = 0,
 ) -> int:
     experts.allocate(device, dtype)
     config = experts.config

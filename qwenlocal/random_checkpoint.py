@@ -50,7 +50,9 @@ def config_dict(overrides: dict | None = None, spelling: str = "4.x") -> dict:
     return d
 
 
-def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+def random_tensor(
+    name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
     if name.endswith("norm.weight"):
         t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
     elif name.endswith(".bias"):

@@ -1,0 +1,99 @@
+"""The CLI driven as a user would: real processes for the console script, CliRunner elsewhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from qwenlocal.cli import app, parse_tokens
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def test_generate_json(tiny_ckpt):
+    r = invoke("generate", tiny_ckpt, "Hello", "-n", 8, "--temp", 0, "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(d) == {
+        "text",
+        "token_ids",
+        "prompt_tokens",
+        "generated_tokens",
+        "finish_reason",
+        "prompt_tps",
+        "gen_tps",
+        "peak_memory_bytes",
+    }
+    assert d["generated_tokens"] == len(d["token_ids"]) == 8 and d["finish_reason"] == "length"
+
+
+def test_generate_greedy_matches_library(tiny_ckpt):
+    from qwenlocal import load_model
+    from qwenlocal.generate import Generator, SamplingParams
+    from qwenlocal.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    gen = Generator(load_model(tiny_ckpt, dtype="bf16"), tok, ctx_size=4096)
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}], enable_thinking=False)
+    list(gen.stream(ids, SamplingParams(temperature=0), max_tokens=6))
+    r = invoke("generate", tiny_ckpt, "Hi", "-n", 6, "--temp", 0, "--no-think", "--json")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["token_ids"] == gen.summary.token_ids
+
+
+def test_generate_stdin_raw_and_stream(tiny_ckpt):
+    r = invoke("generate", tiny_ckpt, "-", "-n", 4, "--raw", "--seed", 3, input="plain text prompt")
+    assert r.exit_code == 0, r.output
+    assert "4 generated" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "fp7"], "Unknown dtype 'fp7'"),
+        (["--device", "tpu"], "Unknown device 'tpu'"),
+        (["--ctx-size", "200k"], "past what this model supports"),
+        (["--ctx-size", "lots"], "Cannot read 'lots' as a token count"),
+        (["-n", "0"], "--max-tokens must be positive"),
+        (["--top-p", "2"], "top_p must be in"),
+        (["--ctx-size", "4"], "the context holds 4"),
+    ],
+)
+def test_bad_flags_exit_2(tiny_ckpt, args, message):
+    r = invoke("generate", tiny_ckpt, "Hello there", *args)
+    assert r.exit_code == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_missing_model_exit_2(tmp_path):
+    r = invoke("generate", tmp_path / "nowhere", "hi")
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_parse_tokens():
+    assert parse_tokens("32k") == 32768 and parse_tokens("128K") == 131072 and parse_tokens(4096) == 4096
+
+
+def test_console_script_process(tiny_ckpt, tmp_path):
+    """The installed entry point, as a real process: output, then exit 2 on a bad folder."""
+    cmd = [sys.executable, "-m", "qwenlocal.cli"]
+    ok = subprocess.run(
+        [*cmd, "generate", str(tiny_ckpt), "Hi", "-n", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["generated_tokens"] == 3
+    bad = subprocess.run(
+        [*cmd, "generate", str(tmp_path / "x"), "Hi"], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr

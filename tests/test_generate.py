@@ -1,0 +1,145 @@
+"""Sampling and the generation loop: records, summary, stops, cache reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenlocal import UserError, load_model
+from qwenlocal.generate import Generator, SamplingParams, sample
+from qwenlocal.tokenizer import Tokenizer
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert sample(logits, SamplingParams(temperature=0)) == 1
+
+
+def test_top_k_one_is_greedy_even_when_hot():
+    logits = torch.randn(1000)
+    p = SamplingParams(temperature=5.0, top_k=1, top_p=1.0)
+    assert all(sample(logits, p, torch.Generator().manual_seed(s)) == int(logits.argmax()) for s in range(20))
+
+
+def test_top_p_keeps_the_smallest_prefix():
+    # probabilities 0.5, 0.3, 0.2: top_p 0.7 keeps the first two only
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=0.7)
+    picks = {sample(logits, p, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert picks == {0, 1}
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.tensor([0.6, 0.3, 0.1]).log()
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)  # threshold 0.12
+    picks = {sample(logits, p, torch.Generator().manual_seed(s)) for s in range(300)}
+    assert picks == {0, 1}
+
+
+def test_presence_penalty_moves_away_from_seen_tokens():
+    logits = torch.tensor([2.0, 1.9])
+    p = SamplingParams(temperature=0, presence_penalty=1.0)
+    assert sample(logits, p, seen=torch.tensor([0])) == 1
+
+
+def test_seed_is_reproducible():
+    logits = torch.randn(5000)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+    a = [sample(logits, p, torch.Generator().manual_seed(7)) for _ in range(5)]
+    b = [sample(logits, p, torch.Generator().manual_seed(7)) for _ in range(5)]
+    assert a == b
+
+
+def test_mode_defaults(tiny_ckpt):
+    thinking = SamplingParams.for_mode(True, tiny_ckpt)
+    assert (thinking.temperature, thinking.top_p, thinking.top_k, thinking.min_p) == (0.6, 0.95, 20, 0.0)
+    plain = SamplingParams.for_mode(False, tiny_ckpt, top_k=5)
+    assert (plain.temperature, plain.top_p, plain.top_k) == (0.7, 0.8, 5)
+    with pytest.raises(UserError, match="top_p"):
+        SamplingParams.for_mode(False, None, top_p=1.5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt):
+    return load_model(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)
+
+
+def test_records_and_summary(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok, ctx_size=128)
+    prompt = tok.encode_chat([{"role": "user", "content": "Grüß dich! 你好"}])
+    records = list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=10, eos_ids=()))
+    s = gen.summary
+    assert [r.index for r in records] == list(range(10))
+    assert [r.token_id for r in records] == s.token_ids
+    assert "".join(r.text for r in records) == s.text == tok.decode(s.token_ids)
+    assert s.finish_reason == "length" and s.generated_tokens == 10 and s.prompt_tokens == len(prompt)
+    assert s.prompt_tps > 0 and s.gen_tps > 0 and s.peak_memory_bytes > 0
+    assert all(b.elapsed_s >= a.elapsed_s for a, b in zip(records, records[1:], strict=False))
+
+
+def test_stops_at_eos(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok, ctx_size=128)
+    prompt = tok.encode("hello there")
+    first = list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=5, eos_ids=()))
+    gen.reset()
+    stopped = list(
+        gen.stream(prompt, SamplingParams(temperature=0), max_tokens=5, eos_ids=(first[2].token_id,))
+    )
+    assert [r.token_id for r in stopped] == [r.token_id for r in first[:2]]
+    assert gen.summary.finish_reason == "stop"
+
+
+def test_stop_string_cuts_text(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok, ctx_size=128)
+    prompt = tok.encode("hello there")
+    full = list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=6, eos_ids=()))
+    marker = full[3].text
+    if not marker.strip():
+        pytest.skip("the random model produced an empty piece")
+    gen.reset()
+    list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=6, eos_ids=(), stop=[marker]))
+    assert gen.summary.finish_reason == "stop"
+    assert marker not in gen.summary.text
+
+
+def test_context_full_stops_with_length(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok, ctx_size=12)
+    prompt = tok.encode("one two three four five")
+    list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=100, eos_ids=()))
+    assert gen.summary.finish_reason == "length"
+    assert len(prompt) + gen.summary.generated_tokens <= 13
+
+
+def test_prompt_longer_than_context(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok, ctx_size=4)
+    with pytest.raises(UserError, match="the context holds 4"):
+        list(gen.stream(tok.encode("one two three four five six"), SamplingParams(temperature=0)))
+
+
+def test_cache_reuse_equals_fresh_prefill(tiny):
+    """A prompt that extends the cached tokens prefills only the new part, with the same tokens."""
+    model, tok = tiny
+    p = SamplingParams(temperature=0)
+    gen = Generator(model, tok, ctx_size=256)
+    turn1 = tok.encode_chat([{"role": "user", "content": "first question"}])
+    list(gen.stream(turn1, p, max_tokens=6, eos_ids=()))
+    reply = gen.summary.text
+    turn2 = tok.encode_chat(
+        [
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "second"},
+        ]
+    )
+    list(gen.stream(turn2, p, max_tokens=6, eos_ids=()))
+    reused = gen.summary
+    assert reused.cached_tokens >= len(turn1) - 1
+    fresh = Generator(model, tok, ctx_size=256)
+    list(fresh.stream(turn2, p, max_tokens=6, eos_ids=()))
+    assert fresh.summary.cached_tokens == 0
+    assert reused.token_ids == fresh.summary.token_ids
