@@ -206,5 +206,10 @@ def generate(
     run(body)
 
 
+# -- commands that live in their own modules (one line each) -----------------------------------
+# chat: registered here
+# serve: registered here
+
+
 if __name__ == "__main__":
     main()
