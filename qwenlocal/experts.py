@@ -101,3 +101,53 @@ class DenseExperts(Experts):
             self.gate_up[key][expert, i:].copy_(weight)
         else:
             self.down[key][expert].copy_(weight)
+
+
+class QuantExperts(Experts):
+    """Quantized experts: per layer one uint8 tensor [E, blob bytes]; row e is expert e's packed
+    gate, up and down projections with their statistics (quant.formats.pack layout)."""
+
+    def __init__(self, config: Qwen3MoeConfig, layout):
+        super().__init__(config)
+        self.layout = layout
+        self.blobs: dict[int, torch.Tensor] = {
+            layer: torch.empty(config.num_experts, layout.nbytes, dtype=torch.uint8)
+            for layer in config.moe_layers
+        }
+        self._views: dict[tuple[int, int], dict] = {}
+
+    def allocate(self, device: torch.device | str, pin: bool = False) -> None:
+        for layer, blob in self.blobs.items():
+            self.blobs[layer] = torch.empty(blob.shape, dtype=torch.uint8, device=device, pin_memory=pin)
+        self._views.clear()
+
+    def set_blob(self, layer: int, expert: int, blob: torch.Tensor) -> None:
+        self.blobs[layer][expert].copy_(blob)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.blobs.values())
+
+    def qtensors(self, layer: int, expert: int) -> dict:
+        from quant.formats import unpack
+
+        key = (layer, expert)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = unpack(self.blobs[layer][expert], self.layout)
+        return views
+
+    def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return quant_swiglu(x, self.qtensors(layer, expert))
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the blobs, which are not buffers
+        for layer, blob in self.blobs.items():
+            self.blobs[layer] = fn(blob)
+        self._views.clear()
+        return super()._apply(fn, recurse)
+
+
+def quant_swiglu(x: torch.Tensor, q: dict) -> torch.Tensor:
+    from quant.linear import qlinear
+
+    return qlinear(F.silu(qlinear(x, q["gate_proj"])) * qlinear(x, q["up_proj"]), q["down_proj"])

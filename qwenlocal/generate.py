@@ -143,6 +143,7 @@ class Generator:
         self.model, self.tokenizer = model, tokenizer
         self.ctx_size, self.prefill_chunk = ctx_size, prefill_chunk
         self.cache = model.new_cache(ctx_size)
+        model.rope_tables(ctx_size)  # allocated once, before generation
         self.cached: list[int] = []  # the tokens whose keys/values the cache holds
         self.summary = Summary()
 

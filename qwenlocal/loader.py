@@ -1,16 +1,25 @@
 """Build the model on the meta device, then assign tensors read one by one from the memory map:
-loading never holds the checkpoint in RAM twice."""
+loading never holds the checkpoint in RAM twice. Quantized checkpoints, and 16-bit ones quantized
+while loading, go through the same assembly."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, ProgressFn, dense_tensor_shapes, expert_tensor_shapes, resolve_model
+from .checkpoint import (
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    ProgressFn,
+    dense_tensor_shapes,
+    expert_tensor_shapes,
+    resolve_model,
+)
 from .errors import UserError
-from .experts import EXPERT_PROJS, DenseExperts, expert_tensor_name
+from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
 from .model import Qwen3MoeForCausalLM
 
 DTYPES = {
@@ -55,48 +64,34 @@ def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
-def load_dense(
-    model: Qwen3MoeForCausalLM,
-    ckpt: Checkpoint,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: ProgressFn | None = None,
-    done: int = 0,
-    total: int = 0,
-) -> int:
-    """Every non-expert tensor to `device` in `dtype`. Returns bytes read so far."""
-    for name in dense_tensor_shapes(model.config):
-        if name.endswith(".weight") and "experts" in name:
-            continue
-        tensor = ckpt.get(name).to(device=device, dtype=dtype)
-        assign(model, name, tensor)
-        done += ckpt.nbytes(name)
-        if progress:
-            progress(done, total)
-    model.tie_weights()
-    return done
+def embed_device(config, device: torch.device) -> torch.device:
+    """The token embedding stays in host RAM beside a GPU (only looked-up rows are copied),
+    unless lm_head shares it."""
+    return device if device.type == "cpu" or config.tie_word_embeddings else torch.device("cpu")
 
 
-def load_dense_experts(
-    experts: DenseExperts,
-    ckpt: Checkpoint,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: ProgressFn | None = None,
-    done: int = 0,
-    total: int = 0,
-) -> int:
-    experts.allocate(device, dtype)
-    config = experts.config
-    for layer in config.moe_layers:
-        for e in range(config.num_experts):
-            for proj in EXPERT_PROJS:
-                name = expert_tensor_name(layer, e, proj)
-                experts.set_expert(layer, e, proj, ckpt.get(name))
-                done += ckpt.nbytes(name)
-            if progress:
-                progress(done, total)
-    return done
+def _place(name: str, config, device: torch.device) -> torch.device:
+    return embed_device(config, device) if name == "model.embed_tokens.weight" else device
+
+
+def resolve_recipe(quant, config):
+    """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit)."""
+    from quant.recipe import Recipe
+
+    if config.quantization_config:
+        own = Recipe.from_config(config.quantization_config)
+        if isinstance(quant, str) and quant not in (own.preset, "auto"):
+            raise UserError(f"This checkpoint is already quantized ({own.preset}); drop --quant {quant}.")
+        return own, True
+    if quant is None or quant in ("bf16", "none", "auto"):
+        return None, False
+    recipe = quant if isinstance(quant, Recipe) else Recipe.from_preset(quant)
+    return (recipe if recipe.quantizes_anything else None), False
+
+
+def _checkpoint_items(ckpt: Checkpoint, names) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in names:
+        yield name, ckpt.get(name)
 
 
 def load_model(
@@ -105,18 +100,124 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     progress: ProgressFn | None = None,
     ctx_size: int | None = None,
+    quant=None,
 ) -> Qwen3MoeForCausalLM:
-    """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V]."""
+    """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
+
+    `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading; a quantized
+    checkpoint is read with its own recipe.
+    """
     device, dtype = parse_device(device), parse_dtype(dtype)
     ckpt = Checkpoint(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
+    recipe, prequantized = resolve_recipe(quant, config)
+    if recipe is None:
+        model = _load_16bit(ckpt, config, device, dtype, progress)
+    else:
+        model = _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress)
+    ckpt.close()
+    model.eval()
+    return model
+
+
+def _load_16bit(ckpt, config, device, dtype, progress) -> Qwen3MoeForCausalLM:
     dense, experts = dense_tensor_shapes(config), expert_tensor_shapes(config)
     ckpt.check({**dense, **experts})
     total = sum(ckpt.nbytes(n) for n in (*dense, *experts))
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(config)
-    done = load_dense(model, ckpt, device, dtype, progress, 0, total)
-    load_dense_experts(model.experts, ckpt, device, dtype, progress, done, total)
-    ckpt.close()
-    model.eval()
+    done = 0
+    for name in dense:
+        assign(model, name, ckpt.get(name).to(device=_place(name, config, device), dtype=dtype))
+        done += ckpt.nbytes(name)
+        if progress:
+            progress(done, total)
+    model.tie_weights()
+    model.experts.allocate(device, dtype)
+    for layer in config.moe_layers:
+        for e in range(config.num_experts):
+            for proj in EXPERT_PROJS:
+                name = expert_tensor_name(layer, e, proj)
+                model.experts.set_expert(layer, e, proj, ckpt.get(name))
+                done += ckpt.nbytes(name)
+            if progress:
+                progress(done, total)
     return model
+
+
+def _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress) -> Qwen3MoeForCausalLM:
+    from quant.linear import QuantLinear
+
+    from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class
+    from quant.formats import PackLayout, QTensor
+
+    if prequantized:
+        layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
+        shapes = quantized_shapes(config, recipe, layout.specs["gate_proj"].dtype)
+        for name, (dt, shape) in shapes.items():
+            if name not in ckpt:
+                raise UserError(f"Tensor {name} is missing from the quantized checkpoint in {ckpt.folder}.")
+            info = ckpt.info(name)
+            if tuple(info["shape"]) != shape or SAFETENSORS_DTYPES.get(info["dtype"]) != dt:
+                raise UserError(
+                    f"Tensor {name} in {ckpt.folder} is {info['dtype']} {info['shape']}; "
+                    f"the recipe needs {str(dt).removeprefix('torch.')} {list(shape)}."
+                )
+        total = sum(ckpt.nbytes(n) for n in shapes)
+        items = _checkpoint_items(ckpt, shapes)
+    else:
+        ckpt.check({**dense_tensor_shapes(config), **expert_tensor_shapes(config)})
+        layout = expert_layout(config, recipe, ckpt.get("model.norm.weight").dtype)
+        total = 0
+        quant_device = device if device.type == "cuda" else None
+        items = quantized_stream(ckpt, recipe, quant_device)
+
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config, QuantExperts(config, layout))
+    model.experts.allocate(device)
+    dense = dense_tensor_shapes(config)
+    specs = {}
+    for name, shape in dense.items():
+        cls = tensor_class(name)
+        spec = recipe.spec(cls, shape, dtype) if cls else None
+        if spec is not None:
+            specs[name.removesuffix(".weight")] = spec
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    done = 0
+    for name, tensor in items:
+        done += tensor.numel() * tensor.element_size()
+        if name.endswith(".blob"):
+            parts = name.split(".")
+            model.experts.set_blob(int(parts[2]), int(parts[5]), tensor)
+        elif name in dense and name.removesuffix(".weight") not in specs:
+            assign(model, name, tensor.to(device=_place(name, config, device), dtype=dtype))
+        else:
+            prefix, part = name.rsplit(".", 1)
+            got = pending.setdefault(prefix, {})
+            got[name] = tensor.to(device)
+            spec = specs[prefix]
+            if len(got) == len(spec.parts()):
+                q = QTensor.from_tensors(got, prefix, _meta(spec))
+                _swap(model, prefix, QuantLinear(q))  # a bias, if any, is assigned when it arrives
+                del pending[prefix]
+        if progress:
+            progress(done, max(total, done))
+    model.tie_weights()
+    return model
+
+
+def _meta(spec) -> dict:
+    from quant.formats import dtype_name
+
+    return {
+        "format": spec.fmt,
+        "shape": list(spec.shape),
+        "dtype": dtype_name(spec.dtype),
+        "blocksize": spec.blocksize,
+        "double_quant": spec.double_quant,
+    }
+
+
+def _swap(model: nn.Module, prefix: str, module: nn.Module) -> None:
+    parent, _, leaf = prefix.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

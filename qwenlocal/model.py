@@ -160,6 +160,7 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The compute device (the token embedding may stay in host RAM beside a GPU)."""
         return self.model.norm.weight.device
 
     @property

@@ -1,0 +1,271 @@
+"""Streaming conversion: a 16-bit checkpoint becomes quantized tensors, one source tensor at a time.
+
+The same stream feeds `qwenlocal quantize` (written to shards) and quantize-while-loading (assigned
+to the model). Each expert's gate, up and down projections, with their statistics, are packed into
+one contiguous blob `model.layers.L.mlp.experts.E.blob`, so one copy moves an expert.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwenlocal.checkpoint import (
+    Checkpoint,
+    ShardWriter,
+    atomic_folder,
+    copy_side_files,
+    dense_tensor_shapes,
+    expert_tensor_shapes,
+    resolve_model,
+)
+from qwenlocal.config import Qwen3MoeConfig
+from qwenlocal.errors import UserError
+from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
+
+from .formats import PackLayout, QSpec, dequantize, pack, pack_layout, quantize
+from .recipe import Recipe
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tensor_class(name: str) -> str | None:
+    """The recipe class of a checkpoint tensor, or None for tensors that stay 16-bit."""
+    if not name.endswith(".weight"):
+        return None
+    if ".self_attn." in name and name.split(".")[-2] in ATTENTION_PROJS:
+        return "attention"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if ".mlp." in name and name.split(".")[-2] in EXPERT_PROJS:
+        return "experts"  # routed experts and the dense MLP of mlp_only layers
+    return None
+
+
+def expert_blob_name(layer: int, expert: int) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.blob"
+
+
+def expert_specs(config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype) -> dict[str, QSpec]:
+    h, i = config.hidden_size, config.moe_intermediate_size
+    shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {proj: recipe.spec("experts", shapes[proj], dtype) for proj in EXPERT_PROJS}
+
+
+def expert_layout(config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype = torch.bfloat16) -> PackLayout:
+    return pack_layout(expert_specs(config, recipe, dtype))
+
+
+def quantized_shapes(
+    config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor of a quantized checkpoint: name -> (dtype, shape). 16-bit tensors keep `dtype`."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for name, shape in dense_tensor_shapes(config).items():
+        cls = tensor_class(name)
+        spec = recipe.spec(cls, shape, dtype) if cls else None
+        if spec is None:
+            out[name] = (dtype, tuple(shape))
+        else:
+            prefix = name.removesuffix(".weight")
+            for part, dt, pshape in spec.parts():
+                out[f"{prefix}.{part}"] = (dt, tuple(pshape))
+    layout = expert_layout(config, recipe, dtype)
+    for layer in config.moe_layers:
+        for e in range(config.num_experts):
+            out[expert_blob_name(layer, e)] = (torch.uint8, (layout.nbytes,))
+    return out
+
+
+@dataclass
+class ClassStats:
+    tensors: int = 0
+    params: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    err_sq: float = 0.0  # sum of squared errors over the sampled tensors
+    ref_sq: float = 0.0  # sum of squares of those tensors
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes_out / self.params if self.params else 0.0
+
+    @property
+    def rel_error(self) -> float | None:
+        return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq else None
+
+
+@dataclass
+class ConvertStats:
+    classes: dict[str, ClassStats] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)  # tensors per storage format
+    seconds: float = 0.0
+
+    def add(
+        self, cls: str, fmt: str, params: int, bytes_in: int, bytes_out: int, tensors: int = 1
+    ) -> ClassStats:
+        s = self.classes.setdefault(cls, ClassStats())
+        s.tensors += tensors
+        s.params += params
+        s.bytes_in += bytes_in
+        s.bytes_out += bytes_out
+        self.formats[fmt] = self.formats.get(fmt, 0) + tensors
+        return s
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(s.bytes_in for s in self.classes.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.bytes_out for s in self.classes.values())
+
+    @property
+    def params(self) -> int:
+        return sum(s.params for s in self.classes.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "seconds": round(self.seconds, 3),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "bits_per_weight": 8 * self.bytes_out / self.params if self.params else 0.0,
+            "tensors_per_format": self.formats,
+            "classes": {
+                k: {
+                    "tensors": s.tensors,
+                    "params": s.params,
+                    "bytes_in": s.bytes_in,
+                    "bytes_out": s.bytes_out,
+                    "bits_per_weight": s.bits_per_weight,
+                    "rel_weight_error": s.rel_error,
+                }
+                for k, s in self.classes.items()
+            },
+        }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _measure(stats: ClassStats, w: torch.Tensor, q) -> None:
+    ref = w.float()
+    stats.err_sq += float((dequantize(q, torch.float32) - ref).pow(2).sum())
+    stats.ref_sq += float(ref.pow(2).sum())
+
+
+def quantized_stream(
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    device: torch.device | None = None,
+    stats: ConvertStats | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    error_sample: int = 16,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the quantized checkpoint, read and quantized one source tensor at a time.
+
+    `device` is where quantization runs (the GPU when there is one); results come back on the CPU.
+    Every `error_sample`-th expert (and every dense tensor) is dequantized to measure the error.
+    """
+    config = ckpt.config
+    device = device or torch.device("cpu")
+    stats = stats if stats is not None else ConvertStats()
+    total = sum(ckpt.nbytes(n) for n in ckpt.weight_map)
+    done = 0
+    t0 = time.perf_counter()
+    for name in dense_tensor_shapes(config):
+        w = ckpt.get(name)
+        cls = tensor_class(name)
+        spec = recipe.spec(cls, tuple(w.shape)) if cls else None
+        if spec is None:
+            stats.add(cls or "16-bit", str(w.dtype).removeprefix("torch."), w.numel(), _nbytes(w), _nbytes(w))
+            yield name, w
+        else:
+            q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
+            s = stats.add(
+                cls, spec.fmt + ("+dq" if spec.double_quant else ""), w.numel(), _nbytes(w), q.nbytes
+            )
+            _measure(s, w, q)
+            yield from q.to_tensors(name.removesuffix(".weight")).items()
+        done += ckpt.nbytes(name)
+        if progress:
+            progress(done, total)
+    specs = None
+    for layer in config.moe_layers:
+        for e in range(config.num_experts):
+            qs, size_in = {}, 0
+            for proj in EXPERT_PROJS:
+                w = ckpt.get(expert_tensor_name(layer, e, proj))
+                specs = specs or expert_specs(config, recipe, w.dtype)
+                spec = specs[proj]
+                if spec is None:
+                    raise UserError(
+                        "Experts must be quantized (4 or 8 bits) to be packed; use --expert-bits 4 or 8."
+                    )
+                qs[proj] = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
+                size_in += _nbytes(w)
+                if e % error_sample == 0:
+                    s = stats.classes.setdefault("experts", ClassStats())
+                    _measure(s, w, qs[proj])
+            blob, _ = pack(qs)
+            fmt = specs["gate_proj"].fmt + ("+dq" if specs["gate_proj"].double_quant else "")
+            stats.add("experts", fmt, sum(q.numel for q in qs.values()), size_in, blob.numel(), len(qs))
+            yield expert_blob_name(layer, e), blob
+            done += size_in
+            if progress:
+                progress(done, total)
+    stats.seconds = time.perf_counter() - t0
+
+
+def quantization_config(config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype) -> dict:
+    qc = recipe.to_config()
+    qc["expert_layout"] = expert_layout(config, recipe, dtype).to_dict()
+    return qc
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    recipe: Recipe,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    device: torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_bytes: Callable[[int, int], None] | None = None,
+) -> tuple[Path, ConvertStats]:
+    """Quantize SRC (folder or hub id) into OUT; OUT appears only when everything is written."""
+    if not recipe.quantizes_anything:
+        raise UserError(
+            "This recipe keeps every tensor 16-bit; pick a preset that quantizes (nf4, mixed, int8)."
+        )
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it.")
+    folder = resolve_model(src, on_bytes=on_bytes)
+    if out.resolve() == folder.resolve():
+        raise UserError("OUT must be a different folder from SRC.")
+    ckpt = Checkpoint(folder)
+    if ckpt.config.quantization_config:
+        raise UserError(f"{folder} is already quantized ({ckpt.config.quantization_config.get('preset')}).")
+    ckpt.check({**dense_tensor_shapes(ckpt.config), **expert_tensor_shapes(ckpt.config)})
+    src_dtype = ckpt.get("model.norm.weight").dtype
+    stats = ConvertStats()
+    with atomic_folder(out, force=force) as tmp:
+        writer = ShardWriter(tmp, shard_size)
+        for name, tensor in quantized_stream(ckpt, recipe, device, stats, progress):
+            writer.add(name, tensor)
+        writer.finish()
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = quantization_config(ckpt.config, recipe, src_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(folder, tmp)
+        (tmp / "quant_stats.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+    ckpt.close()
+    return out, stats

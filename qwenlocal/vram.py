@@ -1,0 +1,207 @@
+"""`qwenlocal vram`: what a context size, a quantization and a budget will cost, before loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .config import DEFAULT_MODEL_ID, Qwen3MoeConfig
+from .errors import UserError
+from .memory import KV_DTYPES, Estimate, Plan, estimate, fit_expert_slots
+
+SWEEP_CONTEXTS = (4096, 8192, 32768, 65536, 131072)
+SWEEP_PRESETS = ("bf16", "int8", "mixed", "nf4")
+GIB = 1024**3
+
+WHERE = {"gpu": "GPU", "host": "host RAM"}
+LABELS = {
+    "embed_tokens": "token embedding",
+    "attention": "attention",
+    "norms": "norms",
+    "routers": "routers",
+    "dense_mlp": "dense MLP layers",
+    "lm_head": "lm_head",
+    "experts": "experts (on GPU)",
+    "expert_store": "expert store (pinned)",
+    "kv_cache": "KV cache",
+    "rope_tables": "RoPE tables",
+    "activations": "working buffers",
+    "cuda_context": "CUDA context reserve",
+}
+
+
+def read_config(model: str | None) -> tuple[Qwen3MoeConfig, str]:
+    """Only config.json is read: a folder, a hub id (cache first, then config.json alone), or the
+    built-in Qwen3-30B-A3B config."""
+    if model is None:
+        return Qwen3MoeConfig.builtin(), DEFAULT_MODEL_ID
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Qwen3MoeConfig.from_file(path / "config.json"), str(path)
+    if model == DEFAULT_MODEL_ID:
+        return Qwen3MoeConfig.builtin(), model
+    from .checkpoint import looks_like_repo_id
+
+    if not looks_like_repo_id(model):
+        raise UserError(f"Model folder {path} does not exist.")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            f = hf_hub_download(model, "config.json", local_files_only=True)
+        except Exception:
+            f = hf_hub_download(model, "config.json")
+    except Exception as e:
+        raise UserError(
+            f"Could not get config.json of {model} ({type(e).__name__}); pass a local folder."
+        ) from None
+    return Qwen3MoeConfig.from_file(f), model
+
+
+def make_plan(
+    config: Qwen3MoeConfig,
+    quant: str | None,
+    ctx: int,
+    kv_dtype: str,
+    batch: int,
+    gpu_experts: int | None,
+    device: str = "cuda",
+) -> Plan:
+    from quant.recipe import Recipe
+
+    if kv_dtype not in KV_DTYPES:
+        raise UserError(f"Unknown --kv-dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}.")
+    if config.quantization_config and quant in (None, "auto"):
+        recipe = Recipe.from_config(config.quantization_config)
+    else:
+        recipe = Recipe.from_preset(quant or "mixed")
+    if gpu_experts is not None and gpu_experts < 0:
+        raise UserError(f"--gpu-experts must be >= 0, got {gpu_experts}.")
+    return Plan(
+        recipe=recipe if recipe.quantizes_anything else None,
+        ctx_size=ctx,
+        batch=batch,
+        kv_dtype=KV_DTYPES[kv_dtype],
+        device=device,
+        expert_slots=gpu_experts,
+    )
+
+
+def longest_context(config: Qwen3MoeConfig, plan: Plan, budget: int) -> int:
+    """The longest context whose minimum cache (top-k experts per layer) still fits `budget`."""
+    lo, hi = 0, config.max_context
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            fit_expert_slots(config, Plan(**{**plan.__dict__, "ctx_size": mid, "expert_slots": None}), budget)
+            lo = mid
+        except UserError:
+            hi = mid - 1
+    return lo
+
+
+def memory_table(est: Estimate, title: str, real: dict | None = None) -> Table:
+    """Component, where it lives, estimated GiB (and the measured GiB when `real` is given)."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("component")
+    t.add_column("where")
+    t.add_column("estimate", justify="right")
+    if real is not None:
+        t.add_column("real", justify="right")
+    for c in est.components:
+        row = [LABELS.get(c.name, c.name), WHERE[c.where], f"{c.nbytes / GIB:.3f} GiB"]
+        if real is not None:
+            r = real.get(c.name)
+            row.append("" if r is None else f"{r / GIB:.3f} GiB")
+        t.add_row(*row)
+    t.add_row(
+        "GPU total", "", f"{est.gpu_total / GIB:.2f} GiB", *([""] if real is not None else []), style="bold"
+    )
+    t.add_row(
+        "host total", "", f"{est.host_total / GIB:.2f} GiB", *([""] if real is not None else []), style="bold"
+    )
+    return t
+
+
+def sweep_table(config: Qwen3MoeConfig, kv_dtype: str, batch: int) -> Table:
+    t = Table(title="GPU memory with every expert resident", title_justify="left")
+    t.add_column("context")
+    for p in SWEEP_PRESETS:
+        t.add_column(p, justify="right")
+    for ctx in SWEEP_CONTEXTS:
+        if ctx > config.max_context:
+            continue
+        label = f"{ctx // 1024}k" + (" (YaRN)" if ctx > config.native_context else "")
+        row = [label]
+        for preset in SWEEP_PRESETS:
+            est = estimate(config, make_plan(config, preset, ctx, kv_dtype, batch, None))
+            row.append(f"{est.gpu_total / GIB:.1f} GiB")
+        t.add_row(*row)
+    return t
+
+
+def vram(
+    model: Annotated[str | None, typer.Argument(help="Folder, hub id, or nothing for Qwen3-30B-A3B.")] = None,
+    ctx_size: Annotated[
+        str, typer.Option("--ctx-size", "-c", help="Context in tokens: 4096, 32k, 128k.")
+    ] = "4096",
+    quant: Annotated[
+        str | None,
+        typer.Option("--quant", help="bf16, int8, nf4, mixed; default: the folder's own, else mixed."),
+    ] = None,
+    kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="bf16 or fp8.")] = "bf16",
+    gpu_experts: Annotated[int | None, typer.Option("--gpu-experts", help="Expert slots on the GPU.")] = None,
+    vram_budget: Annotated[
+        str | None, typer.Option("--vram-budget", help="e.g. 8GiB: size the cache to it.")
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Estimate memory for a context size, a quantization and a budget, before loading anything."""
+    from .cli import err, out, parse_bytes, parse_tokens, run
+
+    def body():
+        config, name = read_config(model)
+        ctx = parse_tokens(ctx_size)
+        config.with_context(ctx)  # past the maximum: one clear sentence
+        if gpu_experts is not None and vram_budget is not None:
+            raise UserError("Give --gpu-experts or --vram-budget, not both.")
+        plan = make_plan(config, quant, ctx, kv_dtype, batch, gpu_experts)
+        budget = parse_bytes(vram_budget) if vram_budget else None
+        est = fit_expert_slots(config, plan, budget) if budget else estimate(config, plan)
+        quant_name = plan.recipe.preset if plan.recipe else "bf16"
+        if as_json:
+            d = est.as_dict()
+            d["quant"] = quant_name
+            d["model"] = name
+            if budget:
+                d["vram_budget_bytes"] = budget
+                d["max_ctx_size_for_budget"] = longest_context(config, plan, budget)
+            print(json.dumps(d))
+            return
+        recipe = plan.recipe.describe() if plan.recipe else "bf16 (no quantization)"
+        out.print(f"[bold]{name}[/] · {recipe} · context {ctx:,} tokens · batch {batch}", highlight=False)
+        if ctx > config.native_context:
+            out.print(
+                f"[yellow]note:[/] past the native {config.native_context:,} tokens, YaRN scaling is used."
+            )
+        out.print(memory_table(est, "memory"))
+        pct = 100 * est.expert_slots / est.experts_total
+        out.print(
+            f"experts resident: {est.expert_slots:,} of {est.experts_total:,} ({pct:.1f} %)", highlight=False
+        )
+        if budget:
+            longest = longest_context(config, plan, budget)
+            out.print(
+                f"budget {budget / GIB:.2f} GiB: largest expert cache {est.expert_slots:,} slots; "
+                f"the longest context it leaves room for is {longest:,} tokens",
+                highlight=False,
+            )
+        out.print(sweep_table(config, kv_dtype, batch))
+        err.print("[dim]estimates from the exact tensor shapes; CUDA context reserve is a constant[/]")
+
+    run(body)
