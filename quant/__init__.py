@@ -1,0 +1,46 @@
+"""Quantized weights: bitsandbytes-compatible NF4 / FP4 / int8 tensors and the layers that use them."""
+
+from .formats import (
+    DEFAULT_BLOCKSIZE,
+    FORMATS,
+    PACK_ALIGN,
+    VALID_BLOCKSIZES,
+    PackLayout,
+    QSpec,
+    QTensor,
+    QuantFormatError,
+    Slot,
+    check_format,
+    dequantize,
+    from_bnb,
+    pack,
+    pack_layout,
+    quantize,
+    storage_nbytes,
+    to_bnb_quant_state,
+    unpack,
+)
+from .linear import QuantLinear, qlinear
+
+__all__ = [
+    "DEFAULT_BLOCKSIZE",
+    "FORMATS",
+    "PACK_ALIGN",
+    "VALID_BLOCKSIZES",
+    "PackLayout",
+    "QSpec",
+    "QTensor",
+    "QuantFormatError",
+    "QuantLinear",
+    "Slot",
+    "check_format",
+    "dequantize",
+    "from_bnb",
+    "pack",
+    "pack_layout",
+    "qlinear",
+    "quantize",
+    "storage_nbytes",
+    "to_bnb_quant_state",
+    "unpack",
+]

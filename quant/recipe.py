@@ -56,7 +56,9 @@ class Recipe:
         if name not in PRESETS:
             raise UserError(f"Unknown quantization preset {name!r}; choose one of {', '.join(PRESETS)}.")
         values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-        custom = any(overrides.get(k) not in (None, PRESETS[name].get(k)) for k in ("attn_bits", "expert_bits"))
+        custom = any(
+            overrides.get(k) not in (None, PRESETS[name].get(k)) for k in ("attn_bits", "expert_bits")
+        )
         custom = custom or overrides.get("lm_head_bits") not in (None, 16)
         return cls(**values, preset=f"{name}+custom" if custom else name)
 
@@ -65,7 +67,9 @@ class Recipe:
         return min(self.attn_bits, self.expert_bits, self.lm_head_bits) < 16
 
     def bits_for(self, cls_name: str) -> int:
-        return {"attention": self.attn_bits, "experts": self.expert_bits, "lm_head": self.lm_head_bits}[cls_name]
+        return {"attention": self.attn_bits, "experts": self.expert_bits, "lm_head": self.lm_head_bits}[
+            cls_name
+        ]
 
     def format_for(self, cls_name: str) -> str | None:
         bits = self.bits_for(cls_name)
@@ -120,7 +124,10 @@ class Recipe:
         return cls(**{k: v for k, v in qc["recipe"].items() if k in fields})
 
     def describe(self) -> str:
-        parts = [f"attention {self.format_for('attention') or 'bf16'}", f"experts {self.format_for('experts') or 'bf16'}"]
+        parts = [
+            f"attention {self.format_for('attention') or 'bf16'}",
+            f"experts {self.format_for('experts') or 'bf16'}",
+        ]
         parts.append(f"lm_head {self.format_for('lm_head') or 'bf16'}")
         extra = f", blocksize {self.blocksize}" + (", double quant" if self.double_quant else "")
         return f"{self.preset}: " + ", ".join(parts) + (extra if self.quantizes_anything else "")

@@ -59,16 +59,55 @@ class Experts(nn.Module):
     def __init__(self, config: Qwen3MoeConfig):
         super().__init__()
         self.config = config
+        self.recorder: RoutingRecorder | None = None
+
+    def record(self, layer: int, ids: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder.add(layer, ids)
+
+    def end_step(self) -> None:
+        """Called by the model after each forward: flushes the routing of its tokens."""
+        if self.recorder is not None:
+            self.recorder.flush()
 
     def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # each storage defines it
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.record(layer, ids)
         out = torch.zeros_like(x)
         for expert, tokens, w in group_by_expert(ids, weights):
             y = self.expert_forward(layer, expert, x[tokens])
             out.index_add_(0, tokens, y * w[:, None])
         return out
+
+
+class RoutingRecorder:
+    """Writes the experts each token picked in every MoE layer (`--record-routing FILE`), one
+    JSON line per token, for offline cache-policy studies (bench/cache_sim.py reads it)."""
+
+    def __init__(self, path, config: Qwen3MoeConfig):
+        from .cache_policy import TraceWriter
+
+        self.writer = TraceWriter(path)
+        self.layers = config.moe_layers
+        self.step: dict[int, list[list[int]]] = {}
+        self.tokens = 0
+
+    def add(self, layer: int, ids: torch.Tensor) -> None:
+        self.step[layer] = ids.tolist()
+
+    def flush(self) -> None:
+        if not self.step:
+            return
+        n = len(next(iter(self.step.values())))
+        for i in range(n):
+            self.writer.add([self.step[layer][i] for layer in self.layers])
+        self.tokens += n
+        self.step = {}
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class DenseExperts(Experts):

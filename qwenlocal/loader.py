@@ -94,6 +94,47 @@ def _checkpoint_items(ckpt: Checkpoint, names) -> Iterator[tuple[str, torch.Tens
         yield name, ckpt.get(name)
 
 
+def expert_slots(
+    config,
+    recipe,
+    device: torch.device,
+    dtype: torch.dtype,
+    ctx_size: int,
+    gpu_experts: int | None,
+    vram_budget: int | str | None,
+) -> int | None:
+    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident."""
+    from .memory import Plan, fit_expert_slots
+
+    if gpu_experts is None and vram_budget is None:
+        return None
+    if gpu_experts is not None and vram_budget is not None:
+        raise UserError("Give --gpu-experts or --vram-budget, not both.")
+    total = config.num_experts * len(config.moe_layers)
+    minimum = config.num_experts_per_tok * len(config.moe_layers)
+    if gpu_experts is not None:
+        if gpu_experts < minimum:
+            raise UserError(
+                f"--gpu-experts {gpu_experts} is too few: the cache needs at least {minimum} "
+                f"({config.num_experts_per_tok} per MoE layer)."
+            )
+        return min(gpu_experts, total)
+    budget = auto_budget(device) if vram_budget == "auto" else int(vram_budget)
+    plan = Plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, device=device.type)
+    return fit_expert_slots(config, plan, budget).expert_slots
+
+
+VRAM_RESERVE = 512 * 1024**2  # left free for other programs when the budget is "auto"
+
+
+def auto_budget(device: torch.device) -> int:
+    """The free memory the GPU reports, minus a reserve."""
+    if device.type != "cuda":
+        raise UserError("--vram-budget auto needs a CUDA GPU; give a size (e.g. 8GiB) or --gpu-experts.")
+    free, _ = torch.cuda.mem_get_info(device)
+    return free - VRAM_RESERVE
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -101,20 +142,33 @@ def load_model(
     progress: ProgressFn | None = None,
     ctx_size: int | None = None,
     quant=None,
+    gpu_experts: int | None = None,
+    vram_budget: int | str | None = None,
+    policy: str = "lru",
+    prefetch: bool = True,
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
     `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading; a quantized
-    checkpoint is read with its own recipe.
+    checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
+    all experts in host RAM and only a cache of them on the device.
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
     ckpt = Checkpoint(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
+    slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
     if recipe is None:
+        if slots is not None and slots < config.num_experts * len(config.moe_layers):
+            raise UserError("Expert offload needs quantized experts: add --quant mixed (or nf4, int8).")
         model = _load_16bit(ckpt, config, device, dtype, progress)
     else:
-        model = _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress)
+        per_layer = None if slots is None else slots // max(len(config.moe_layers), 1)
+        if per_layer is not None and per_layer >= config.num_experts:
+            per_layer = None  # everything fits: a cache that never misses is no cache at all
+        model = _load_quantized(
+            ckpt, config, recipe, prequantized, device, dtype, progress, per_layer, policy, prefetch
+        )
     ckpt.close()
     model.eval()
     return model
@@ -145,11 +199,21 @@ def _load_16bit(ckpt, config, device, dtype, progress) -> Qwen3MoeForCausalLM:
     return model
 
 
-def _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress) -> Qwen3MoeForCausalLM:
-    from quant.linear import QuantLinear
-
+def _load_quantized(
+    ckpt,
+    config,
+    recipe,
+    prequantized,
+    device,
+    dtype,
+    progress,
+    slots_per_layer=None,
+    policy="lru",
+    prefetch=True,
+) -> Qwen3MoeForCausalLM:
     from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class
     from quant.formats import PackLayout, QTensor
+    from quant.linear import QuantLinear
 
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
@@ -172,9 +236,15 @@ def _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress)
         quant_device = device if device.type == "cuda" else None
         items = quantized_stream(ckpt, recipe, quant_device)
 
-    with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(config, QuantExperts(config, layout))
-    model.experts.allocate(device)
+    with torch.device("meta"):  # no memory until allocate(): the store and slots are sized once
+        if slots_per_layer is None:
+            experts = QuantExperts(config, layout)
+        else:
+            from .offload import OffloadedExperts
+
+            experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
+        model = Qwen3MoeForCausalLM(config, experts)
+    experts.allocate(device)
     dense = dense_tensor_shapes(config)
     specs = {}
     for name, shape in dense.items():
@@ -203,6 +273,10 @@ def _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress)
         if progress:
             progress(done, max(total, done))
     model.tie_weights()
+    if slots_per_layer is not None:
+        from .offload import expert_router
+
+        experts.attach_router(expert_router(model))
     return model
 
 

@@ -192,8 +192,12 @@ class Qwen3MoeForCausalLM(nn.Module):
         rope = self.rope_tables(start + t)
         cos, sin = rope.tables(start, t, self.dtype)
         x = self.model.embed_tokens(input_ids.to(self.model.embed_tokens.weight.device)).to(self.device)
-        for layer in self.model.layers:
+        prefetch = getattr(self.experts, "prefetch", None) if b * t == 1 else None
+        for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, start)
+            if prefetch is not None and i + 1 < len(self.model.layers):
+                prefetch(i + 1, x)  # start copying the next layer's likely experts
+        self.experts.end_step()
         if cache is not None:
             cache.length = start + t
         if last_only:

@@ -1,0 +1,130 @@
+"""Quantized compute: y = x @ W.T with W held as a QTensor (nf4 / fp4 / int8).
+
+On CUDA the 4-bit formats go through bitsandbytes' own kernels (`bnb.matmul_4bit`: its fused
+gemv for a single token, dequantize + GEMM for larger batches); int8 is dequantized (bnb's
+formula) and multiplied in x's dtype, so the result is x @ dequantize(W).T and not LLM.int8()'s
+8-bit activations.
+
+On the CPU the weight is dequantized into a reusable fp32 scratch and multiplied in fp32 (faster
+here than bf16 GEMM without AVX512-BF16, and faster than bitsandbytes' CPU matmul_4bit, which
+dequantizes into a fresh bf16 tensor per call); the result is returned in x's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .formats import (
+    DEFAULT_BLOCKSIZE,
+    QSpec,
+    QTensor,
+    dequantize,
+    quantize,
+    scratch,
+)
+
+
+def qlinear(x: Tensor, q: QTensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] @ W.T (+ bias) -> [..., out] in x's dtype, W = dequantize(q) of shape [out, in]."""
+    if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"qlinear: x [..., {x.shape[-1]}] does not match weight {list(q.shape)}")
+    if x.is_cuda:
+        return _qlinear_cuda(x, q, bias)
+    return _qlinear_cpu(x, q, bias)
+
+
+def _qlinear_cuda(x: Tensor, q: QTensor, bias: Tensor | None) -> Tensor:
+    if q.fmt == "int8":
+        w = dequantize(q, x.dtype)
+        return F.linear(x, w, bias)
+    import bitsandbytes as bnb
+
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return bnb.matmul_4bit(x, q.weight, q.bnb_quant_state(), bias=bias)
+
+
+@torch.no_grad()
+def _qlinear_cpu(x: Tensor, q: QTensor, bias: Tensor | None) -> Tensor:
+    w = dequantize(q, out=scratch("qlinear_w", q.numel, torch.float32))
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """A bias-optional linear layer whose weight is a QTensor, stored as buffers.
+
+    Buffer names are the QTensor part names ("weight", "absmax", "quant_map", ...), so the
+    module's state_dict keys equal `q.to_tensors(module_name)` and load back with load_state_dict.
+    """
+
+    def __init__(self, q: QTensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if len(q.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(q.shape)}")
+        self.spec = q.spec
+        self.out_features, self.in_features = q.shape
+        for name, t in q.parts().items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+        self._q: QTensor | None = q
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear | Tensor,
+        fmt: str,
+        blocksize: int = DEFAULT_BLOCKSIZE,
+        double_quant: bool = False,
+    ) -> QuantLinear:
+        """Quantize an nn.Linear (or a bare [out, in] weight) into a QuantLinear."""
+        if isinstance(linear, nn.Linear):
+            weight, bias = linear.weight, linear.bias
+        else:
+            weight, bias = linear, None
+        q = quantize(weight.detach(), fmt, blocksize, double_quant)
+        return cls(q, None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_spec(cls, spec: QSpec, bias: bool = False, device: torch.device | str = "meta") -> QuantLinear:
+        """Empty buffers of the right shapes (e.g. on the meta device), to load a state_dict into."""
+        parts = {name: torch.empty(shape, dtype=dt, device=device) for name, dt, shape in spec.parts()}
+        q = QTensor(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **parts)
+        b = torch.empty(spec.shape[0], dtype=spec.dtype, device=device) if bias else None
+        return cls(q, b)
+
+    @property
+    def qtensor(self) -> QTensor:
+        """The QTensor over the current buffers (rebuilt after .to() / load_state_dict)."""
+        if self._q is None:
+            s = self.spec
+            parts = {name: getattr(self, name) for name, _, _ in s.parts()}
+            self._q = QTensor(s.fmt, s.shape, s.dtype, s.blocksize, **parts)
+        return self._q
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        self._q = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._q = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return qlinear(x, self.qtensor, self.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize(self.qtensor, dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        dq = ", double_quant" if s.double_quant else ""
+        bs = "" if s.fmt == "int8" else f", blocksize={s.blocksize}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"fmt={s.fmt}{bs}{dq}, bias={self.bias is not None}"
+        )

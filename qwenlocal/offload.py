@@ -1,0 +1,252 @@
+"""Expert offload: every expert in host RAM (pinned beside a GPU), a fixed set of expert slots on
+the compute device, a per-layer cache policy, copies on a side stream, and counters.
+
+A layer computes the experts already resident while the missing ones are copied; copies that
+do not fit the layer's slots at once (a long prefill touches nearly every expert) stream through
+them in waves. Outputs are summed in expert-id order, so offloaded results equal resident ones
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .cache_policy import make_policy
+from .config import Qwen3MoeConfig
+from .experts import QuantExperts, group_by_expert, quant_swiglu
+
+DEFAULT_POLICY = "lru"
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_copied: int = 0
+    wait_s: float = 0.0  # time the computation waited for copies
+    prefetched: int = 0  # copies started early by the prefetcher
+    prefetch_useful: int = 0  # prefetched experts the layer then used
+    predicted: int = 0  # expert picks the prefetcher guessed
+    actual: int = 0  # expert picks made while a guess existed
+
+    def add(self, other: LayerStats) -> None:
+        for f in self.__dataclass_fields__:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+@dataclass
+class CacheStats:
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    def total(self) -> LayerStats:
+        t = LayerStats()
+        for s in self.layers.values():
+            t.add(s)
+        return t
+
+    @property
+    def hit_rate(self) -> float:
+        t = self.total()
+        return t.hits / (t.hits + t.misses) if t.hits + t.misses else 0.0
+
+    @property
+    def prefetch_recall(self) -> float | None:
+        t = self.total()
+        return t.predicted / t.actual if t.actual else None
+
+    def snapshot(self) -> CacheStats:
+        return CacheStats({k: LayerStats(**v.__dict__) for k, v in self.layers.items()})
+
+    def since(self, before: CacheStats) -> CacheStats:
+        """The counters accumulated after `before` was taken (e.g. for one reply)."""
+        out = CacheStats()
+        for k, v in self.layers.items():
+            b = before.layers.get(k, LayerStats())
+            out.layers[k] = LayerStats(**{f: getattr(v, f) - getattr(b, f) for f in v.__dataclass_fields__})
+        return out
+
+
+class OffloadedExperts(QuantExperts):
+    """QuantExperts whose blobs live in host RAM; `slots_per_layer` of each layer's experts sit in
+    a preallocated device buffer, chosen by a per-layer policy (LRU by default)."""
+
+    def __init__(
+        self,
+        config: Qwen3MoeConfig,
+        layout,
+        slots_per_layer: int,
+        device: torch.device | str,
+        policy: str = DEFAULT_POLICY,
+        prefetch: bool = True,
+    ):
+        super().__init__(config, layout)  # self.blobs: the host store, allocated by allocate()
+        if slots_per_layer < config.num_experts_per_tok:
+            raise ValueError(f"each layer needs at least {config.num_experts_per_tok} slots")
+        self.slots_per_layer = min(slots_per_layer, config.num_experts)
+        self.compute_device = torch.device(device)
+        self.policy_name = policy
+        self.prefetch_enabled = prefetch
+        self.layer_index = {layer: i for i, layer in enumerate(config.moe_layers)}
+        self.stats = CacheStats({layer: LayerStats() for layer in config.moe_layers})
+        self.slot_buf: torch.Tensor | None = None
+        self.reset_cache()
+        self.copy_stream = None
+        self._router: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        self._guess: dict[int, set[int]] = {}
+
+    # -- memory ----------------------------------------------------------------------------------
+    def allocate(self, device=None, pin: bool | None = None) -> None:
+        """The host store (pinned when CUDA is present) and the device slots, once, up front."""
+        cuda = self.compute_device.type == "cuda"
+        super().allocate("cpu", pin=cuda if pin is None else pin)
+        n = self.slots_per_layer * len(self.config.moe_layers)
+        self.slot_buf = torch.empty(n, self.layout.nbytes, dtype=torch.uint8, device=self.compute_device)
+        if cuda:
+            self.copy_stream = torch.cuda.Stream(self.compute_device)
+        self._slot_views: dict[int, dict] = {}
+
+    def reset_cache(self) -> None:
+        self.policies = {
+            layer: make_policy(self.policy_name, self.slots_per_layer) for layer in self.config.moe_layers
+        }
+        # (layer, expert) -> slot index in slot_buf; each layer owns a contiguous range of slots
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.free = {
+            layer: list(range(i * self.slots_per_layer, (i + 1) * self.slots_per_layer))[::-1]
+            for layer, i in ((layer, self.layer_index[layer]) for layer in self.config.moe_layers)
+        }
+
+    @property
+    def device_nbytes(self) -> int:
+        return 0 if self.slot_buf is None else self.slot_buf.numel()
+
+    def _apply(self, fn, recurse=True):  # the store stays on the host; slots are placed at allocate()
+        return torch.nn.Module._apply(self, fn, recurse)
+
+    def slot_qtensors(self, slot: int) -> dict:
+        from quant.formats import unpack
+
+        views = self._slot_views.get(slot)
+        if views is None:
+            views = self._slot_views[slot] = unpack(self.slot_buf[slot], self.layout)
+        return views
+
+    # -- moving experts ----------------------------------------------------------------------------
+    def _load(self, layer: int, expert: int, protect: set[int]) -> tuple[int, object]:
+        """Give `expert` a slot in its layer (evicting by policy) and start its copy."""
+        policy, stats = self.policies[layer], self.stats.layers[layer]
+        evicted = policy.admit(expert, protect=protect)
+        if evicted is not None:
+            slot = self.slot_of.pop((layer, evicted))
+            stats.evictions += 1
+        else:
+            slot = self.free[layer].pop()
+        self.slot_of[(layer, expert)] = slot
+        src, dst = self.blobs[layer][expert], self.slot_buf[slot]
+        stats.bytes_copied += self.layout.nbytes
+        if self.copy_stream is None:
+            dst.copy_(src)
+            return slot, None
+        # the copy must not overwrite a slot the compute stream still reads
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.compute_device))
+        with torch.cuda.stream(self.copy_stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return slot, event
+
+    def _wait(self, layer: int, event) -> None:
+        t = time.perf_counter()
+        if event is not None:
+            torch.cuda.current_stream(self.compute_device).wait_event(event)
+        self.stats.layers[layer].wait_s += time.perf_counter() - t
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.record(layer, ids)
+        policy, stats = self.policies[layer], self.stats.layers[layer]
+        groups = list(group_by_expert(ids, weights))
+        needed = [g[0] for g in groups]
+        guess = self._guess.pop(layer, None)
+        if guess is not None:
+            stats.predicted += len(guess & set(needed)) if x.shape[0] == 1 else 0
+            stats.actual += len(needed) if x.shape[0] == 1 else 0
+        hits = [e for e in needed if e in policy]
+        for e in hits:
+            policy.touch(e)
+        stats.hits += len(hits)
+        misses = [e for e in needed if e not in policy]
+        stats.misses += len(misses)
+        # a prefill: keep the experts of the last tokens resident at the end (loaded last)
+        if len(misses) > 1 and x.shape[0] > 1:
+            last_use = {e: int(t.max()) for e, t, _ in groups}
+            misses.sort(key=lambda e: last_use[e])
+        outputs: dict[int, torch.Tensor] = {}
+        by_expert = {e: (t, w) for e, t, w in groups}
+
+        def compute(e: int, slot: int) -> None:
+            t, w = by_expert[e]
+            outputs[e] = quant_swiglu(x[t], self.slot_qtensors(slot)) * w[:, None]
+
+        # first wave: start copies into slots that no hit occupies, compute hits meanwhile
+        room = self.slots_per_layer - len(hits)
+        first, rest = misses[:room], misses[room:]
+        protect = set(hits) | set(first)
+        started = [(e, *self._load(layer, e, protect)) for e in first]
+        for e in hits:
+            compute(e, self.slot_of[(layer, e)])
+        for e, slot, event in started:
+            self._wait(layer, event)
+            compute(e, slot)
+        # the rest stream through the layer's slots in waves
+        for i in range(0, len(rest), self.slots_per_layer):
+            wave = rest[i : i + self.slots_per_layer]
+            started = [(e, *self._load(layer, e, set(wave))) for e in wave]
+            for e, slot, event in started:
+                self._wait(layer, event)
+                compute(e, slot)
+        out = torch.zeros_like(x)
+        for e, t, _ in groups:  # expert-id order: the same sums as the resident model
+            out.index_add_(0, t, outputs[e])
+        return out
+
+    # -- prefetch ------------------------------------------------------------------------------------
+    def attach_router(self, router: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        """router(layer, hidden [N, H]) -> expert ids [N, k] of that layer's router."""
+        self._router = router
+
+    def prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        """Guess `layer`'s experts from the previous layer's output and start their copies."""
+        if self._router is None or hidden.shape[0] * hidden.shape[1] != 1 or layer not in self.policies:
+            return
+        guess = set(self._router(layer, hidden.reshape(-1, hidden.shape[-1]))[0].tolist())
+        self._guess[layer] = guess
+        if not self.prefetch_enabled:
+            return
+        policy = self.policies[layer]
+        for e in guess:
+            if e not in policy:
+                self._load(layer, e, guess)
+                self.stats.layers[layer].prefetched += 1
+
+    def forward_experts_nbytes(self) -> int:
+        return self.layout.nbytes
+
+
+def expert_router(model) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """The prefetch guess: layer L's router applied to layer L-1's output, after L's norm."""
+
+    def route(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        block = model.model.layers[layer]
+        normed = block.post_attention_layernorm(hidden)
+        return torch.topk(F.linear(normed, block.mlp.gate.weight), model.config.num_experts_per_tok, dim=-1)[
+            1
+        ]
+
+    return route

@@ -1,0 +1,229 @@
+"""`qwenlocal quantize` and quantized loading: recipe in config.json, bit-exact tensors,
+outputs equal to the dequantized model, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qwenlocal import load_model
+from qwenlocal.checkpoint import Checkpoint
+from qwenlocal.cli import app
+from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
+from quant.convert import expert_blob_name, tensor_class
+from quant.formats import PackLayout, dequantize, quantize, unpack
+from quant.recipe import Recipe
+
+from .conftest import TINY
+
+runner = CliRunner()
+PROMPT = torch.tensor([[17, 923, 4, 511, 77, 1000, 3, 250, 64, 9, 800, 12, 4000, 151643]])
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def src(checkpoint_factory):
+    """A 16-bit (bf16) random checkpoint with the real tokenizer, a dense layer and attention bias."""
+    overrides = {**TINY, "num_hidden_layers": 3, "mlp_only_layers": [1], "attention_bias": True}
+    return checkpoint_factory("quant-src", overrides, dtype=torch.bfloat16, shard_size=8_000_000)
+
+
+@pytest.fixture(scope="module")
+def quantized(src, tmp_path_factory):
+    """The src quantized with each preset through the CLI, written once per module."""
+    made = {}
+    for preset in ("mixed", "nf4", "int8"):
+        out = tmp_path_factory.mktemp("q") / f"out-{preset}"
+        extra = ["--lm-head-bits", "8"] if preset == "int8" else []
+        r = invoke("quantize", src, out, "--preset", preset, "--shard-size", "3MB", "--probe-tokens", 64, *extra)
+        assert r.exit_code == 0, r.output
+        made[preset] = out
+    return made
+
+
+def dequantized_reference(src, recipe: Recipe):
+    """The 16-bit model with every quantized weight replaced by dequantize(quantize(w)), in fp32."""
+    model = load_model(src, dtype=torch.float32)
+    ckpt = Checkpoint(src)
+    for name, module in list(model.named_modules()):
+        cls = tensor_class(name + ".weight")
+        spec = recipe.spec(cls, tuple(module.weight.shape)) if cls and hasattr(module, "weight") else None
+        if spec is not None:
+            w = ckpt.get(name + ".weight")
+            q = quantize(w, spec.fmt, spec.blocksize, spec.double_quant)
+            module.weight.data = dequantize(q, torch.float32)
+    spec = recipe.spec("experts", (1, 1))
+    for layer in model.config.moe_layers:
+        for e in range(model.config.num_experts):
+            for proj in EXPERT_PROJS:
+                w = ckpt.get(expert_tensor_name(layer, e, proj))
+                q = quantize(w, spec.fmt, spec.blocksize, spec.double_quant)
+                model.experts.set_expert(layer, e, proj, dequantize(q, torch.float32))
+    return model
+
+
+@pytest.mark.parametrize("preset", ["mixed", "nf4", "int8"])
+def test_folder_layout_and_recipe(quantized, preset):
+    out = quantized[preset]
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "qwenlocal" and qc["format_version"] == 1
+    recipe = Recipe.from_config(qc)
+    assert recipe.preset == ("int8+custom" if preset == "int8" else preset)
+    assert qc["classes"]["experts"]["format"] == ("int8" if preset == "int8" else "nf4")
+    assert qc["classes"]["attention"]["format"] == ("nf4" if preset == "nf4" else "int8")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "quant_report.json"):
+        assert (out / name).is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for shard in shards:  # a shard is at most --shard-size, unless one tensor alone is larger
+        tensors = [n for n, s in index["weight_map"].items() if s == shard]
+        assert len(tensors) == 1 or (out / shard).stat().st_size <= 3_000_000 + 100_000
+    assert not list(out.parent.glob(".*partial*"))
+
+
+def test_quantized_model_equals_dequantized_reference(src, quantized):
+    for preset in ("mixed", "nf4"):
+        recipe = Recipe.from_config(json.loads((quantized[preset] / "config.json").read_text())["quantization_config"])
+        got = load_model(quantized[preset], dtype=torch.float32)(PROMPT)
+        expected = dequantized_reference(src, recipe)(PROMPT)
+        assert (got - expected).abs().max().item() < 1e-3
+
+
+def test_quantize_while_loading_equals_quantized_folder(src, quantized):
+    a = load_model(src, dtype=torch.float32, quant="mixed")(PROMPT)
+    b = load_model(quantized["mixed"], dtype=torch.float32)(PROMPT)
+    assert torch.equal(a, b)
+
+
+def test_close_to_original(src, quantized):
+    original = load_model(src, dtype=torch.float32)(PROMPT)[0]
+    # a random model's logits are nearly flat, so top-1 is fragile: compare the logits themselves
+    for preset, max_rel in (("int8", 0.05), ("mixed", 0.4)):  # unrelated logits: ~1.4
+        got = load_model(quantized[preset], dtype=torch.float32)(PROMPT)[0]
+        rel = ((got - original).norm() / original.norm()).item()
+        assert rel < max_rel, (preset, rel)
+        report = json.loads((quantized[preset] / "quant_report.json").read_text())
+        assert report["logits"]["positions"] == 64 and report["logits"]["kl_mean"] >= 0
+    # int8 is much closer than 4-bit
+    r8 = json.loads((quantized["int8"] / "quant_report.json").read_text())
+    r4 = json.loads((quantized["nf4"] / "quant_report.json").read_text())
+    assert r8["logits"]["kl_mean"] < r4["logits"]["kl_mean"]
+    assert r8["weights"]["experts"]["rel_error"] < r4["weights"]["experts"]["rel_error"]
+
+
+def test_stored_tensors_equal_bitsandbytes(src, quantized):
+    bnb = pytest.importorskip("bitsandbytes")
+    out = Checkpoint(quantized["mixed"])
+    layout = PackLayout.from_dict(out.config.quantization_config["expert_layout"])
+    q = unpack(out.get(expert_blob_name(0, 3)), layout)
+    w = Checkpoint(src).get(expert_tensor_name(0, 3, "down_proj"))
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(q["down_proj"].weight, packed)
+    assert torch.equal(q["down_proj"].absmax, state.absmax)
+    assert torch.equal(q["down_proj"].nested_absmax, state.state2.absmax)
+    # int8 attention: bitsandbytes' row-wise absmax quantization
+    w = Checkpoint(src).get("model.layers.0.self_attn.q_proj.weight")
+    codes, row_stats, _ = bnb.functional.int8_vectorwise_quant(w)
+    assert torch.equal(out.get("model.layers.0.self_attn.q_proj.weight"), codes)
+    assert torch.equal(out.get("model.layers.0.self_attn.q_proj.absmax"), row_stats)
+
+
+def test_bits_per_weight_in_stats(quantized):
+    stats = json.loads((quantized["mixed"] / "quant_stats.json").read_text())
+    recipe = Recipe.from_preset("mixed")
+    spec = recipe.spec("experts", (32, 64))
+    assert stats["classes"]["experts"]["bits_per_weight"] == pytest.approx(
+        3 * 8 * _blob(spec) / (3 * 32 * 64), rel=0.2
+    )
+    assert stats["classes"]["attention"]["bits_per_weight"] == pytest.approx(8 * (64 + 4) / 64, rel=0.01)
+
+
+def _blob(spec) -> int:
+    return spec.nbytes
+
+
+def test_existing_out_refused_without_force(src, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    r = invoke("quantize", src, out, "--no-report")
+    assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
+    r = invoke("quantize", src, out, "--no-report", "--force")
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").is_file()
+
+
+def test_write_error_midway_leaves_nothing(src, tmp_path, monkeypatch):
+    from qwenlocal import checkpoint
+
+    calls = {"n": 0}
+    original = checkpoint.ShardWriter.add
+
+    def failing_add(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError(28, "No space left on device")
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", failing_add)
+    r = invoke("quantize", src, tmp_path / "out", "--no-report", "--shard-size", "1MB")
+    assert r.exit_code == 2 and "disk is full" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_midway_leaves_nothing(src, tmp_path, monkeypatch):
+    import quant.convert
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quant.convert, "pack", boom)
+    with pytest.raises(KeyboardInterrupt):
+        quant.convert.quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("mixed"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_input_shard(src, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    shard = sorted(bad.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    r = invoke("quantize", bad, tmp_path / "out", "--no-report")
+    assert r.exit_code == 2 and "is truncated" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "q3"], "Unknown quantization preset 'q3'"),
+        (["--attn-bits", "5"], "--attn-bits must be one of 4, 8, 16"),
+        (["--expert-bits", "16"], "--expert-bits must be 4 or 8"),
+        (["--blocksize", "100"], "--blocksize must be one of"),
+        (["--format4", "int4"], "nf4 or fp4"),
+        (["--shard-size", "big"], "Cannot read 'big' as a size"),
+    ],
+)
+def test_bad_flags(src, tmp_path, args, message):
+    r = invoke("quantize", src, tmp_path / "out", "--no-report", *args)
+    assert r.exit_code == 2 and message in r.stderr, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_already_quantized_source(quantized, tmp_path):
+    r = invoke("quantize", quantized["mixed"], tmp_path / "again", "--no-report")
+    assert r.exit_code == 2 and "already quantized" in r.stderr
+
+
+def test_generate_on_quantized_folder(quantized):
+    r = invoke("generate", quantized["nf4"], "Hello", "-n", 4, "--json", "--temp", 0)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["generated_tokens"] == 4
