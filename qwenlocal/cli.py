@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -84,6 +86,18 @@ def parse_tokens(value: str | int) -> int:
     return int(m.group(1)) * (1024 if m.group(2) else 1)
 
 
+def parse_bytes(value: str | int) -> int:
+    """'8GiB', '5GB', '500MB', '1.5G' or a plain number of bytes -> bytes (G = GiB-style 1024**3)."""
+    s = str(value).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", s, flags=re.IGNORECASE)
+    if not m:
+        raise UserError(f"Cannot read {value!r} as a size; write e.g. 8GiB, 5GB or 500MB.")
+    number, unit, binary, _ = m.groups()
+    power = " kmgt".index(unit.lower() or " ")
+    base = 1024 if (binary or not m.group(4)) and unit else 1000
+    return int(float(number) * base**power)
+
+
 @contextlib.contextmanager
 def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr fed by (done, total) byte callbacks."""
@@ -106,7 +120,9 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[
         yield update
 
 
-def load_for_cli(model: str, device: str, dtype: str, ctx_size: int | None, quiet: bool = False):
+def load_for_cli(
+    model: str, device: str, dtype: str, ctx_size: int | None, quiet: bool = False, quant: str | None = None
+):
     from .checkpoint import resolve_model
     from .loader import load_model
     from .tokenizer import Tokenizer
@@ -115,7 +131,7 @@ def load_for_cli(model: str, device: str, dtype: str, ctx_size: int | None, quie
         folder = resolve_model(model, on_bytes=cb)
     tokenizer = Tokenizer.from_dir(folder)
     with byte_progress("load", enabled=not quiet) as cb:
-        lm = load_model(folder, device=device, dtype=dtype, progress=cb, ctx_size=ctx_size)
+        lm = load_model(folder, device=device, dtype=dtype, progress=cb, ctx_size=ctx_size, quant=quant)
     return folder, lm, tokenizer
 
 
@@ -139,6 +155,9 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
+    quant: Annotated[
+        str | None, typer.Option("--quant", help="Quantize a 16-bit model while loading: nf4, mixed, int8.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ):
     """Generate a reply to one prompt and print it as it streams."""
@@ -150,9 +169,13 @@ def generate(
         text = sys.stdin.read() if prompt == "-" else prompt
         ctx = parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
+        if quant is not None and quant not in ("bf16", "none"):
+            from quant.recipe import Recipe
+
+            Recipe.from_preset(quant)
         if max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
-        folder, lm, tok = load_for_cli(model, device, dtype, ctx, quiet=as_json)
+        folder, lm, tok = load_for_cli(model, device, dtype, ctx, quiet=as_json, quant=quant)
         if raw:
             ids = tok.encode(text)
         else:
@@ -206,9 +229,120 @@ def generate(
     run(body)
 
 
+# -- quantize -------------------------------------------------------------------------------
+@app.command()
+def quantize(
+    src: Annotated[str, typer.Argument(help="A 16-bit model folder or Hugging Face repo id.")],
+    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --force).")],
+    preset: Annotated[str, typer.Option("--preset", "-q", help="nf4, mixed (default) or int8.")] = "mixed",
+    attn_bits: Annotated[int | None, typer.Option("--attn-bits", help="4, 8 or 16.")] = None,
+    expert_bits: Annotated[int | None, typer.Option("--expert-bits", help="4 or 8.")] = None,
+    lm_head_bits: Annotated[int | None, typer.Option("--lm-head-bits", help="8 or 16.")] = None,
+    fmt4: Annotated[str | None, typer.Option("--format4", help="The 4-bit format: nf4 or fp4.")] = None,
+    double_quant: Annotated[
+        bool | None, typer.Option("--double-quant/--no-double-quant", help="Quantize the block scales too.")
+    ] = None,
+    blocksize: Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (64).")] = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where to quantize: auto, cpu, cuda.")] = "auto",
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Compare with the original after.")
+    ] = True,
+    probe_tokens: Annotated[int, typer.Option("--probe-tokens", help="Positions the report compares.")] = 256,
+):
+    """Quantize a checkpoint: experts and attention to 4/8 bits, the recipe written into config.json."""
+
+    def body():
+        from quant.convert import quantize_checkpoint
+        from quant.recipe import Recipe
+
+        from .loader import parse_device
+
+        recipe = Recipe.from_preset(
+            preset,
+            attn_bits=attn_bits,
+            expert_bits=expert_bits,
+            lm_head_bits=lm_head_bits,
+        )
+        extra = {
+            k: v
+            for k, v in (("fmt4", fmt4), ("double_quant", double_quant), ("blocksize", blocksize))
+            if v is not None
+        }
+        if extra:
+            recipe = dataclasses.replace(recipe, **extra)
+        if recipe.expert_bits == 16:
+            raise UserError(
+                "--expert-bits must be 4 or 8: quantizing the experts is what this command is for."
+            )
+        dev = parse_device(device)
+        shard = parse_bytes(shard_size)
+        err.print(f"recipe {recipe.describe()}", highlight=False)
+        with byte_progress("download") as cb_download, byte_progress("quantize") as cb:
+            path, stats = quantize_checkpoint(
+                src, out, recipe, shard_size=shard, force=force, device=dev, progress=cb, on_bytes=cb_download
+            )
+        render_quant_stats(stats.as_dict())
+        if report:
+            from quant.report import quality_report
+
+            from .checkpoint import resolve_model
+
+            with err.status("comparing with the original on the probe text"):
+                rep = quality_report(resolve_model(src), path, stats.as_dict(), probe_tokens, dev)
+            lg = rep["logits"]
+            out_console_line = (
+                f"quality: KL {lg['kl_mean']:.4g} (max {lg['kl_max']:.3g}), top-1 agreement "
+                f"{100 * lg['top1_agreement']:.1f} % over {lg['positions']} positions"
+            )
+            err.print(out_console_line, highlight=False)
+        err.print(f"[green]wrote {path}[/]", highlight=False)
+
+    run(body)
+
+
+def render_quant_stats(d: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="quantized", title_justify="left")
+    for col in ("class", "tensors", "params", "before", "after", "bits/weight", "rel. error"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for cls, c in d["classes"].items():
+        err_ = c["rel_weight_error"]
+        t.add_row(
+            cls,
+            str(c["tensors"]),
+            f"{c['params'] / 1e6:,.1f} M",
+            _gb(c["bytes_in"]),
+            _gb(c["bytes_out"]),
+            f"{c['bits_per_weight']:.2f}",
+            "" if err_ is None else f"{err_:.4f}",
+        )
+    mbps = d["bytes_in"] / d["seconds"] / 1e6 if d["seconds"] else 0.0
+    t.add_row(
+        "total",
+        str(sum(c["tensors"] for c in d["classes"].values())),
+        "",
+        _gb(d["bytes_in"]),
+        _gb(d["bytes_out"]),
+        f"{d['bits_per_weight']:.2f}",
+        "",
+        style="bold",
+    )
+    err.print(t)
+    fmts = ", ".join(f"{k}: {v}" for k, v in d["tensors_per_format"].items())
+    err.print(f"tensors per format: {fmts}; {d['seconds']:.1f} s, {mbps:,.0f} MB/s of input", highlight=False)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.3f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
+
+
 # -- commands that live in their own modules (one line each) -----------------------------------
-# chat: registered here
-# serve: registered here
+from .vram import vram as _vram  # noqa: E402
+
+app.command("vram")(_vram)
 
 
 if __name__ == "__main__":
