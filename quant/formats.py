@@ -531,16 +531,21 @@ def _quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     rows, cols = a.shape
     data = torch.empty((rows, cols), dtype=torch.int8)
     row_absmax = torch.empty(rows, dtype=torch.float32)
-    step = max(1, CPU_CHUNK_ELEMS // max(cols, 1))
-    buf = torch.empty(min(step, rows) * cols, dtype=torch.float32)
+    int_dtype, mask = (torch.int32, 0x7FFFFFFF) if a.dtype == torch.float32 else (torch.int16, 0x7FFF)
+    step = max(1, CPU_CHUNK_ELEMS // cols)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         x = a[r0:r1]
         # bnb: row_stats = max(|A|, dim=1).float(); round(A * (127.0 / row_stats)).to(int8)
-        stats = torch.amax(x.abs(), dim=1).float()
-        row_absmax[r0:r1] = stats
-        s = torch.mul(x, (127.0 / stats).unsqueeze(-1), out=buf[: x.numel()].view(x.shape))
-        data[r0:r1] = torch.round(s, out=s)
+        bits = scratch("int8_bits", x.numel(), int_dtype).view(x.shape)
+        am_bits = scratch("int8_absmax", r1 - r0, int_dtype)
+        torch.amax(torch.bitwise_and(x.view(int_dtype), mask, out=bits), dim=1, out=am_bits)
+        stats = row_absmax[r0:r1]
+        stats.copy_(am_bits.view(a.dtype))
+        s = torch.mul(
+            x, (127.0 / stats).unsqueeze(-1), out=scratch("int8_s", x.numel(), torch.float32).view(x.shape)
+        )
+        data[r0:r1].copy_(torch.round(s, out=s))
     return data.reshape(weight.shape), row_absmax
 
 
@@ -564,7 +569,9 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None, out: Tensor | None 
     if q.fmt == "int8":
         # bnb: A * stats.view(-1, 1) * 7.874015718698502e-3, in fp32
         w = q.weight.reshape(-1, q.shape[-1])
-        torch.mul(w * q.absmax.view(-1, 1), 7.874015718698502e-3, out=res.view(w.shape))
+        tmp = res if dtype == torch.float32 else scratch("dq_int8", q.numel, torch.float32, q.device)
+        torch.mul(w, q.absmax.view(-1, 1), out=tmp.view(w.shape))
+        torch.mul(tmp.view(w.shape), 7.874015718698502e-3, out=res.view(w.shape))
         return res
     if q.device.type == "cuda":
         from bitsandbytes.functional import dequantize_4bit
@@ -624,14 +631,23 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device | st
 
 
 def block_absmax(q: QTensor) -> Tensor:
-    """The fp32 absmax per 4-bit block, undoing double quantization as bnb does."""
+    """The fp32 absmax per 4-bit block, undoing double quantization as bnb does:
+    code[qabsmax[i]] * nested_absmax[i // 256], then + offset."""
     if not q.double_quant:
         return q.absmax
     assert q.nested_quant_map is not None and q.nested_absmax is not None and q.offset is not None
     nb = q.absmax.numel()
-    vals = q.nested_quant_map[q.absmax.to(torch.int64)]
-    scale = torch.repeat_interleave(q.nested_absmax, NESTED_BLOCKSIZE)[:nb]
-    return vals * scale + q.offset
+    vals = torch.index_select(q.nested_quant_map, 0, q.absmax.to(torch.int32))
+    out = torch.empty(nb, dtype=torch.float32, device=vals.device)
+    full = (nb // NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE
+    torch.mul(
+        vals[:full].view(-1, NESTED_BLOCKSIZE),
+        q.nested_absmax[: full // NESTED_BLOCKSIZE].unsqueeze(1),
+        out=out[:full].view(-1, NESTED_BLOCKSIZE),
+    )
+    if full < nb:
+        torch.mul(vals[full:], q.nested_absmax[-1], out=out[full:])
+    return out.add_(q.offset)
 
 
 # --------------------------------------------------------------------------------------------

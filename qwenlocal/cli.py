@@ -340,6 +340,12 @@ def _gb(n: int) -> str:
 
 
 # -- commands that live in their own modules (one line each) -----------------------------------
+from .chat import chat as _chat  # noqa: E402
+
+app.command("chat")(_chat)
+from .server import serve as _serve  # noqa: E402
+
+app.command("serve")(_serve)
 from .vram import vram as _vram  # noqa: E402
 
 app.command("vram")(_vram)

@@ -237,8 +237,11 @@ def measure(model, cache=None) -> dict[str, dict[str, int]]:
         seen.add(id(t))
         name = name.removeprefix("experts.")
         add("experts" if name.startswith(("gate_up", "down")) else component_of(name), t)
+    slots = getattr(model.experts, "slot_buf", None)
+    if slots is not None:  # offloaded: the device slots, and the whole store in host RAM
+        add("experts", slots)
     for blob in getattr(model.experts, "blobs", {}).values():
-        add("experts", blob)
+        add("expert_store" if slots is not None else "experts", blob)
     if cache is not None:
         for t in cache.k + cache.v:
             add("kv_cache", t)

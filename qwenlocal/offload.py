@@ -99,6 +99,7 @@ class OffloadedExperts(QuantExperts):
         self.copy_stream = None
         self._router: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self._guess: dict[int, set[int]] = {}
+        self.uses = 0  # (layer, expert) computations: hits + misses
 
     # -- memory ----------------------------------------------------------------------------------
     def allocate(self, device=None, pin: bool | None = None) -> None:
@@ -173,6 +174,7 @@ class OffloadedExperts(QuantExperts):
         policy, stats = self.policies[layer], self.stats.layers[layer]
         groups = list(group_by_expert(ids, weights))
         needed = [g[0] for g in groups]
+        self.uses += len(needed)
         guess = self._guess.pop(layer, None)
         if guess is not None:
             stats.predicted += len(guess & set(needed)) if x.shape[0] == 1 else 0

@@ -1,0 +1,475 @@
+"""`qwenlocal serve` driven as a client would: real server processes on loopback, the official
+openai client, raw HTTP for requests a client library would not send."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import openai
+import pytest
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from qwenlocal.cli import app
+from qwenlocal.server import ReasoningSplitter, StopBuffer, split_reasoning
+from qwenlocal.tokenizer import Tokenizer
+
+HOST = "127.0.0.1"
+KEY = "sk-test-key"
+HI = [{"role": "user", "content": "Hi"}]
+NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+# -- servers -------------------------------------------------------------------------------------
+class Server:
+    """`python -m qwenlocal.cli serve MODEL --port P --device cpu ARGS` until stopped."""
+
+    def __init__(self, model: Path, log: Path, *args: str, key: str | None = None):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            self.port = s.getsockname()[1]
+        self.key, self.log, self._log_file = key, log, log.open("w")
+        cmd = [sys.executable, "-m", "qwenlocal.cli", "serve", str(model), "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*cmd, "--host", HOST, "--device", "cpu", "--dtype", "fp32", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_file,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log_file.close()
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"http://{HOST}:{self.port}/v1",
+            api_key=key or self.key or "none",
+            max_retries=0,
+            timeout=60,
+        )
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30):
+        """-> (status, the answer: parsed JSON, or text); body may be raw bytes."""
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        auth = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        try:
+            conn.request(method, path, data, {"Content-Type": "application/json", **auth, **(headers or {})})
+            r = conn.getresponse()
+            answer = r.read().decode()
+            return r.status, json.loads(answer) if "json" in r.getheader("content-type", "") else answer
+        finally:
+            conn.close()
+
+    def stats(self) -> dict:
+        return self.request("GET", "/v1/stats")[1]
+
+    def wait_idle(self, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while (s := self.stats())["queue"]["running"] or s["queue"]["waiting"]:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.05)
+        return s
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    s = Server(tiny_ckpt, tmp_path_factory.mktemp("logs") / "server.log", "--ctx-size", "2k")
+    yield s
+    s.stop()
+
+
+# A checkpoint whose greedy output follows a script: attention and experts write nothing, so the
+# last position's logits depend on its own token only, and lm_head maps each token to the next.
+THINK_SCRIPT = ["<think>", "Let", " me", " think", "</think>", "Hello", " world", "<|im_end|>"]
+NO_THINK_SCRIPT = ["Hi", "<|im_end|>"]
+LOOP = " loop"  # follows itself: a raw completion of " loop" runs until max_tokens
+
+
+@pytest.fixture(scope="module")
+def scripted_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    tok = Tokenizer.from_dir(tiny_ckpt)
+
+    def tid(text: str) -> int:
+        (i,) = tok.encode(text)
+        return i
+
+    think_last = tok.encode_chat(HI, enable_thinking=True)[-1]
+    no_think_last = tok.encode_chat(HI, enable_thinking=False)[-1]
+    pairs = [
+        (think_last, tid(THINK_SCRIPT[0])),
+        (no_think_last, tid(NO_THINK_SCRIPT[0])),
+        (tid(LOOP), tid(LOOP)),
+    ]
+    for script in (THINK_SCRIPT, NO_THINK_SCRIPT):
+        pairs += [(tid(a), tid(b)) for a, b in zip(script, script[1:], strict=False)]
+    assert len({a for a, _ in pairs}) == len(pairs)
+
+    out = tmp_path_factory.mktemp("ckpt") / "scripted"
+    shutil.copytree(tiny_ckpt, out)
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name.endswith(("self_attn.o_proj.weight", "down_proj.weight")):
+                t.zero_()
+            elif name == "model.norm.weight":
+                t.fill_(1.0)
+            elif name == "model.embed_tokens.weight":
+                for dim, (a, _) in enumerate(pairs):
+                    t[a] = 0.0
+                    t[a, dim] = 1.0
+            elif name == "lm_head.weight":
+                t.zero_()
+                for dim, (_, b) in enumerate(pairs):
+                    t[b, dim] += 4.0
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def keyed(scripted_ckpt, tmp_path_factory):
+    """The scripted model behind an API key, with room for two waiting requests."""
+    log = tmp_path_factory.mktemp("logs") / "keyed.log"
+    s = Server(scripted_ckpt, log, "--ctx-size", "2k", "--max-queue", "2", "--api-key", KEY, key=KEY)
+    yield s
+    s.stop()
+
+
+def reasoning(obj) -> str | None:
+    return getattr(obj, "reasoning_content", None)
+
+
+def join_stream(stream) -> tuple[str, str, list]:
+    """-> (reasoning, content, chunks) of a chat stream."""
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    return (
+        "".join(reasoning(d) or "" for d in deltas),
+        "".join(d.content or "" for d in deltas),
+        chunks,
+    )
+
+
+# -- the happy paths -----------------------------------------------------------------------------
+def test_health_and_models(server):
+    assert server.request("GET", "/health") == (200, {"status": "ok"})
+    models = server.client().models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].owned_by == "qwenlocal"
+
+
+def test_chat_and_its_stream_agree(server):
+    client = server.client()
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=6, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+    stream = client.chat.completions.create(
+        model="anything",  # unknown model names are accepted
+        messages=HI,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    _, content, chunks = join_stream(stream)
+    assert content == choice.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_completions_and_stream(server):
+    client = server.client()
+    r = client.completions.create(model="tiny", prompt="The sky is", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens == 3
+    chunks = list(
+        client.completions.create(model="tiny", prompt="The sky is", max_tokens=5, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_greedy_equals_generate_command(server, tiny_ckpt):
+    prompt = "Why is the sky blue?"
+    args = ["generate", str(tiny_ckpt), prompt, "-n", "8", "--temp", "0", "--json", "--device", "cpu"]
+    out = CliRunner().invoke(app, [*args, "--dtype", "fp32"])
+    assert out.exit_code == 0, out.output
+    expected = json.loads(out.stdout.strip().splitlines()[-1])
+    r = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+    )
+    message = r.choices[0].message
+    assert reasoning(message) is None and message.content == expected["text"]
+    assert r.usage.completion_tokens == expected["generated_tokens"]
+
+
+def test_stop_sequences(server):
+    client = server.client()
+    ask = {"model": "tiny", "messages": HI, "max_tokens": 12, "temperature": 0, "extra_body": NO_THINK}
+    full = client.chat.completions.create(**ask).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = full[: full.find(stop)]
+    r = client.chat.completions.create(**ask, stop=[stop, "never-seen"])
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    _, content, chunks = join_stream(client.chat.completions.create(**ask, stop=stop, stream=True))
+    assert content == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_second_turn_prefills_only_new_tokens(server):
+    client = server.client()
+    ask = {"model": "tiny", "max_tokens": 6, "temperature": 0, "extra_body": NO_THINK}
+    turn1 = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story."}]
+    r1 = client.chat.completions.create(messages=turn1, **ask)
+    turn2 = [*turn1, {"role": "assistant", "content": r1.choices[0].message.content}]
+    turn2.append({"role": "user", "content": "Go on."})
+    r2 = client.chat.completions.create(messages=turn2, **ask)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    # everything up to turn 1's "<|im_start|>assistant\n" is reused (its empty think block is not)
+    assert r1.usage.prompt_tokens - 4 <= cached < r2.usage.prompt_tokens
+    assert server.stats()["last"]["cached_tokens"] == cached
+
+
+def test_stats_and_metrics(server):
+    server.client().chat.completions.create(model="tiny", messages=HI, max_tokens=3)
+    s = server.stats()
+    assert s["requests"]["served"] >= 1 and s["tokens"]["generated"] >= 3
+    assert s["last"]["finish_reason"] == "length" and s["last"]["gen_tps"] > 0
+    assert s["average"]["prompt_tps"] > 0 and s["peak_memory_bytes"] > 0
+    memory = s["memory_bytes"]
+    assert memory["experts"]["cpu"] > 0 and memory["dense"]["cpu"] > 0 and memory["kv_cache"]["cpu"] > 0
+    assert "expert_cache" in s and s["queue"] == {"running": False, "waiting": 0, "max_queue": 8}
+    text = server.request("GET", "/metrics")[1]
+    assert 'qwenlocal_requests_total{outcome="served"}' in text and "qwenlocal_peak_memory_bytes" in text
+
+
+# -- bad requests --------------------------------------------------------------------------------
+LONG = "hello " * 2100  # past the 2k context
+
+
+@pytest.mark.parametrize(
+    "path, body, status, code",
+    [
+        ("/v1/chat/completions", b'{"messages": [', 400, "invalid_json"),
+        ("/v1/chat/completions", b"[1, 2]", 400, "invalid_json"),
+        ("/v1/chat/completions", {"model": "tiny"}, 400, "missing_required_parameter"),
+        ("/v1/chat/completions", {"messages": []}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 0}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"messages": HI, "max_completion_tokens": -3}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"messages": HI, "temperature": -1}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"messages": HI, "top_p": "high"}, 400, "invalid_type"),
+        ("/v1/chat/completions", {"messages": HI, "stop": 3}, 400, "invalid_type"),
+        ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "invalid_value"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": LONG}]},
+            400,
+            "context_length_exceeded",
+        ),
+        ("/v1/completions", {"prompt": LONG, "stream": True}, 400, "context_length_exceeded"),
+        ("/v1/completions", {"max_tokens": 3}, 400, "missing_required_parameter"),
+        ("/v1/completions", {"prompt": [10**9]}, 400, "invalid_value"),
+        ("/v1/nowhere", {}, 404, None),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, path, body, status, code):
+    got, answer = server.request("POST", path, body)
+    assert got == status, answer
+    error = answer["error"]
+    assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_server_keeps_serving_after_bad_requests(server):
+    server.request("POST", "/v1/chat/completions", b"{oops")
+    r = server.client().chat.completions.create(model="tiny", messages=HI, max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_disconnect_mid_stream_stops_generation(server):
+    before = server.wait_idle()["requests"]["cancelled"]
+    stream = server.client().completions.create(model="tiny", prompt="Once", max_tokens=1500, stream=True)
+    for _, _ in zip(range(3), stream, strict=False):
+        pass
+    stream.close()
+    s = server.wait_idle()
+    assert s["requests"]["cancelled"] == before + 1
+    assert s["last"]["finish_reason"] == "cancelled" and s["last"]["generated_tokens"] < 300
+
+    # a non-streaming request whose client gives up is cancelled too
+    with pytest.raises(TimeoutError):
+        server.request("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 1500}, timeout=0.5)
+    s = server.wait_idle()
+    assert s["requests"]["cancelled"] == before + 2 and s["last"]["generated_tokens"] < 1500
+    assert (
+        server.client().completions.create(model="tiny", prompt="Once", max_tokens=2).usage.completion_tokens
+        == 2
+    )
+
+
+# -- the scripted model: reasoning, API key, queue -----------------------------------------------
+def test_reasoning_is_returned_apart(keyed):
+    client = keyed.client()
+    r = client.chat.completions.create(model="m", messages=HI, max_tokens=20, temperature=0)
+    message = r.choices[0].message
+    assert reasoning(message) == "Let me think" and message.content == "Hello world"
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 7
+
+    stream = client.chat.completions.create(model="m", messages=HI, max_tokens=20, temperature=0, stream=True)
+    thought, content, chunks = join_stream(stream)
+    assert (thought, content) == ("Let me think", "Hello world")
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    last_thought = max(i for i, d in enumerate(deltas) if reasoning(d))
+    assert last_thought < min(i for i, d in enumerate(deltas) if d.content)  # reasoning comes first
+
+
+def test_thinking_off(keyed):
+    client = keyed.client()
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, extra_body=NO_THINK)
+    assert reasoning(r.choices[0].message) is None and r.choices[0].message.content == "Hi"
+    thought, content, _ = join_stream(
+        client.chat.completions.create(
+            model="m", messages=HI, temperature=0, extra_body=NO_THINK, stream=True
+        )
+    )
+    assert (thought, content) == ("", "Hi")
+
+
+def test_api_key(keyed):
+    assert keyed.request("GET", "/health", headers={"Authorization": ""})[0] == 200
+    status, answer = keyed.request("GET", "/v1/models", headers={"Authorization": ""})
+    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError) as e:
+        keyed.client(key="wrong").chat.completions.create(model="m", messages=HI, max_tokens=2)
+    assert e.value.status_code == 401
+    assert keyed.client().models.list().data[0].id == "scripted"
+
+
+def test_full_queue_answers_503(keyed):
+    client = keyed.client()
+    before = keyed.wait_idle()
+    loop = {"model": "m", "prompt": LOOP, "max_tokens": 1500, "temperature": 0, "stream": True}
+    running = client.completions.create(**loop)
+    next(iter(running))  # running: the two that follow wait
+    waiting = [client.completions.create(**loop) for _ in range(2)]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(**loop)
+    body = e.value.body.get("error", e.value.body)
+    assert e.value.status_code == 503 and body["code"] == "queue_full"
+    for stream in (running, *waiting):
+        stream.close()
+    s = keyed.wait_idle()
+    assert s["requests"]["rejected"] == before["requests"]["rejected"] + 1
+    assert s["requests"]["cancelled"] == before["requests"]["cancelled"] + 3
+    assert s["tokens"]["generated"] - before["tokens"]["generated"] < 1500
+
+
+def test_load_each_request_answered_or_refused(keyed):
+    before = keyed.wait_idle()["requests"]
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def client_thread() -> None:
+        client = keyed.client()
+        for _ in range(5):
+            try:
+                r = client.completions.create(model="m", prompt=LOOP, max_tokens=12, temperature=0)
+                outcome = "ok" if r.choices[0].text == LOOP * 12 else f"wrong text {r.choices[0].text!r}"
+            except openai.APIStatusError as e:
+                outcome = "busy" if e.status_code == 503 else f"status {e.status_code}"
+            except Exception as e:  # noqa: BLE001 - anything else is a lost request
+                outcome = f"lost: {e!r}"
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=client_thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    counts = Counter(outcomes)
+    assert len(outcomes) == 40 and set(counts) <= {"ok", "busy"}, counts
+    assert counts["ok"] >= 1
+    after = keyed.wait_idle()["requests"]
+    assert after["served"] - before["served"] == counts["ok"]
+    assert after["rejected"] - before["rejected"] == counts["busy"]
+    assert keyed.request("GET", "/health")[0] == 200
+
+
+def test_bad_flags_exit_2_before_loading(tiny_ckpt):
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        cases = [
+            (["--port", str(busy.getsockname()[1])], "Cannot listen on"),
+            (["--ctx-size", "lots"], "Cannot read 'lots' as a token count"),
+            (["--top-p", "2"], "top_p must be in"),
+            (["-n", "0"], "--max-tokens must be positive"),
+        ]
+        for args, message in cases:
+            r = CliRunner().invoke(app, ["serve", str(tiny_ckpt), "--host", HOST, *args])
+            assert r.exit_code == 2 and message in r.stderr, r.output
+            assert "Traceback" not in r.output
+
+
+# -- the text plumbing, directly -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, in_reasoning, expected",
+    [
+        ("<think>\nLet me think\n</think>\n\nHello", False, ("Let me think", "Hello")),
+        ("\n<think>\n\n</think>\n\nHi there", False, ("", "Hi there")),
+        ("Just an answer\n", False, (None, "Just an answer\n")),
+        ("<thinking> is not a tag", False, (None, "<thinking> is not a tag")),
+        ("<think>\nstill thinking", False, ("still thinking", "")),
+        ("halfway</think>\n\nAnswer", True, ("halfway", "Answer")),
+        ("<thi", False, (None, "<thi")),
+    ],
+)
+def test_split_reasoning(text, in_reasoning, expected):
+    assert split_reasoning(text, in_reasoning) == expected
+    # fed one character at a time, the stream says the same
+    splitter = ReasoningSplitter(in_reasoning)
+    parts = [splitter.add(ch) for ch in text] + [splitter.finish()]
+    thought, content = "".join(p[0] for p in parts), "".join(p[1] for p in parts)
+    assert (thought if splitter.saw_think else None, content) == expected
+
+
+def test_stop_buffer_never_sends_past_a_stop():
+    buf = StopBuffer(["o w"])
+    assert [buf.add(p) for p in ("Hel", "lo ", "wor", "ld")] == ["Hel", "l", "", ""]
+    buf = StopBuffer(["END"])
+    assert [buf.add(p) for p in ("abcE", "N", "x")] == ["abc", "", "ENx"]
+    assert buf.finish("abcENxyz") == "yz"
