@@ -10,7 +10,6 @@ same greedy decode, in one process, one after the other.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 
 import torch
@@ -38,8 +37,6 @@ def bench_qwenlocal(folder, prompt, n_decode, dtype):
             tokens.append(int(step[0, -1].argmax()))
 
     _, t_decode = timed(decode)
-    del model
-    gc.collect()
     return t_prefill, t_decode, tokens
 
 
@@ -59,8 +56,6 @@ def bench_transformers(folder, prompt, n_decode, dtype):
                 tokens.append(int(step.logits[0, -1].argmax()))
 
         _, t_decode = timed(decode)
-    del model
-    gc.collect()
     return t_prefill, t_decode, tokens
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from quant.convert import expert_blob_name, tensor_class
+from quant.formats import PackLayout, dequantize, quantize, unpack
+from quant.recipe import Recipe
 from qwenlocal import load_model
 from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.cli import app
 from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
-from quant.convert import expert_blob_name, tensor_class
-from quant.formats import PackLayout, dequantize, quantize, unpack
-from quant.recipe import Recipe
 
 from .conftest import TINY
 
