@@ -80,16 +80,27 @@ def main() -> None:
     ref_p, ref_d, ref_tokens = results["transformers"]
     for name, (p, d, tokens) in results.items():
         same = sum(a == b for a, b in zip(tokens, ref_tokens, strict=True))
-        rows.append([name, f"{p:.1f}", f"{d:.2f}", f"{p / ref_p:.2f}x", f"{d / ref_d:.2f}x",
-                     f"{same}/{len(tokens)}"])
+        rows.append(
+            [name, f"{p:.1f}", f"{d:.2f}", f"{p / ref_p:.2f}x", f"{d / ref_d:.2f}x", f"{same}/{len(tokens)}"]
+        )
     print(f"machine: {machine()}")
-    print(f"checkpoint: real layer shapes, {args.layers} layers, {args.dtype}, "
-          f"prompt {args.prompt} tokens, {args.decode} greedy decode steps, {torch.get_num_threads()} threads")
-    print(markdown_table(
-        ["engine", f"prefill tok/s ({args.prompt})", f"decode tok/s ({args.decode})",
-         "prefill vs transformers", "decode vs transformers", "greedy tokens equal to transformers"],
-        rows,
-    ))
+    print(
+        f"checkpoint: real layer shapes, {args.layers} layers, {args.dtype}, "
+        f"prompt {args.prompt} tokens, {args.decode} greedy decode steps, {torch.get_num_threads()} threads"
+    )
+    print(
+        markdown_table(
+            [
+                "engine",
+                f"prefill tok/s ({args.prompt})",
+                f"decode tok/s ({args.decode})",
+                "prefill vs transformers",
+                "decode vs transformers",
+                "greedy tokens equal to transformers",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

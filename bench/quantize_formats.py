@@ -1,9 +1,10 @@
 """Quantization throughput: quant.formats.quantize vs bitsandbytes on the same tensors, same output.
 
 The input is `--experts` Qwen3-30B-A3B experts in bf16 (gate and up [768, 2048], down [2048, 768];
-64 experts = 576 MiB). Each side runs `--repeats` times, alternating, and the best time counts (the
-machine may be shared). Throughput is MB/s of bf16 input; "identical" compares every stored tensor
-byte for byte. A second table times y = x @ W.T on one expert's shapes on this device.
+64 experts = 576 MiB). Each matrix is quantized by both, alternating, `--repeats` times, and its
+best time counts (the machine may be shared). Throughput is MB/s of bf16 input; "identical"
+compares every stored tensor byte for byte. A second table times y = x @ W.T on one expert's
+shapes on this device.
 
     python bench/quantize_formats.py --experts 64 --repeats 2
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -58,15 +60,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_all(ws: list[torch.Tensor], fn: Callable[[torch.Tensor], QTensor], device: str) -> tuple[float, list]:
+def timed(fn: Callable[[], QTensor], device: str) -> tuple[float, QTensor]:
     sync(device)
     t = time.perf_counter()
-    out = [fn(w) for w in ws]
+    out = fn()
     sync(device)
     return time.perf_counter() - t, out
 
 
 def quantize_table(ws: list[torch.Tensor], repeats: int, device: str) -> str:
+    """Per matrix: bnb then ours, alternating; each matrix's best time over the repeats counts."""
     mb = sum(w.numel() * w.element_size() for w in ws) / 1e6
     rows = []
     for label, fmt, dq in [
@@ -74,20 +77,23 @@ def quantize_table(ws: list[torch.Tensor], repeats: int, device: str) -> str:
         ("nf4 + double quant", "nf4", True),
         ("int8 row-wise", "int8", False),
     ]:
-        best_ours = best_bnb = float("inf")
+        best_ours = [float("inf")] * len(ws)
+        best_bnb = [float("inf")] * len(ws)
         identical = True
-        for _ in range(repeats):
-            t_bnb, ref = run_all(ws, lambda w, fmt=fmt, dq=dq: bnb_quantize(w, fmt, dq), device)
-            t_ours, ours = run_all(ws, lambda w, fmt=fmt, dq=dq: quantize(w, fmt, 64, dq), device)
-            identical &= all(same(a, b) for a, b in zip(ours, ref, strict=True))
-            best_ours, best_bnb = min(best_ours, t_ours), min(best_bnb, t_bnb)
-            del ref, ours
+        for r in range(repeats):
+            for i, w in enumerate(ws):
+                t_bnb, ref = timed(partial(bnb_quantize, w, fmt, dq), device)
+                t_ours, ours = timed(partial(quantize, w, fmt, 64, dq), device)
+                if r == 0:
+                    identical &= same(ours, ref)
+                best_bnb[i], best_ours[i] = min(best_bnb[i], t_bnb), min(best_ours[i], t_ours)
+        ours_s, bnb_s = sum(best_ours), sum(best_bnb)
         rows.append(
             [
                 label,
-                f"{mb / best_ours:.0f}",
-                f"{mb / best_bnb:.0f}",
-                f"{best_bnb / best_ours:.1f}x",
+                f"{mb / ours_s:.0f}",
+                f"{mb / bnb_s:.0f}",
+                f"{bnb_s / ours_s:.1f}x",
                 "yes" if identical else "NO",
             ]
         )

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from . import cli_util as cli
+from . import options as opt
 from .config import DEFAULT_MODEL_ID
 from .errors import UserError
 from .generate import DEFAULT_MAX_TOKENS, Generator, SamplingParams, Summary, TokenRecord
@@ -914,17 +915,6 @@ class ChatApp:
 
 
 # -- the command -------------------------------------------------------------------------------
-def _cli():
-    """The running cli module: under `python -m qwenlocal.cli` it is __main__, whose --debug
-    state and helpers are the live ones (a fresh import of qwenlocal.cli would be a second copy)."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == "qwenlocal.cli":
-        return main
-    from . import cli
-
-    return cli
-
-
 def chat(
     model: Annotated[str, typer.Argument(help="Model folder or Hugging Face repo id.")] = DEFAULT_MODEL_ID,
     ctx_size: Annotated[
@@ -950,14 +940,22 @@ def chat(
     history_file: Annotated[
         Path | None, typer.Option("--history-file", help="Input history (default: the user's data folder).")
     ] = None,
+    quant: opt.Quant = None,
+    gpu_experts: opt.GpuExperts = None,
+    vram_budget: opt.VramBudget = None,
+    prefetch: opt.Prefetch = True,
+    cache_policy: opt.CachePolicy = "lru",
+    record_routing: opt.RecordRouting = None,
 ):
     """Chat in the terminal: streamed replies, thinking shown apart, memory and speed after each reply."""
-    cli = _cli()
 
     def body():
         from .loader import parse_device, parse_dtype
 
         ctx = cli.parse_tokens(ctx_size)
+        memory = opt.MemoryOptions(
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing
+        ).validate()
         dev = parse_device(device)
         parse_dtype(dtype)  # bad values fail before a long load
         if max_tokens <= 0:
@@ -968,7 +966,7 @@ def chat(
         console = Console(highlight=False)
         if device == "auto" and dev.type == "cpu":
             console.print("No CUDA GPU found: running on the CPU.", style="yellow", highlight=False)
-        folder, lm, tok = cli.load_for_cli(model, device, dtype, ctx)
+        folder, lm, tok = cli.load_for_cli(model, device, dtype, ctx, memory=memory)
         settings = ChatSettings(think, max_tokens, overrides, Path(folder))
         session = ChatSession(lm, tok, ctx, settings, system)
         history = History(history_file or default_history_file())

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
+from . import options as opt
+from .cli_util import STATE, byte_progress, err, load_for_cli, parse_bytes, parse_tokens, run
 from .errors import UserError
+from .options import MemoryOptions
 
 app = typer.Typer(
     name="qwenlocal",
@@ -32,9 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)
-out = Console()
-STATE = {"debug": False}
 
 
 @app.callback()
@@ -57,84 +45,6 @@ def main() -> None:
         sys.exit(130)
 
 
-def run(fn: Callable[[], None]) -> None:
-    """Run a command body: user errors become one sentence and exit code 2."""
-    try:
-        fn()
-    except UserError as e:
-        if STATE["debug"]:
-            traceback.print_exc()
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
-    except OSError as e:
-        if STATE["debug"]:
-            traceback.print_exc()
-        if e.errno == 28:
-            err.print("[bold red]error:[/] the disk is full.", highlight=False)
-        else:
-            err.print(f"[bold red]error:[/] {e.strerror or e}: {e.filename or ''}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-# -- shared parsing and rendering ------------------------------------------------------------
-def parse_tokens(value: str | int) -> int:
-    """'32768', '32k', '128K' -> tokens (k = 1024)."""
-    s = str(value).strip().lower().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"(\d+)(k?)", s)
-    if not m:
-        raise UserError(f"Cannot read {value!r} as a token count; write e.g. 8192 or 32k.")
-    return int(m.group(1)) * (1024 if m.group(2) else 1)
-
-
-def parse_bytes(value: str | int) -> int:
-    """'8GiB', '5GB', '500MB', '1.5G' or a plain number of bytes -> bytes (G = GiB-style 1024**3)."""
-    s = str(value).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", s, flags=re.IGNORECASE)
-    if not m:
-        raise UserError(f"Cannot read {value!r} as a size; write e.g. 8GiB, 5GB or 500MB.")
-    number, unit, binary, _ = m.groups()
-    power = " kmgt".index(unit.lower() or " ")
-    base = 1024 if (binary or not m.group(4)) and unit else 1000
-    return int(float(number) * base**power)
-
-
-@contextlib.contextmanager
-def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr fed by (done, total) byte callbacks."""
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=False),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not enabled,
-    )
-    task = progress.add_task(description, total=None)
-
-    def update(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total or None)
-
-    with progress:
-        yield update
-
-
-def load_for_cli(
-    model: str, device: str, dtype: str, ctx_size: int | None, quiet: bool = False, quant: str | None = None
-):
-    from .checkpoint import resolve_model
-    from .loader import load_model
-    from .tokenizer import Tokenizer
-
-    with byte_progress("download", enabled=not quiet) as cb:
-        folder = resolve_model(model, on_bytes=cb)
-    tokenizer = Tokenizer.from_dir(folder)
-    with byte_progress("load", enabled=not quiet) as cb:
-        lm = load_model(folder, device=device, dtype=dtype, progress=cb, ctx_size=ctx_size, quant=quant)
-    return folder, lm, tokenizer
-
-
 # -- generate --------------------------------------------------------------------------------
 @app.command()
 def generate(
@@ -155,9 +65,12 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
-    quant: Annotated[
-        str | None, typer.Option("--quant", help="Quantize a 16-bit model while loading: nf4, mixed, int8.")
-    ] = None,
+    quant: opt.Quant = None,
+    gpu_experts: opt.GpuExperts = None,
+    vram_budget: opt.VramBudget = None,
+    prefetch: opt.Prefetch = True,
+    cache_policy: opt.CachePolicy = "lru",
+    record_routing: opt.RecordRouting = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ):
     """Generate a reply to one prompt and print it as it streams."""
@@ -169,13 +82,12 @@ def generate(
         text = sys.stdin.read() if prompt == "-" else prompt
         ctx = parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
-        if quant is not None and quant not in ("bf16", "none"):
-            from quant.recipe import Recipe
-
-            Recipe.from_preset(quant)
+        memory = MemoryOptions(
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing
+        ).validate()
         if max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
-        folder, lm, tok = load_for_cli(model, device, dtype, ctx, quiet=as_json, quant=quant)
+        folder, lm, tok = load_for_cli(model, device, dtype, ctx, quiet=as_json, memory=memory)
         if raw:
             ids = tok.encode(text)
         else:
@@ -201,6 +113,9 @@ def generate(
                 sys.stdout.write(record.text)
                 sys.stdout.flush()
         s = gen.summary
+        if lm.experts.recorder is not None:
+            lm.experts.recorder.close()
+        cache = getattr(lm.experts, "stats", None)
         if as_json:
             print(
                 json.dumps(
@@ -213,6 +128,7 @@ def generate(
                         "prompt_tps": round(s.prompt_tps, 3),
                         "gen_tps": round(s.gen_tps, 3),
                         "peak_memory_bytes": s.peak_memory_bytes,
+                        **({"expert_hit_rate": round(cache.hit_rate, 4)} if cache is not None else {}),
                     },
                     ensure_ascii=False,
                 )
@@ -222,7 +138,9 @@ def generate(
             err.print(
                 f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
                 f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
-                f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}[/]",
+                f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}"
+                + (f" · expert cache {100 * cache.hit_rate:.1f} % hits" if cache is not None else "")
+                + "[/]",
                 highlight=False,
             )
 

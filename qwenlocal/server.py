@@ -24,6 +24,8 @@ from typing import Annotated, Any
 
 import typer
 
+from . import cli_util as cli
+from . import options as opt
 from .errors import UserError
 from .generate import Generator, SamplingParams, Summary
 
@@ -830,9 +832,13 @@ def serve(
         typer.Option("--max-tokens", "-n", help="Default most tokens per reply (default: the context)."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
+    quant: opt.Quant = None,
+    gpu_experts: opt.GpuExperts = None,
+    vram_budget: opt.VramBudget = None,
+    prefetch: opt.Prefetch = True,
+    cache_policy: opt.CachePolicy = "lru",
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
-    from . import cli
 
     def body():
         import uvicorn
@@ -841,12 +847,13 @@ def serve(
 
         ctx = cli.parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
+        memory = opt.MemoryOptions(quant, gpu_experts, vram_budget, prefetch, cache_policy).validate()
         if max_tokens is not None and max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
         defaults = Defaults(think, temp, top_k, top_p, min_p, max_tokens, seed)
         SamplingParams.for_mode(think, None, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p)
         _check_address(host, port)
-        folder, lm, tok = cli.load_for_cli(model, device, dtype, ctx)
+        folder, lm, tok = cli.load_for_cli(model, device, dtype, ctx, memory=memory)
         engine = Engine(lm, tok, folder, _model_id(model), ctx, max_queue, defaults)
         app = create_app(engine, api_key)
         shown = f"[{host}]" if ":" in host else host

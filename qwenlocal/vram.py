@@ -162,7 +162,7 @@ def vram(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Estimate memory for a context size, a quantization and a budget, before loading anything."""
-    from .cli import err, out, parse_bytes, parse_tokens, run
+    from .cli_util import err, out, parse_bytes, parse_tokens, run
 
     def body():
         config, name = read_config(model)

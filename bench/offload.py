@@ -1,0 +1,120 @@
+"""Decode tok/s against expert-cache size, with the share of time spent waiting for expert copies.
+
+On the random checkpoint with Qwen3-30B-A3B's real layer shapes, quantized (nf4 by default, as
+bench/quantize.py writes it). Every row runs the same prompt and the same greedy decode; the
+fully resident model is the reference row. On the CPU the "device" slots are host memory too, so
+copies are memcpy; on a GPU they cross PCIe on a side stream.
+
+    python bench/offload.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import CACHE, machine, markdown_table
+
+from qwenlocal import load_model
+from qwenlocal.generate import Generator, SamplingParams
+
+
+def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers):
+    gpu_experts = None if slots_per_layer is None else slots_per_layer * layers
+    model = load_model(
+        folder, device=device, dtype=torch.bfloat16, gpu_experts=gpu_experts, prefetch=prefetch
+    )
+    gen = Generator(model, ctx_size=len(prompt) + n_decode + 8)
+    list(gen.stream(prompt[:16], SamplingParams(temperature=0), max_tokens=2, eos_ids=()))  # warm-up
+    stats = getattr(model.experts, "stats", None)
+    before = stats.snapshot() if stats else None
+    gen.reset()
+    t = time.perf_counter()
+    list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=n_decode, eos_ids=()))
+    wall = time.perf_counter() - t
+    s = gen.summary
+    row = {"tokens": s.token_ids, "prompt_tps": s.prompt_tps, "gen_tps": s.gen_tps, "wall": wall}
+    if stats:
+        d = stats.since(before).total()
+        row.update(
+            hit=d.hits / max(d.hits + d.misses, 1),
+            wait=d.wait_s / wall,
+            gb=d.bytes_copied / 1e9,
+            recall=stats.since(before).prefetch_recall,
+        )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default=str(CACHE / "real-shapes-2L-nf4"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    args = ap.parse_args()
+    from qwenlocal.config import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig.from_file(f"{args.folder}/config.json")
+    layers = len(config.moe_layers)
+    prompt = torch.randint(0, 151_000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = run(args.folder, args.device, None, False, prompt, args.decode, layers)
+    rows = [
+        [
+            "all resident",
+            "-",
+            f"{ref['prompt_tps']:.1f}",
+            f"{ref['gen_tps']:.2f}",
+            "1.00x",
+            "100 %",
+            "-",
+            "-",
+            "-",
+            "yes",
+        ]
+    ]
+    for size in args.sizes:
+        for prefetch in (False, True):
+            r = run(args.folder, args.device, size, prefetch, prompt, args.decode, layers)
+            recall = "-" if r["recall"] is None else f"{100 * r['recall']:.0f} %"
+            rows.append(
+                [
+                    f"{size}/{config.num_experts} per layer ({100 * size / config.num_experts:.0f} %)",
+                    "on" if prefetch else "off",
+                    f"{r['prompt_tps']:.1f}",
+                    f"{r['gen_tps']:.2f}",
+                    f"{r['gen_tps'] / ref['gen_tps']:.2f}x",
+                    f"{100 * r['hit']:.1f} %",
+                    f"{100 * r['wait']:.1f} %",
+                    f"{r['gb'] / r['wall']:.2f} GB/s",
+                    recall,
+                    "yes" if r["tokens"] == ref["tokens"] else "NO",
+                ]
+            )
+    print(f"machine: {machine()}")
+    print(
+        f"checkpoint: {args.folder} ({layers} MoE layers), device {args.device}, prompt {args.prompt} tokens, "
+        f"{args.decode} greedy decode steps"
+    )
+    print(
+        markdown_table(
+            [
+                "expert slots",
+                "prefetch",
+                "prefill tok/s",
+                "decode tok/s",
+                "vs resident",
+                "hit rate (prompt+decode)",
+                "time waiting for copies",
+                "copy rate",
+                "prefetch recall",
+                "same tokens as resident",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
