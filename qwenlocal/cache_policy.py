@@ -278,10 +278,17 @@ class LFUDecay(LayerPolicy):
         # The generic version with touch inlined: hits are the common case.
         last, score = self._last, self._score
         hits = [e for e in experts if e in last]
-        for e in hits:
-            w = self._tick()
-            score[e] += w
-            last[e] = self._clock
+        if hits and self._weight * self._g ** len(hits) < 1e100:  # no rescale due: tick in place
+            w, g, clock = self._weight, self._g, self._clock
+            for e in hits:
+                w *= g
+                clock += 1
+                score[e] += w
+                last[e] = clock
+            self._weight, self._clock = w, clock
+        else:
+            for e in hits:
+                self.touch(e)
         if len(hits) == len(experts):
             return Access(hits, [], [])
         return Access(hits, *self._admit_misses(experts))

@@ -4,9 +4,12 @@ bars and model loading for the CLI. Its own module so chat.py and server.py impo
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -104,11 +107,13 @@ def load_for_cli(
     from .loader import load_model
     from .tokenizer import Tokenizer
 
+    m = memory or MemoryOptions(quant=quant)
     with byte_progress("download", enabled=not quiet) as cb:
         folder = resolve_model(model, on_bytes=cb)
     tokenizer = Tokenizer.from_dir(folder)
+    if m.quant is None:
+        folder = quantized_once(folder, quiet)
     with byte_progress("load", enabled=not quiet) as cb:
-        m = memory or MemoryOptions(quant=quant)
         lm = load_model(
             folder,
             device=device,
@@ -126,3 +131,41 @@ def load_for_cli(
 
         lm.experts.recorder = RoutingRecorder(m.record_routing, lm.config)
     return folder, lm, tokenizer
+
+
+def cache_dir() -> Path:
+    """Where quantized copies of models live: $QWENLOCAL_CACHE_DIR, else the user's cache folder."""
+    env = os.environ.get("QWENLOCAL_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwenlocal"
+
+
+def quantized_once(folder: Path, quiet: bool = False) -> Path:
+    """A 16-bit folder is quantized once with the default recipe into the cache; later runs load
+    the cached result. A folder that is already quantized is used as it is."""
+    from quant.convert import quantize_checkpoint
+    from quant.recipe import DEFAULT_PRESET, Recipe
+
+    from .config import Qwen3MoeConfig
+
+    if Qwen3MoeConfig.from_file(folder / "config.json").quantization_config:
+        return folder
+    resolved = folder.resolve()
+    parts = resolved.parts
+    if "snapshots" in parts:  # a hub snapshot: models--Org--Name/snapshots/<revision>
+        i = parts.index("snapshots")
+        name = f"{parts[i - 1].removeprefix('models--')}-{parts[i + 1][:10]}"
+    else:
+        name = f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
+    target = cache_dir() / f"{name}-{DEFAULT_PRESET}"
+    if (target / "config.json").is_file():
+        return target
+    if not quiet:
+        err.print(
+            f"quantizing {folder} once ({DEFAULT_PRESET}) into {target}; later runs load it", highlight=False
+        )
+    with byte_progress("quantize", enabled=not quiet) as cb:
+        quantize_checkpoint(folder, target, Recipe.from_preset(DEFAULT_PRESET), progress=cb)
+    return target

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,9 @@ import torch
 from qwenlocal.random_checkpoint import TINY, write_random_checkpoint
 
 DATA = Path(__file__).parent / "data"
+# Quantized copies made by the CLI (chat/serve/generate quantize a 16-bit model once) go to a
+# throwaway folder, never the user's cache; child processes inherit it.
+os.environ.setdefault("QWENLOCAL_CACHE_DIR", tempfile.mkdtemp(prefix="qwenlocal-test-cache-"))
 SMALL_VOCAB = {**TINY, "vocab_size": 1024}
 
 

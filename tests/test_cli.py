@@ -44,7 +44,7 @@ def test_generate_greedy_matches_library(tiny_ckpt):
     gen = Generator(load_model(tiny_ckpt, dtype="bf16"), tok, ctx_size=4096)
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}], enable_thinking=False)
     list(gen.stream(ids, SamplingParams(temperature=0), max_tokens=6))
-    r = invoke("generate", tiny_ckpt, "Hi", "-n", 6, "--temp", 0, "--no-think", "--json")
+    r = invoke("generate", tiny_ckpt, "Hi", "-n", 6, "--temp", 0, "--no-think", "--json", "--quant", "bf16")
     assert json.loads(r.stdout.strip().splitlines()[-1])["token_ids"] == gen.summary.token_ids
 
 
@@ -97,3 +97,45 @@ def test_console_script_process(tiny_ckpt, tmp_path):
         [*cmd, "generate", str(tmp_path / "x"), "Hi"], capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_16bit_model_is_quantized_once_into_the_cache(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWENLOCAL_CACHE_DIR", str(tmp_path / "cache"))
+    first = invoke("generate", tiny_ckpt, "Hi", "-n", 2, "--temp", 0)
+    assert first.exit_code == 0, first.output
+    assert "quantizing" in first.stderr
+    [cached] = list((tmp_path / "cache").iterdir())
+    assert cached.name.endswith("-mixed") and (cached / "config.json").is_file()
+    second = invoke("generate", tiny_ckpt, "Hi", "-n", 2, "--temp", 0)
+    assert second.exit_code == 0 and "quantizing" not in second.stderr
+    assert second.stdout == first.stdout
+
+
+def test_offload_flags(tiny_ckpt, tmp_path):
+    trace = tmp_path / "routing.jsonl"
+    r = invoke(
+        "generate",
+        tiny_ckpt,
+        "Hi",
+        "-n",
+        3,
+        "--temp",
+        0,
+        "--json",
+        "--quant",
+        "mixed",
+        "--gpu-experts",
+        4,
+        "--record-routing",
+        trace,
+        "--cache-policy",
+        "lfu",
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 <= d["expert_hit_rate"] <= 1
+    assert len(trace.read_text().splitlines()) == d["prompt_tokens"] + 2
+    bad = invoke("generate", tiny_ckpt, "Hi", "--cache-policy", "fifo")
+    assert bad.exit_code == 2 and "Unknown --cache-policy" in bad.stderr
+    bad = invoke("generate", tiny_ckpt, "Hi", "--quant", "mixed", "--gpu-experts", 1)
+    assert bad.exit_code == 2 and "too few" in bad.stderr
