@@ -554,11 +554,51 @@ def device_row(device: torch.device) -> str:
 
 
 def memory_rows(session: ChatSession) -> list[MemoryRow]:
-    rows = [MemoryRow(f"parameters ({dev})", None, n) for dev, n in parameter_bytes(session.model).items()]
-    cache = session.gen.cache
-    rows.append(MemoryRow(f"KV cache, {cache.max_len:,} tokens ({cache.k[0].device})", None, cache.nbytes))
+    """The memory model's estimate beside the bytes of the tensors really allocated."""
+    from .memory import live_report
+
+    where = {"gpu": str(session.model.device), "host": "host"}
+    rows = [
+        MemoryRow(f"{r.component.replace('_', ' ')} ({where[r.where]})", r.estimate, r.real)
+        for r in live_report(session.model, session.gen.cache)
+    ]
     rows.append(MemoryRow("process RSS", None, process_rss()))
     return rows
+
+
+def residency_row(model) -> tuple[str, str] | None:
+    experts = model.experts
+    total = model.config.num_experts * len(model.config.moe_layers)
+    slots = getattr(experts, "slots_per_layer", None)
+    on_device = total if slots is None else slots * len(model.config.moe_layers)
+    if not total:
+        return None
+    policy = f", {experts.policy_name} cache" if slots is not None else ""
+    return (
+        "experts",
+        f"{on_device:,} of {total:,} on {model.device} ({100 * on_device / total:.1f} %){policy}",
+    )
+
+
+def expert_layer_table(model) -> Table | None:
+    """Per-layer expert-cache counters, when the experts are offloaded."""
+    stats = getattr(model.experts, "stats", None)
+    if stats is None or not hasattr(stats, "layers"):
+        return None
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("layer", "hits", "misses", "hit rate", "copied", "waiting"):
+        table.add_column(col, justify="right")
+    for layer, st in sorted(stats.layers.items()):
+        n = st.hits + st.misses
+        table.add_row(
+            str(layer),
+            f"{st.hits:,}",
+            f"{st.misses:,}",
+            f"{100 * st.hits / n:.1f}%" if n else "—",
+            fmt_bytes(st.bytes_copied),
+            f"{st.wait_s * 1000:.1f} ms",
+        )
+    return table
 
 
 def startup_rows(session: ChatSession, model_label: str) -> list[tuple[str, str]]:
@@ -574,6 +614,8 @@ def startup_rows(session: ChatSession, model_label: str) -> list[tuple[str, str]
         ("device", device_row(model.device)),
         ("dtype", dtype),
         ("context", f"{session.ctx_size:,} tokens"),
+        ("quantization", model.recipe.describe() if model.recipe is not None else "none (16-bit weights)"),
+        *([row] if (row := residency_row(model)) else []),
         ("settings", session.settings.describe()),
         *([("system", _clip(session.conv.system))] if session.conv.system else []),
     ]
@@ -907,11 +949,20 @@ class ChatApp:
                     + (f" ({100 * rate:.1f}%)" if rate is not None else ""),
                 )
             )
+        recall = getattr(getattr(s.model.experts, "stats", None), "prefetch_recall", None)
+        if recall is not None:
+            rows.append(("prefetch recall", f"{100 * recall:.1f}% of picks guessed one layer ahead"))
         rows += [
             ("conversation", f"{len(s.conv.messages)} messages, {_count(len(s.conv.turns()), 'turn')}"),
             ("settings", s.settings.describe()),
         ]
-        return info_panel("stats", rows, memory_rows(s))
+        panel = info_panel("stats", rows, memory_rows(s))
+        layers = expert_layer_table(s.model)
+        return (
+            panel
+            if layers is None
+            else Panel(Group(panel.renderable, "", layers), title="stats", title_align="left", expand=False)
+        )
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -170,6 +170,7 @@ def load_model(
             ckpt, config, recipe, prequantized, device, dtype, progress, per_layer, policy, prefetch
         )
     ckpt.close()
+    model.recipe = recipe  # the memory model's plan reads it
     model.eval()
     return model
 

@@ -249,3 +249,60 @@ def measure(model, cache=None) -> dict[str, dict[str, int]]:
         add("rope_tables", model.rope.cos)
         add("rope_tables", model.rope.sin)
     return out
+
+
+def plan_for(model, ctx_size: int, batch: int = 1, kv_dtype: torch.dtype | None = None) -> Plan:
+    """The plan a loaded model was built with, so its estimate can be set beside `measure`."""
+    experts = model.experts
+    slots = getattr(experts, "slots_per_layer", None)
+    return Plan(
+        recipe=getattr(model, "recipe", None),
+        ctx_size=ctx_size,
+        batch=batch,
+        dtype=model.dtype,
+        kv_dtype=kv_dtype or model.dtype,
+        device=model.device.type,
+        expert_slots=None if slots is None else slots * len(model.config.moe_layers),
+    )
+
+
+@dataclass
+class LiveRow:
+    component: str
+    where: str
+    estimate: int | None
+    real: int | None
+
+
+def live_report(model, cache=None) -> list[LiveRow]:
+    """Estimate and reality side by side, component by component (real: bytes of the tensors
+    the model holds, on any device)."""
+    if cache is not None:
+        plan = plan_for(model, cache.max_len, len(cache.k[0]), cache.k[0].dtype)
+    else:
+        plan = plan_for(model, 4096)
+    est = estimate(model.config, plan)
+    real = measure(model, cache)
+    rows = []
+    for c in est.components:
+        got = real.get(c.name)
+        if c.name == "kv_cache" and cache is None:
+            got = None
+        rows.append(LiveRow(c.name, c.where, c.nbytes, None if got is None else sum(got.values())))
+    return rows
+
+
+def device_memory(device: torch.device) -> dict[str, int]:
+    """The allocator's and the driver's figures on CUDA; process RSS and RAM on the CPU."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "allocated": torch.cuda.memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device),
+            "max_reserved": torch.cuda.max_memory_reserved(device),
+            "driver_used": total - free,
+            "total": total,
+        }
+    import psutil
+
+    return {"rss": psutil.Process().memory_info().rss, "total": psutil.virtual_memory().total}

@@ -157,6 +157,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.model = Qwen3MoeModel(config, self.experts)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.rope: Rope | None = None
+        self.recipe = None  # the quantization recipe the loader used (quant.recipe.Recipe), if any
 
     @property
     def device(self) -> torch.device:

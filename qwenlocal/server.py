@@ -28,6 +28,7 @@ from . import cli_util as cli
 from . import options as opt
 from .errors import UserError
 from .generate import Generator, SamplingParams, Summary
+from .memory import live_report, measure
 
 DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
 DEFAULT_HOST = "127.0.0.1"
@@ -317,20 +318,21 @@ class Stats:
         }
 
 
-def memory_by_component(gen: Generator) -> dict[str, dict[str, int]]:
-    """Bytes per component and device: experts, the rest of the model, the KV cache."""
-    model = gen.model
-    expert_ids = {id(t) for t in (*model.experts.parameters(), *model.experts.buffers())}
-    out: dict[str, dict[str, int]] = {}
-    seen: set[int] = set()
-    for t in (*model.parameters(), *model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        part = out.setdefault("experts" if id(t) in expert_ids else "dense", {})
-        part[str(t.device)] = part.get(str(t.device), 0) + t.numel() * t.element_size()
-    out["kv_cache"] = {str(model.device): gen.cache.nbytes}
-    return out
+def expert_cache_stats(model) -> dict | None:
+    """Hits, misses, hit rate, bytes copied and prefetch recall of an offloaded model's experts."""
+    stats = getattr(model.experts, "stats", None)
+    if stats is None:
+        return None
+    t = stats.total()
+    return {
+        "hits": t.hits,
+        "misses": t.misses,
+        "hit_rate": stats.hit_rate,
+        "bytes_copied": t.bytes_copied,
+        "wait_seconds": t.wait_s,
+        "prefetch_recall": stats.prefetch_recall,
+        "slots_per_layer": model.experts.slots_per_layer,
+    }
 
 
 # -- the engine: one model, one worker thread ----------------------------------------------------
@@ -437,8 +439,11 @@ class Engine:
         d["model"] = self.model_id
         d["ctx_size"] = self.ctx_size
         d["kv_cache_tokens"] = len(self.gen.cached)
-        d["memory_bytes"] = memory_by_component(self.gen)
-        d["expert_cache"] = None  # hits, misses and hit rate, once the GPU expert cache exists
+        d["memory_bytes"] = measure(self.gen.model, self.gen.cache)
+        d["memory_estimate_bytes"] = {
+            r.component: r.estimate for r in live_report(self.gen.model, self.gen.cache)
+        }
+        d["expert_cache"] = expert_cache_stats(self.gen.model)
         return d
 
     # -- building jobs from request bodies --

@@ -11,6 +11,17 @@ from rich.table import Table
 
 from .config import DEFAULT_MODEL_ID, Qwen3MoeConfig
 from .errors import UserError
+from .gpus import (
+    CardPlan,
+    assumptions,
+    assumptions_text,
+    cuda_present,
+    find_gpu,
+    installed_gpu,
+    plan_for,
+    recommendations,
+    speed_range,
+)
 from .memory import KV_DTYPES, Estimate, Plan, estimate, fit_expert_slots
 
 SWEEP_CONTEXTS = (4096, 8192, 32768, 65536, 131072)
@@ -144,6 +155,57 @@ def sweep_table(config: Qwen3MoeConfig, kv_dtype: str, batch: int) -> Table:
     return t
 
 
+def gpu_table_view(cards: list[CardPlan], quant: str, ctx: int) -> Table:
+    """Every known card: whether the plan fits, how much of it is resident, and a speed range."""
+    t = Table(title=f"GPUs for {quant} at {ctx:,} tokens of context", title_justify="left")
+    t.add_column("GPU", no_wrap=True)
+    t.add_column("GB", justify="right", no_wrap=True)
+    t.add_column("GB/s", justify="right")
+    t.add_column("experts on GPU", no_wrap=True)
+    t.add_column("decode tok/s (est.)", justify="right", no_wrap=True)
+    for c in cards:
+        if not c.fits:
+            resident, speed = "does not fit", ""
+        else:
+            resident = "all resident" if c.est.all_resident else f"{100 * c.resident_fraction:.0f} % resident"
+            speed = speed_range(c.speed).removesuffix(" tok/s")
+        t.add_row(
+            c.gpu.name,
+            f"{c.gpu.memory_gib:g}" + (" ECC" if c.gpu.ecc else ""),
+            f"{c.gpu.bandwidth_gbs:,g}",
+            resident,
+            speed,
+            style="dim" if not c.fits else None,
+        )
+    return t
+
+
+def print_card_speed(card: CardPlan, implicit: bool) -> None:
+    from .cli_util import out
+
+    if implicit:
+        out.print(f"[dim]planned for the installed {card.gpu.name}; --gpu NAME plans for another card[/]")
+    if card.speed is None:
+        out.print(
+            f"[yellow]note:[/] {card.gpu.name} is not in the GPU table, so its bandwidth is unknown "
+            "and decode speed can't be estimated.",
+            highlight=False,
+        )
+        return
+    s = card.speed
+    where = (
+        "all experts resident, no copies"
+        if card.est.all_resident
+        else f"LRU hit rate ≈ {100 * s.hit_rate:.0f} % at this residency: "
+        f"{s.misses_per_token:.0f} expert copies per token over {card.gpu.link}"
+    )
+    out.print(
+        f"expected decode: {speed_range(s)} ({where}; {s.bytes_per_token / 1e9:.2f} GB read per token)",
+        highlight=False,
+    )
+    out.print(assumptions_text(card.gpu), highlight=False)
+
+
 def vram(
     model: Annotated[str | None, typer.Argument(help="Folder, hub id, or nothing for Qwen3-30B-A3B.")] = None,
     ctx_size: Annotated[
@@ -159,6 +221,14 @@ def vram(
         str | None, typer.Option("--vram-budget", help="e.g. 8GiB: size the cache to it.")
     ] = None,
     batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together.")] = 1,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu",
+            help="Plan for a card: 4090, 4060ti-8, a100-80, h200, ... or auto (the installed one; "
+            "the default on a CUDA machine without --vram-budget/--gpu-experts).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Estimate memory for a context size, a quantization and a budget, before loading anything."""
@@ -170,10 +240,34 @@ def vram(
         config.with_context(ctx)  # past the maximum: one clear sentence
         if gpu_experts is not None and vram_budget is not None:
             raise UserError("Give --gpu-experts or --vram-budget, not both.")
+        if gpu is not None and (gpu_experts is not None or vram_budget is not None):
+            raise UserError(
+                "Give --gpu or --vram-budget/--gpu-experts, not both: --gpu sizes the cache to the card."
+            )
         plan = make_plan(config, quant, ctx, kv_dtype, batch, gpu_experts)
-        budget = parse_bytes(vram_budget) if vram_budget else None
-        est = fit_expert_slots(config, plan, budget) if budget else estimate(config, plan)
+        # No card and no budget on a CUDA machine: plan for the installed card, quietly falling
+        # back to the all-resident table when it cannot be read or cannot hold the model.
+        implicit = gpu is None and gpu_experts is None and vram_budget is None and cuda_present()
+        card = None
+        try:
+            if implicit or (gpu is not None and gpu.strip().lower() == "auto"):
+                card = plan_for(config, plan, *installed_gpu())
+            elif gpu is not None:
+                card = plan_for(config, plan, find_gpu(gpu))
+            if card is not None and not card.fits:
+                raise UserError(f"On {card.gpu.name} ({card.budget / GIB:.2f} GiB to use): {card.error}")
+        except UserError as e:
+            if not implicit:
+                raise
+            err.print(f"[yellow]note:[/] {e}", highlight=False)
+            card = None
+        budget = card.budget if card else parse_bytes(vram_budget) if vram_budget else None
+        if card:
+            est = card.est
+        else:
+            est = fit_expert_slots(config, plan, budget) if budget else estimate(config, plan)
         quant_name = plan.recipe.preset if plan.recipe else "bf16"
+        cards = recommendations(config, plan) if gpu is None else None
         if as_json:
             d = est.as_dict()
             d["quant"] = quant_name
@@ -181,6 +275,11 @@ def vram(
             if budget:
                 d["vram_budget_bytes"] = budget
                 d["max_ctx_size_for_budget"] = longest_context(config, plan, budget)
+            if card:
+                d["gpu"] = card.as_dict()
+            if cards is not None:
+                d["gpus"] = [c.as_dict() for c in cards]
+            d["speed_assumptions"] = assumptions()
             print(json.dumps(d))
             return
         recipe = plan.recipe.describe() if plan.recipe else "bf16 (no quantization)"
@@ -189,7 +288,10 @@ def vram(
             out.print(
                 f"[yellow]note:[/] past the native {config.native_context:,} tokens, YaRN scaling is used."
             )
-        out.print(memory_table(est, "memory"))
+        title = "memory"
+        if card:
+            title = f"memory on {card.gpu.name}"
+        out.print(memory_table(est, title))
         pct = 100 * est.expert_slots / est.experts_total
         out.print(
             f"experts resident: {est.expert_slots:,} of {est.experts_total:,} ({pct:.1f} %)", highlight=False
@@ -201,6 +303,11 @@ def vram(
                 f"the longest context it leaves room for is {longest:,} tokens",
                 highlight=False,
             )
+        if card:
+            print_card_speed(card, implicit=implicit)
+        if cards is not None:
+            out.print(gpu_table_view(cards, quant_name, ctx))
+            out.print(assumptions_text(), highlight=False)
         out.print(sweep_table(config, kv_dtype, batch))
         err.print("[dim]estimates from the exact tensor shapes; CUDA context reserve is a constant[/]")
 

@@ -419,10 +419,12 @@ def test_chat_session_in_a_terminal(tiny_ckpt, tmp_path):
         panel = child.before
         for label in ("qwenlocal chat", "device", "dtype", "bfloat16", "context", "8,192 tokens"):
             assert label in panel
-        params = re.search(r"parameters \(cpu\)\s+([\d.]+) MiB", panel)
+        params = re.search(r"lm head \(cpu\)\s+([\d.]+) MiB", panel)
         assert params and float(params.group(1)) > 1
+        assert "quantization" in panel and re.search(r"experts\s+16 of 16 on cpu", panel)
         # 2 layers x (k, v) x 2 kv heads x 8192 positions x 16 dims x 2 bytes
-        assert re.search(r"KV cache, 8,192 tokens \(cpu\)\s+2\.00 MiB", panel)
+        # the memory model's estimate, then the bytes really allocated
+        assert re.search(r"kv cache \(cpu\)\s+2\.00 MiB\s+2\.00 MiB", panel)
 
         tokens, prompt_tps, gen_tps, rss, _ = reply(child, "Hello there")
         assert 1 < tokens <= 8 and prompt_tps > 0 and gen_tps > 0 and rss > 10

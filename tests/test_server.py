@@ -269,7 +269,8 @@ def test_stats_and_metrics(server):
     assert s["last"]["finish_reason"] == "length" and s["last"]["gen_tps"] > 0
     assert s["average"]["prompt_tps"] > 0 and s["peak_memory_bytes"] > 0
     memory = s["memory_bytes"]
-    assert memory["experts"]["cpu"] > 0 and memory["dense"]["cpu"] > 0 and memory["kv_cache"]["cpu"] > 0
+    assert memory["experts"]["cpu"] > 0 and memory["attention"]["cpu"] > 0 and memory["kv_cache"]["cpu"] > 0
+    assert s["memory_estimate_bytes"]["kv_cache"] == memory["kv_cache"]["cpu"]
     assert "expert_cache" in s and s["queue"] == {"running": False, "waiting": 0, "max_queue": 8}
     text = server.request("GET", "/metrics")[1]
     assert 'qwenlocal_requests_total{outcome="served"}' in text and "qwenlocal_peak_memory_bytes" in text
