@@ -997,6 +997,7 @@ def chat(
     prefetch: opt.Prefetch = True,
     cache_policy: opt.CachePolicy = "lru",
     record_routing: opt.RecordRouting = None,
+    kv_dtype: opt.KvDtype = None,
 ):
     """Chat in the terminal: streamed replies, thinking shown apart, memory and speed after each reply."""
 
@@ -1005,7 +1006,7 @@ def chat(
 
         ctx = cli.parse_tokens(ctx_size)
         memory = opt.MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
         ).validate()
         dev = parse_device(device)
         parse_dtype(dtype)  # bad values fail before a long load

@@ -71,6 +71,7 @@ def generate(
     prefetch: opt.Prefetch = True,
     cache_policy: opt.CachePolicy = "lru",
     record_routing: opt.RecordRouting = None,
+    kv_dtype: opt.KvDtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ):
     """Generate a reply to one prompt and print it as it streams."""
@@ -83,7 +84,7 @@ def generate(
         ctx = parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
         memory = MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
         ).validate()
         if max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")

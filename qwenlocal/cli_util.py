@@ -125,6 +125,7 @@ def load_for_cli(
             vram_budget=m.budget_bytes(),
             policy=m.cache_policy,
             prefetch=m.prefetch,
+            kv_dtype=m.kv_dtype,
         )
     if m.record_routing is not None:
         from .experts import RoutingRecorder

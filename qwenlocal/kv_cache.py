@@ -15,8 +15,11 @@ class KVCache:
         batch: int = 1,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype | None = None,
     ):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        # fp8 halves the cache; keys and values are stored rounded and read back in `compute_dtype`
+        self.compute_dtype = compute_dtype or (dtype if dtype.itemsize > 1 else torch.bfloat16)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
@@ -35,7 +38,10 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} tokens; this step needs {end}.")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if keys.dtype != self.compute_dtype:
+            keys, values = keys.to(self.compute_dtype), values.to(self.compute_dtype)
+        return keys, values
 
     def truncate(self, length: int) -> None:
         """Forget everything after the first `length` tokens (kept prefix reused by the next turn)."""

@@ -40,6 +40,17 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def parse_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """None keeps the model's dtype; fp8 (e4m3) halves the KV cache."""
+    from .memory import KV_DTYPES
+
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in KV_DTYPES:
+        raise UserError(f"Unknown --kv-dtype {name!r}; choose one of {', '.join(KV_DTYPES)}.")
+    return KV_DTYPES[name]
+
+
 def parse_device(name: str | torch.device) -> torch.device:
     if isinstance(name, torch.device):
         return name
@@ -146,6 +157,7 @@ def load_model(
     vram_budget: int | str | None = None,
     policy: str = "lru",
     prefetch: bool = True,
+    kv_dtype: str | torch.dtype | None = None,
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
@@ -171,6 +183,7 @@ def load_model(
         )
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
+    model.kv_dtype = parse_kv_dtype(kv_dtype)
     model.eval()
     return model
 

@@ -158,6 +158,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.rope: Rope | None = None
         self.recipe = None  # the quantization recipe the loader used (quant.recipe.Recipe), if any
+        self.kv_dtype: torch.dtype | None = None  # KV cache storage (None: the model's dtype)
 
     @property
     def device(self) -> torch.device:
@@ -179,7 +180,8 @@ class Qwen3MoeForCausalLM(nn.Module):
         return self.rope
 
     def new_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self.config, max_len, batch, dtype or self.dtype, self.device)
+        dtype = dtype or self.kv_dtype or self.dtype
+        return KVCache(self.config, max_len, batch, dtype, self.device, compute_dtype=self.dtype)
 
     @torch.inference_mode()
     def forward(

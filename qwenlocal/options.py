@@ -28,6 +28,10 @@ Prefetch = Annotated[
     bool, typer.Option("--prefetch/--no-prefetch", help="Guess the next layer's experts and copy them early.")
 ]
 CachePolicy = Annotated[str, typer.Option("--cache-policy", help="Expert cache policy: lru or lfu.")]
+KvDtype = Annotated[
+    str | None,
+    typer.Option("--kv-dtype", help="KV cache storage: bf16, fp16, fp8 (half the memory) or fp32."),
+]
 RecordRouting = Annotated[
     Path | None,
     typer.Option("--record-routing", help="Write the experts picked per layer per token (JSON lines)."),
@@ -42,6 +46,7 @@ class MemoryOptions:
     prefetch: bool = True
     cache_policy: str = "lru"
     record_routing: Path | None = None
+    kv_dtype: str | None = None
 
     def validate(self) -> MemoryOptions:
         """Bad values fail before a long load."""
@@ -56,6 +61,9 @@ class MemoryOptions:
         if self.gpu_experts is not None and self.vram_budget is not None:
             raise UserError("Give --gpu-experts or --vram-budget, not both.")
         self.budget_bytes()
+        from .loader import parse_kv_dtype
+
+        parse_kv_dtype(self.kv_dtype)
         return self
 
     def budget_bytes(self) -> int | str | None:

@@ -842,6 +842,7 @@ def serve(
     vram_budget: opt.VramBudget = None,
     prefetch: opt.Prefetch = True,
     cache_policy: opt.CachePolicy = "lru",
+    kv_dtype: opt.KvDtype = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
 
@@ -852,7 +853,9 @@ def serve(
 
         ctx = cli.parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
-        memory = opt.MemoryOptions(quant, gpu_experts, vram_budget, prefetch, cache_policy).validate()
+        memory = opt.MemoryOptions(
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, kv_dtype=kv_dtype
+        ).validate()
         if max_tokens is not None and max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
         defaults = Defaults(think, temp, top_k, top_p, min_p, max_tokens, seed)

@@ -143,3 +143,25 @@ def test_cache_reuse_equals_fresh_prefill(tiny):
     list(fresh.stream(turn2, p, max_tokens=6, eos_ids=()))
     assert fresh.summary.cached_tokens == 0
     assert reused.token_ids == fresh.summary.token_ids
+
+
+def test_fp8_kv_cache_stores_rounded_keys_at_half_the_size(tiny_ckpt):
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16)
+    prompt = list(range(1000, 1040))
+    ref = Generator(model, ctx_size=64)
+    ref_logits = ref.prefill(prompt)
+    model.kv_dtype = torch.float8_e4m3fn
+    try:
+        small = Generator(model, ctx_size=64)
+        assert small.cache.nbytes * 2 == ref.cache.nbytes
+        small.prefill(prompt[:20])
+        logits = small.prefill(prompt[20:])  # the second chunk attends through the fp8 cache
+    finally:
+        model.kv_dtype = None
+    # layer 0's keys do not depend on the cache: stored exactly as the bf16 keys rounded to fp8
+    want = ref.cache.k[0][:, :, :40].to(torch.float8_e4m3fn).to(torch.bfloat16)
+    assert torch.equal(small.cache.k[0][:, :, :40].to(torch.bfloat16), want)
+    assert torch.isfinite(logits).all()
+    # a random model amplifies the 3-mantissa-bit rounding; the logits still point the same way
+    cos = torch.nn.functional.cosine_similarity(logits.float(), ref_logits.float(), dim=0)
+    assert cos > 0.8
