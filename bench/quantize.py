@@ -96,7 +96,7 @@ def main() -> None:
         )
     print(f"machine: {machine()}")
     print(
-        "qwenlocal: `qwenlocal quantize SRC OUT --preset nf4 --no-report --device cpu` (attention and experts "
+        "qwenlocal: `qwenlocal quantize SRC OUT --preset nf4 --no-report --device cpu --shard-size 1GB` (attention and experts "
         "NF4 with double quant, reads and writes everything); reference: bitsandbytes.functional.quantize_4bit "
         "on the same attention and expert tensors, no writing"
     )

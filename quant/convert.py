@@ -171,56 +171,72 @@ def quantized_stream(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the quantized checkpoint, read and quantized one source tensor at a time.
 
-    `device` is where quantization runs (the GPU when there is one); results come back on the CPU.
-    Every `error_sample`-th expert (and every dense tensor) is dequantized to measure the error.
+    Shards are read one after the other and released when done, so the source's mapped pages
+    never add up to more than one shard. `device` is where quantization runs (the GPU when there
+    is one); results come back on the CPU. Every `error_sample`-th expert (and every dense
+    tensor) is dequantized to measure the error.
     """
     config = ckpt.config
     device = device or torch.device("cpu")
     stats = stats if stats is not None else ConvertStats()
-    total = sum(ckpt.nbytes(n) for n in ckpt.weight_map)
+    dense = dense_tensor_shapes(config)
+    experts = {
+        expert_tensor_name(layer, e, proj): (layer, e, proj)
+        for layer in config.moe_layers
+        for e in range(config.num_experts)
+        for proj in EXPERT_PROJS
+    }
+    order = [n for n in ckpt.weight_map if n in dense or n in experts]
+    by_shard: dict[str, list[str]] = {}
+    for name in order:
+        by_shard.setdefault(ckpt.weight_map[name], []).append(name)
+    total = sum(ckpt.nbytes(n) for n in order)
     done = 0
     t0 = time.perf_counter()
-    for name in dense_tensor_shapes(config):
-        w = ckpt.get(name)
-        cls = tensor_class(name)
-        spec = recipe.spec(cls, tuple(w.shape)) if cls else None
-        if spec is None:
-            stats.add(cls or "16-bit", str(w.dtype).removeprefix("torch."), w.numel(), _nbytes(w), _nbytes(w))
-            yield name, w
-        else:
-            q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
-            s = stats.add(
-                cls, spec.fmt + ("+dq" if spec.double_quant else ""), w.numel(), _nbytes(w), q.nbytes
-            )
-            _measure(s, w, q)
-            yield from q.to_tensors(name.removesuffix(".weight")).items()
-        done += ckpt.nbytes(name)
-        if progress:
-            progress(done, total)
     specs = None
-    for layer in config.moe_layers:
-        for e in range(config.num_experts):
-            qs, size_in = {}, 0
-            for proj in EXPERT_PROJS:
-                w = ckpt.get(expert_tensor_name(layer, e, proj))
+    pending: dict[tuple[int, int], dict] = {}  # an expert's projections until all three are read
+    for shard, names in sorted(by_shard.items()):
+        for name in names:
+            w = ckpt.get(name)
+            done += ckpt.nbytes(name)
+            if name in experts:
+                layer, e, proj = experts[name]
                 specs = specs or expert_specs(config, recipe, w.dtype)
                 spec = specs[proj]
                 if spec is None:
                     raise UserError(
                         "Experts must be quantized (4 or 8 bits) to be packed; use --expert-bits 4 or 8."
                     )
-                qs[proj] = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
-                size_in += _nbytes(w)
+                q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
                 if e % error_sample == 0:
-                    s = stats.classes.setdefault("experts", ClassStats())
-                    _measure(s, w, qs[proj])
-            blob, _ = pack(qs)
-            fmt = specs["gate_proj"].fmt + ("+dq" if specs["gate_proj"].double_quant else "")
-            stats.add("experts", fmt, sum(q.numel for q in qs.values()), size_in, blob.numel(), len(qs))
-            yield expert_blob_name(layer, e), blob
-            done += size_in
+                    _measure(stats.classes.setdefault("experts", ClassStats()), w, q)
+                got = pending.setdefault((layer, e), {"bytes": 0})
+                got[proj] = q
+                got["bytes"] += _nbytes(w)
+                if all(p in got for p in EXPERT_PROJS):
+                    del pending[(layer, e)]
+                    qs = {p: got[p] for p in EXPERT_PROJS}
+                    blob, _ = pack(qs)
+                    fmt = spec.fmt + ("+dq" if spec.double_quant else "")
+                    stats.add(
+                        "experts", fmt, sum(x.numel for x in qs.values()), got["bytes"], blob.numel(), 3
+                    )
+                    yield expert_blob_name(layer, e), blob
+            else:
+                cls = tensor_class(name)
+                spec = recipe.spec(cls, tuple(w.shape)) if cls else None
+                if spec is None:
+                    dt = str(w.dtype).removeprefix("torch.")
+                    stats.add(cls or "16-bit", dt, w.numel(), _nbytes(w), _nbytes(w))
+                    yield name, w
+                else:
+                    q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
+                    fmt = spec.fmt + ("+dq" if spec.double_quant else "")
+                    _measure(stats.add(cls, fmt, w.numel(), _nbytes(w), q.nbytes), w, q)
+                    yield from q.to_tensors(name.removesuffix(".weight")).items()
             if progress:
                 progress(done, total)
+        ckpt.release(shard)
     stats.seconds = time.perf_counter() - t0
 
 

@@ -25,6 +25,7 @@ Storage can be sized without quantizing anything (`storage_nbytes`, `QSpec`), an
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -36,6 +37,8 @@ import torch
 from torch import Tensor
 
 from qwenlocal.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("nf4", "fp4", "int8")
 FOUR_BIT_FORMATS = ("nf4", "fp4")
@@ -170,7 +173,7 @@ def storage_nbytes(
 # The tensor
 
 
-@dataclass
+@dataclass(eq=False)
 class QTensor:
     """A quantized tensor: bitsandbytes' own storage plus the facts needed to read it."""
 
@@ -357,6 +360,54 @@ def _lut_dynamic() -> Tensor:
 # Quantize
 
 
+@cache
+def _fast_path_matches_bnb(fmt: str, double_quant: bool) -> bool:
+    """The CPU fast path reproduces bitsandbytes 0.50's arithmetic; check the installed bnb once.
+
+    On a mismatch (a bnb that rounds differently) quantize falls back to bnb's own CPU code, so
+    the output stays identical to bnb's, only slower.
+    """
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300 * 64 + 37, generator=g)
+    w[:64] = 0  # a zero block
+    w[64:128] *= 1e-39  # a block below bnb's 1e-38 absmax clamp
+    if fmt != "int8":
+        w[128:192] = _bounds_4bit(fmt)[0].repeat(5)[:64]  # values on the rounding midpoints
+        w[128] = 1.0
+    ok = True
+    for dtype in INPUT_DTYPES:
+        x = w.to(dtype)
+        if fmt == "int8":
+            from bitsandbytes.functional import int8_vectorwise_quant
+
+            x = x[: 300 * 64].view(300, 64)
+            ours, ref = _quantize_int8(x), int8_vectorwise_quant(x.clone())[:2]
+        else:
+            q, r = _quantize_4bit_fast(x, fmt, 64, double_quant), _quantize_4bit_bnb(x, fmt, 64, double_quant)
+            ours, ref = tuple(q.parts().values()), tuple(r.parts().values())
+        ok &= len(ours) == len(ref) and all(_same_bits(a, b) for a, b in zip(ours, ref, strict=True))
+    if not ok:
+        import bitsandbytes
+
+        logger.warning(
+            "bitsandbytes %s quantizes %s differently from the version quant.formats mirrors; "
+            "using its own (slower) CPU quantizer.",
+            bitsandbytes.__version__,
+            fmt + (" with double quant" if double_quant else ""),
+        )
+    return ok
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(
+            a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8)
+        )
+    )
+
+
 @torch.no_grad()
 def quantize(
     weight: Tensor, fmt: str, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = False
@@ -374,21 +425,34 @@ def quantize(
     if fmt == "int8":
         if weight.dim() == 0:
             raise QuantFormatError("int8 row-wise quantization needs a tensor with at least one dimension.")
-        data, row_absmax = _quantize_int8(weight)
-        return QTensor("int8", shape, weight.dtype, shape[-1], data, row_absmax)
+        if weight.is_cuda or _fast_path_matches_bnb("int8", False):
+            data, row_absmax = _quantize_int8(weight)
+        else:
+            from bitsandbytes.functional import int8_vectorwise_quant
 
-    if weight.is_cuda:
-        from bitsandbytes.functional import quantize_4bit
+            data, row_absmax, _ = int8_vectorwise_quant(weight.reshape(-1, shape[-1]).contiguous())
+        return QTensor("int8", shape, weight.dtype, shape[-1], data.reshape(shape), row_absmax)
 
-        packed, state = quantize_4bit(
-            weight,
-            blocksize=blocksize,
-            compress_statistics=double_quant,
-            quant_type=fmt,
-            quant_storage=torch.uint8,
-        )
-        return from_bnb(packed, state)
+    if weight.is_cuda or not _fast_path_matches_bnb(fmt, double_quant):
+        return _quantize_4bit_bnb(weight, fmt, blocksize, double_quant)
+    return _quantize_4bit_fast(weight, fmt, blocksize, double_quant)
 
+
+def _quantize_4bit_bnb(weight: Tensor, fmt: str, blocksize: int, double_quant: bool) -> QTensor:
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, state = quantize_4bit(
+        weight,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=fmt,
+        quant_storage=torch.uint8,
+    )
+    return from_bnb(packed, state)
+
+
+def _quantize_4bit_fast(weight: Tensor, fmt: str, blocksize: int, double_quant: bool) -> QTensor:
+    shape = tuple(weight.shape)
     packed, absmax = _quantize_4bit_cpu(weight.contiguous().reshape(-1), fmt, blocksize)
     code = _code_4bit(fmt).clone()
     if not double_quant:
@@ -513,10 +577,10 @@ def _quantize_dynamic_cpu(a: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     # fp32 t is a multiple of 2**-25 below 1, so t * 65535 + 0.5 is exact in fp64; one rounding to
     # fp32 then reproduces the fused multiply-add.
     y = (t.double() * 65535.0 + 0.5).float()
-    idx = torch.nan_to_num(y, nan=0.0).to(torch.int64) & 0xFFFF
-    out = _lut_dynamic()[idx]
-    out[absmax == 0] = 0
-    return out.reshape(-1)[:n].clone(), absmax
+    idx = torch.nan_to_num(y, nan=0.0).to(torch.int32) & 0xFFFF
+    out = torch.index_select(_lut_dynamic(), 0, idx.view(-1)).view(blocks, blocksize)
+    out.masked_fill_((absmax == 0).unsqueeze(1), 0)
+    return out.view(-1)[:n].clone(), absmax
 
 
 def _quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:

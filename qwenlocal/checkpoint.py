@@ -272,6 +272,10 @@ class Checkpoint:
         except Exception as e:
             raise UserError(f"Tensor {name} in {self.folder / shard} cannot be read: {e}.") from None
 
+    def release(self, shard: str) -> None:
+        """Drop a shard's memory map (its pages stop counting toward this process's RSS)."""
+        self._handles.pop(shard, None)
+
     def close(self) -> None:
         self._handles.clear()
 

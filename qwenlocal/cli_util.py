@@ -104,7 +104,7 @@ def load_for_cli(
 ):
     """Resolve (download with a progress bar), load (progress bar); returns folder, model, tokenizer."""
     from .checkpoint import resolve_model
-    from .loader import load_model
+    from .loader import load_model, parse_device
     from .tokenizer import Tokenizer
 
     m = memory or MemoryOptions(quant=quant)
@@ -113,6 +113,9 @@ def load_for_cli(
     tokenizer = Tokenizer.from_dir(folder)
     if m.quant is None:
         folder = quantized_once(folder, quiet)
+    budget = m.budget_bytes()
+    if budget is None and m.gpu_experts is None and parse_device(device).type == "cuda":
+        budget = "auto"  # fit the free GPU memory, as llama.cpp's --fit does
     with byte_progress("load", enabled=not quiet) as cb:
         lm = load_model(
             folder,
@@ -122,7 +125,7 @@ def load_for_cli(
             ctx_size=ctx_size,
             quant=m.quant,
             gpu_experts=m.gpu_experts,
-            vram_budget=m.budget_bytes(),
+            vram_budget=budget,
             policy=m.cache_policy,
             prefetch=m.prefetch,
             kv_dtype=m.kv_dtype,

@@ -119,6 +119,8 @@ def expert_slots(
 
     if gpu_experts is None and vram_budget is None:
         return None
+    if vram_budget == "auto" and device.type != "cuda":
+        return None  # host RAM holds everything; there is no device budget to fit
     if gpu_experts is not None and vram_budget is not None:
         raise UserError("Give --gpu-experts or --vram-budget, not both.")
     total = config.num_experts * len(config.moe_layers)
@@ -282,7 +284,9 @@ def _load_quantized(
             spec = specs[prefix]
             if len(got) == len(spec.parts()):
                 q = QTensor.from_tensors(got, prefix, _meta(spec))
-                _swap(model, prefix, QuantLinear(q))  # a bias, if any, is assigned when it arrives
+                bias = model.get_submodule(prefix).bias  # loaded already if it came first
+                bias = bias if bias is not None and bias.device.type != "meta" else None
+                _swap(model, prefix, QuantLinear(q, bias))  # else it is assigned when it arrives
                 del pending[prefix]
         if progress:
             progress(done, max(total, done))

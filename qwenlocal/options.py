@@ -22,7 +22,10 @@ GpuExperts = Annotated[
     int | None, typer.Option("--gpu-experts", help="Expert slots on the GPU, in all layers.")
 ]
 VramBudget = Annotated[
-    str | None, typer.Option("--vram-budget", help="Size the expert cache to fit, e.g. 8GiB, or auto.")
+    str | None,
+    typer.Option(
+        "--vram-budget", help="Size the expert cache to fit, e.g. 8GiB; default on a GPU: auto (free memory)."
+    ),
 ]
 Prefetch = Annotated[
     bool, typer.Option("--prefetch/--no-prefetch", help="Guess the next layer's experts and copy them early.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
@@ -19,6 +20,7 @@ from quant import (
     QuantFormatError,
     QuantLinear,
     dequantize,
+    formats,
     from_bnb,
     pack,
     pack_layout,
@@ -145,6 +147,16 @@ def test_4bit_dequantize_equals_bnb(fmt, dq, dtype, shape, blocksize):
     state.dtype = torch.float32
     buf = torch.empty(w.numel(), dtype=torch.float32)
     assert same_bits(dequantize(q, out=buf).view(shape), bnbf.dequantize_4bit(packed, state))
+
+
+def test_fast_path_is_active_and_fallback_is_exact(monkeypatch):
+    """The installed bnb agrees with the fast path; a disagreeing bnb would make quantize use bnb's code."""
+    for fmt, dq in [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False)]:
+        assert formats._fast_path_matches_bnb(fmt, dq)
+    monkeypatch.setattr(formats, "_fast_path_matches_bnb", lambda fmt, dq: False)
+    w = weights((33, 66), torch.float16)
+    assert_matches_bnb(w, "nf4", 64, True)
+    assert same_bits(quantize(w, "int8").weight, bnbf.int8_vectorwise_quant(w)[0])
 
 
 def test_from_bnb_round_trip():
@@ -331,6 +343,14 @@ def test_qlinear_matches_dequantized_linear(fmt, dq, xshape, xdtype):
     torch.testing.assert_close(qlinear(x.float(), q, bias), ref + bias, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         qlinear(torch.randn(1, 255), q)
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+def test_bnb_matmul_4bit_accepts_our_state(dq):
+    q = quantize(weights((96, 256), torch.bfloat16), "nf4", 64, dq)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    y = bnb.matmul_4bit(x, q.weight, to_bnb_quant_state(q))
+    torch.testing.assert_close(y.float(), qlinear(x, q).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_quant_linear_module():
