@@ -78,6 +78,8 @@ def main() -> None:
             "--no-report",
             "--device",
             "cpu",
+            "--shard-size",
+            "1GB",
         ]
         secs, rss, _ = run_measured(cmd, env)
         ref_secs, ref_rss, ref_out = run_measured([sys.executable, "-c", REFERENCE, str(src), str(out)], env)
