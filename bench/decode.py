@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quantized", nargs="*", default=[], help="quantized folders of the same checkpoint")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,6 +78,12 @@ def main() -> None:
     for name, fn in (("transformers", bench_transformers), ("qwenlocal", bench_qwenlocal)):
         t_prefill, t_decode, tokens = fn(folder, prompt, args.decode, dtype)
         results[name] = (args.prompt / t_prefill, args.decode / t_decode, tokens)
+    for q in args.quantized:
+        from qwenlocal.config import Qwen3MoeConfig
+
+        preset = Qwen3MoeConfig.from_file(f"{q}/config.json").quantization_config["preset"]
+        t_prefill, t_decode, tokens = bench_qwenlocal(q, prompt, args.decode, dtype)
+        results[f"qwenlocal, {preset} quantized"] = (args.prompt / t_prefill, args.decode / t_decode, tokens)
     ref_p, ref_d, ref_tokens = results["transformers"]
     for name, (p, d, tokens) in results.items():
         same = sum(a == b for a, b in zip(tokens, ref_tokens, strict=True))

@@ -271,17 +271,39 @@ def quantize_checkpoint(
     if ckpt.config.quantization_config:
         raise UserError(f"{folder} is already quantized ({ckpt.config.quantization_config.get('preset')}).")
     ckpt.check({**dense_tensor_shapes(ckpt.config), **expert_tensor_shapes(ckpt.config)})
-    src_dtype = ckpt.get("model.norm.weight").dtype
+    out_path, stats = write_quantized(ckpt, out, recipe, folder, shard_size, force, device, progress)
+    ckpt.close()
+    return out_path, stats
+
+
+def write_quantized(
+    source,
+    out: Path,
+    recipe: Recipe,
+    side_files_from: Path | None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    device: torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    config_json: dict | None = None,
+) -> tuple[Path, ConvertStats]:
+    """Stream `source` (a Checkpoint, or anything with its reading methods) through the quantizer
+    into the folder OUT, atomically."""
+    src_dtype = source.get("model.norm.weight").dtype
     stats = ConvertStats()
     with atomic_folder(out, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size)
-        for name, tensor in quantized_stream(ckpt, recipe, device, stats, progress):
+        for name, tensor in quantized_stream(source, recipe, device, stats, progress):
             writer.add(name, tensor)
         writer.finish()
-        config = json.loads((folder / "config.json").read_text())
-        config["quantization_config"] = quantization_config(ckpt.config, recipe, src_dtype)
+        config = (
+            config_json
+            if config_json is not None
+            else json.loads((side_files_from / "config.json").read_text())
+        )
+        config["quantization_config"] = quantization_config(source.config, recipe, src_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_side_files(folder, tmp)
+        if side_files_from is not None:
+            copy_side_files(side_files_from, tmp)
         (tmp / "quant_stats.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
-    ckpt.close()
     return out, stats

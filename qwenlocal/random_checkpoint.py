@@ -8,7 +8,9 @@ way but the words it picks. Used by the tests and the benchmarks.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -92,3 +94,67 @@ def write_random_checkpoint(
             writer.add(name, random_tensor(name, shape, gen, dtype))
         writer.finish()
     return out
+
+
+class RandomSource:
+    """Random tensors with a checkpoint's names, shapes and reading methods, made on demand (on
+    `device`, e.g. the GPU): a quantized checkpoint of any size can be written without its 16-bit
+    source ever existing on disk (the full 48-layer shape is 61 GB in bf16)."""
+
+    def __init__(self, config_json: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device="cpu"):
+        self.config = Qwen3MoeConfig.from_dict(config_json)
+        self.shapes = checkpoint_shapes(self.config)
+        self.dtype, self.seed, self.device = dtype, seed, torch.device(device)
+        # one pseudo-shard per layer, as the real checkpoint groups tensors
+        self.weight_map = {
+            n: f"layer-{n.split('.')[2] if n.startswith('model.layers.') else 'rest'}" for n in self.shapes
+        }
+        self.folder = Path("<random>")
+
+    def nbytes(self, name: str) -> int:
+        return math.prod(self.shapes[name]) * self.dtype.itemsize
+
+    def get(self, name: str) -> torch.Tensor:
+        gen = torch.Generator(self.device).manual_seed(self.seed + zlib.crc32(name.encode()))
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=self.device)
+        elif name.endswith("mlp.gate.weight"):
+            t = 0.5 * torch.randn(shape, generator=gen, device=self.device) / shape[1] ** 0.5
+        else:
+            t = torch.randn(shape, generator=gen, device=self.device) / shape[-1] ** 0.5
+        return t.to(self.dtype)
+
+    def release(self, shard: str) -> None:
+        pass
+
+
+def write_random_quantized_checkpoint(
+    out: str | Path,
+    overrides: dict | None = None,
+    preset: str = "mixed",
+    device="cpu",
+    shard_size: int = 2 * 1024**3,
+    force: bool = False,
+    progress=None,
+) -> Path:
+    """A quantized checkpoint of random weights, written straight from random tensors made on
+    `device` (the GPU benchmark builds the full 48-layer model this way in a minute or two)."""
+    from quant.convert import write_quantized
+    from quant.recipe import Recipe
+
+    d = config_dict(overrides)
+    source = RandomSource(d, device=device)
+    out = Path(out)
+    path, _ = write_quantized(
+        source,
+        out,
+        Recipe.from_preset(preset),
+        TOKENIZER_DIR,
+        shard_size,
+        force,
+        torch.device(device),
+        progress,
+        d,
+    )
+    return path

@@ -113,6 +113,12 @@ def test_4bit_ties_and_edge_values(fmt):
     assert_matches_bnb(x.view(-1)[:200].contiguous(), fmt, 64, False)  # tail block of 8
 
 
+def test_4bit_odd_views_and_strides():
+    big = weights((65 * 64 + 1,), torch.bfloat16)
+    assert_matches_bnb(big[1:].view(65, 64), "nf4", 64, False)  # starts at an odd element
+    assert_matches_bnb(weights((128, 64), torch.bfloat16).t(), "nf4", 64, True)  # not contiguous
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
 def test_4bit_nonfinite_and_degenerate_blocks(fmt, dq):

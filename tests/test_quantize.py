@@ -42,7 +42,9 @@ def quantized(src, tmp_path_factory):
     for preset in ("mixed", "nf4", "int8"):
         out = tmp_path_factory.mktemp("q") / f"out-{preset}"
         extra = ["--lm-head-bits", "8"] if preset == "int8" else []
-        r = invoke("quantize", src, out, "--preset", preset, "--shard-size", "3MB", "--probe-tokens", 64, *extra)
+        r = invoke(
+            "quantize", src, out, "--preset", preset, "--shard-size", "3MB", "--probe-tokens", 64, *extra
+        )
         assert r.exit_code == 0, r.output
         made[preset] = out
     return made
@@ -92,7 +94,9 @@ def test_folder_layout_and_recipe(quantized, preset):
 
 def test_quantized_model_equals_dequantized_reference(src, quantized):
     for preset in ("mixed", "nf4"):
-        recipe = Recipe.from_config(json.loads((quantized[preset] / "config.json").read_text())["quantization_config"])
+        recipe = Recipe.from_config(
+            json.loads((quantized[preset] / "config.json").read_text())["quantization_config"]
+        )
         got = load_model(quantized[preset], dtype=torch.float32)(PROMPT)
         expected = dequantized_reference(src, recipe)(PROMPT)
         assert (got - expected).abs().max().item() < 1e-3
@@ -227,3 +231,19 @@ def test_generate_on_quantized_folder(quantized):
     r = invoke("generate", quantized["nf4"], "Hello", "-n", 4, "--json", "--temp", 0)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout.strip().splitlines()[-1])["generated_tokens"] == 4
+
+
+def test_random_quantized_checkpoint_without_a_16bit_source(tmp_path):
+    """The GPU benchmark's way to build the full-size model: quantized straight from random tensors."""
+    from qwenlocal.random_checkpoint import RandomSource, config_dict, write_random_quantized_checkpoint
+
+    overrides = {**TINY, "num_hidden_layers": 2}
+    out = write_random_quantized_checkpoint(tmp_path / "rq", overrides, preset="nf4")
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".*partial*"))
+    model = load_model(out, dtype=torch.float32)
+    assert model(PROMPT).shape == (1, PROMPT.shape[1], 151936)
+    source = RandomSource(config_dict(overrides))
+    layout = PackLayout.from_dict(Checkpoint(out).config.quantization_config["expert_layout"])
+    stored = unpack(Checkpoint(out).get(expert_blob_name(1, 5)), layout)["up_proj"]
+    want = quantize(source.get(expert_tensor_name(1, 5, "up_proj")), "nf4", 64, True)
+    assert torch.equal(stored.weight, want.weight) and torch.equal(stored.absmax, want.absmax)
