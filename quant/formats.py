@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ _DTYPE_NAMES = {
     torch.int8: "int8",
 }
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 # Per-thread caches: reusable scratch buffers and derived tables.
 _local = threading.local()
@@ -485,6 +488,8 @@ class _Scratch4bit:
         self.abs_mask = 0x7FFFFFFF if int_dtype == torch.int32 else 0x7FFF
         xf = torch.empty(m, dtype=torch.float32)
         self.x_pairs = xf.view(2, h).t()  # [h, 2]: writing pairs here de-interleaves them
+        # bf16 -> fp32 is a 16-bit shift: an int32 holding a bf16 pair gives both halves exactly
+        self.even_bits, self.odd_bits = xf[:h].view(torch.int32), xf[h:].view(torch.int32)
         self.x3 = xf.view(2, m // blocksize, blocksize // 2)  # [even/odd, block, blocksize / 2]
         self.s = torch.empty(m, dtype=torch.float32)
         self.s3 = self.s.view(2, m // blocksize, blocksize // 2)
@@ -515,6 +520,8 @@ def _quantize_4bit_cpu(flat: Tensor, fmt: str, blocksize: int) -> tuple[Tensor, 
     here the bucket comes from s's top 12 bits (a table) corrected by one comparison with the single
     midpoint that can lie in that range: bound - s < 0 exactly when s > bound.
     """
+    if flat.storage_offset() % 2:
+        flat = flat.clone()  # bf16 pairs are read as int32 and need an even start
     n = flat.numel()
     full_blocks, rem = divmod(n, blocksize)
     full = full_blocks * blocksize
@@ -532,7 +539,12 @@ def _quantize_4bit_cpu(flat: Tensor, fmt: str, blocksize: int) -> tuple[Tensor, 
         bits = x.view(c.abs_bits.dtype).view(-1, blocksize)
         torch.amax(torch.bitwise_and(bits, c.abs_mask, out=c.abs_bits), dim=1, out=c.absmax_bits)
         am.copy_(c.absmax_bits.view(flat.dtype))
-        c.x_pairs.copy_(x.view(-1, 2))
+        if flat.dtype == torch.bfloat16 and _LITTLE_ENDIAN:
+            pairs = x.view(torch.int32)  # little-endian: even element in the low half
+            torch.bitwise_left_shift(pairs, 16, out=c.even_bits)
+            torch.bitwise_and(pairs, -0x10000, out=c.odd_bits)
+        else:
+            c.x_pairs.copy_(x.view(-1, 2))
         recip = 1.0 / am.clamp(min=1e-38)  # exactly bnb's expression
         torch.mul(c.x3, recip.view(1, -1, 1), out=c.s3)
         # bnb clamps s to [-1, 1]; values past +-1 fall in the same end bucket, so that is skipped.
@@ -685,7 +697,8 @@ SCRATCH_KEEP_BYTES = 64 << 20
 def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
     """A per-thread reusable buffer of at least `numel` elements (its first `numel` are returned)."""
     cache: dict[tuple, Tensor] = _local.__dict__.setdefault("scratch", {})
-    key = (name, dtype, str(device))
+    # a buffer made inside inference mode cannot be written outside it (and the other way round)
+    key = (name, dtype, str(device), torch.is_inference_mode_enabled())
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=dtype, device=device)

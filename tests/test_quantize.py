@@ -247,3 +247,14 @@ def test_random_quantized_checkpoint_without_a_16bit_source(tmp_path):
     stored = unpack(Checkpoint(out).get(expert_blob_name(1, 5)), layout)["up_proj"]
     want = quantize(source.get(expert_tensor_name(1, 5, "up_proj")), "nf4", 64, True)
     assert torch.equal(stored.weight, want.weight) and torch.equal(stored.absmax, want.absmax)
+
+
+def test_scratch_buffers_work_in_and_out_of_inference_mode():
+    """A reusable buffer made during a forward (inference mode) is not reused outside it."""
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    for fmt in ("nf4", "int8"):
+        q = quantize(w, fmt, 64, fmt == "nf4")
+        with torch.inference_mode():
+            inside = dequantize(q, torch.float32)
+        outside = dequantize(quantize(w, fmt, 64, fmt == "nf4"), torch.float32)
+        assert torch.equal(inside, outside)
