@@ -167,7 +167,7 @@ def quantized_stream(
     device: torch.device | None = None,
     stats: ConvertStats | None = None,
     progress: Callable[[int, int], None] | None = None,
-    error_sample: int = 16,
+    error_sample: int = 64,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the quantized checkpoint, read and quantized one source tensor at a time.
 

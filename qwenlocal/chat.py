@@ -994,8 +994,8 @@ def chat(
     quant: opt.Quant = None,
     gpu_experts: opt.GpuExperts = None,
     vram_budget: opt.VramBudget = None,
-    prefetch: opt.Prefetch = True,
-    cache_policy: opt.CachePolicy = "lru",
+    prefetch: opt.Prefetch = opt.DEFAULT_PREFETCH,
+    cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     record_routing: opt.RecordRouting = None,
     kv_dtype: opt.KvDtype = None,
 ):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cache_policy import DEFAULT_CACHE_POLICY
 from .checkpoint import (
     SAFETENSORS_DTYPES,
     Checkpoint,
@@ -21,6 +22,7 @@ from .checkpoint import (
 from .errors import UserError
 from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
 from .model import Qwen3MoeForCausalLM
+from .offload import DEFAULT_PREFETCH
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -157,8 +159,8 @@ def load_model(
     quant=None,
     gpu_experts: int | None = None,
     vram_budget: int | str | None = None,
-    policy: str = "lru",
-    prefetch: bool = True,
+    policy: str = DEFAULT_CACHE_POLICY,
+    prefetch: bool = DEFAULT_PREFETCH,
     kv_dtype: str | torch.dtype | None = None,
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
@@ -224,7 +226,7 @@ def _load_quantized(
     dtype,
     progress,
     slots_per_layer=None,
-    policy="lru",
+    policy=DEFAULT_CACHE_POLICY,
     prefetch=True,
 ) -> Qwen3MoeForCausalLM:
     from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class

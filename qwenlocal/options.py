@@ -11,6 +11,9 @@ from typing import Annotated
 
 import typer
 
+from .cache_policy import DEFAULT_CACHE_POLICY
+from .offload import DEFAULT_PREFETCH
+
 Quant = Annotated[
     str | None,
     typer.Option(
@@ -30,7 +33,9 @@ VramBudget = Annotated[
 Prefetch = Annotated[
     bool, typer.Option("--prefetch/--no-prefetch", help="Guess the next layer's experts and copy them early.")
 ]
-CachePolicy = Annotated[str, typer.Option("--cache-policy", help="Expert cache policy: lru or lfu.")]
+CachePolicy = Annotated[
+    str, typer.Option("--cache-policy", help="Expert cache policy: lfu (frequency with decay) or lru.")
+]
 KvDtype = Annotated[
     str | None,
     typer.Option("--kv-dtype", help="KV cache storage: bf16, fp16, fp8 (half the memory) or fp32."),
@@ -46,8 +51,8 @@ class MemoryOptions:
     quant: str | None = None
     gpu_experts: int | None = None
     vram_budget: str | None = None
-    prefetch: bool = True
-    cache_policy: str = "lru"
+    prefetch: bool = DEFAULT_PREFETCH
+    cache_policy: str = DEFAULT_CACHE_POLICY
     record_routing: Path | None = None
     kv_dtype: str | None = None
 

@@ -840,8 +840,8 @@ def serve(
     quant: opt.Quant = None,
     gpu_experts: opt.GpuExperts = None,
     vram_budget: opt.VramBudget = None,
-    prefetch: opt.Prefetch = True,
-    cache_policy: opt.CachePolicy = "lru",
+    prefetch: opt.Prefetch = opt.DEFAULT_PREFETCH,
+    cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     kv_dtype: opt.KvDtype = None,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""

@@ -83,7 +83,7 @@ def test_nothing_allocated_during_generation(qckpt):
 
 def test_lru_evicts_exactly_what_lru_says(qckpt):
     """A scripted routing sequence through one layer with 3 slots."""
-    model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS, prefetch=False)
+    model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS, prefetch=False, policy="lru")
     experts = model.experts
     layer = 0
     x = torch.randn(1, model.config.hidden_size)

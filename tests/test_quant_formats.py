@@ -113,6 +113,13 @@ def test_4bit_ties_and_edge_values(fmt):
     assert_matches_bnb(x.view(-1)[:200].contiguous(), fmt, 64, False)  # tail block of 8
 
 
+def test_double_quant_offset_follows_bnb_threads():
+    """bnb's offset is an fp32 mean whose value depends on torch's thread count past 32768 blocks;
+    ours is computed the same way, so both agree under the same setting."""
+    w = weights((1024, 4096), torch.bfloat16)  # 65536 blocks
+    assert_matches_bnb(w, "nf4", 64, True)
+
+
 def test_4bit_odd_views_and_strides():
     big = weights((65 * 64 + 1,), torch.bfloat16)
     assert_matches_bnb(big[1:].view(65, 64), "nf4", 64, False)  # starts at an odd element
