@@ -198,6 +198,8 @@ class Generator:
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         s = self.summary = Summary(prompt_tokens=len(prompt))
         decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the peak of this request, not the process
         t0 = time.perf_counter()
         s.cached_tokens = self._reuse_prefix(prompt)
         logits = self.prefill(prompt[s.cached_tokens :])
@@ -217,7 +219,8 @@ class Generator:
                 piece = decoder.add(token) if decoder else ""
                 text += piece
                 yield TokenRecord(token, piece, len(generated) - 1, time.perf_counter() - t0)
-                if stop and any(x in text for x in stop):
+                # a stop string can only end in the newest piece: look at the tail, not all text
+                if stop and any(x in text[-(len(piece) + len(x)) :] for x in stop):
                     s.finish_reason = "stop"
                     break
                 if len(generated) >= max_tokens or len(self.cached) >= self.ctx_size:
