@@ -368,15 +368,6 @@ def hit_rate(before: tuple[int, int] | None, after: tuple[int, int] | None) -> f
     return hits / (hits + misses) if hits + misses > 0 else None
 
 
-def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of parameters and buffers by device ('cpu', 'cuda:0')."""
-    out: dict[str, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type != "meta":
-            out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
-    return out
-
-
 def process_rss() -> int:
     return psutil.Process().memory_info().rss
 

@@ -239,9 +239,6 @@ class OffloadedExperts(QuantExperts):
                 self._load(layer, e, guess)
                 self.stats.layers[layer].prefetched += 1
 
-    def forward_experts_nbytes(self) -> int:
-        return self.layout.nbytes
-
 
 def expert_router(model) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """The prefetch guess: layer L's router applied to layer L-1's output, after L's norm."""

@@ -167,3 +167,15 @@ def test_record_routing(qckpt, tmp_path):
     assert all(len(tok) == LAYERS and all(len(set(ids)) == 2 for ids in tok) for tok in trace)
     first = json.loads((tmp_path / "trace.jsonl").read_text().splitlines()[0])
     assert len(first["experts"]) == LAYERS
+
+
+def test_server_reports_expert_cache(qckpt):
+    from qwenlocal.server import expert_cache_stats
+
+    resident = load_model(qckpt, dtype=torch.float32)
+    assert expert_cache_stats(resident) is None
+    model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS)
+    greedy(model, n=4)
+    d = expert_cache_stats(model)
+    assert d["hits"] + d["misses"] == model.experts.uses and 0 <= d["hit_rate"] <= 1
+    assert d["slots_per_layer"] == 3 and d["bytes_copied"] > 0
