@@ -292,10 +292,10 @@ def write_quantized(
     src_dtype = source.get("model.norm.weight").dtype
     stats = ConvertStats()
     with atomic_folder(out, force=force) as tmp:
-        writer = ShardWriter(tmp, shard_size)
-        for name, tensor in quantized_stream(source, recipe, device, stats, progress):
-            writer.add(name, tensor)
-        writer.finish()
+        with ShardWriter(tmp, shard_size) as writer:
+            for name, tensor in quantized_stream(source, recipe, device, stats, progress):
+                writer.add(name, tensor)
+            writer.finish()
         config = (
             config_json
             if config_json is not None

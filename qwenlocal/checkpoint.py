@@ -10,6 +10,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -321,7 +322,11 @@ def shard_names(n: int) -> list[str]:
 
 class ShardWriter:
     """Streams tensors into safetensors shards of at most `shard_size` bytes plus an index.
-    Holds at most one shard's worth of tensors in RAM."""
+
+    A full shard is written by a background thread while the next one fills (the quantizer's loop
+    uses one core, so the other writes): at most two shards' worth of tensors are held in RAM.
+    Use it as a context manager, so a failure waits for the write in flight before the caller
+    removes the folder."""
 
     def __init__(self, folder: Path, shard_size: int, metadata: dict[str, str] | None = None):
         self.folder, self.shard_size = Path(folder), shard_size
@@ -330,6 +335,21 @@ class ShardWriter:
         self.pending_bytes = 0
         self.parts: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._writing: Future | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._wait()
+        except Exception:
+            if exc_type is None:
+                raise
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -339,18 +359,28 @@ class ShardWriter:
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
 
+    def _wait(self) -> None:
+        """Wait for the shard being written; its error (a full disk, say) is raised here."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
+
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
+        self._wait()
         path = self.folder / f"part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(path), metadata=self.metadata)
-        self.parts.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        tensors, self.pending, self.pending_bytes = self.pending, {}, 0
+        self.parts.append((path, list(tensors)))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._writing = self._pool.submit(save_file, tensors, str(path), metadata=self.metadata)
 
     def finish(self) -> list[str]:
         """Name the shards as Hugging Face does and write the index; returns the shard names."""
         if self.pending or not self.parts:
             self._flush()
+        self._wait()
         names = shard_names(len(self.parts))
         weight_map = {}
         for (path, tensors), name in zip(self.parts, names, strict=True):

@@ -89,10 +89,10 @@ def write_random_checkpoint(
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
                     shutil.copyfile(tokenizer_dir / name, tmp / name)
-        writer = ShardWriter(tmp, shard_size)
-        for name, shape in checkpoint_shapes(config).items():
-            writer.add(name, random_tensor(name, shape, gen, dtype))
-        writer.finish()
+        with ShardWriter(tmp, shard_size) as writer:
+            for name, shape in checkpoint_shapes(config).items():
+                writer.add(name, random_tensor(name, shape, gen, dtype))
+            writer.finish()
     return out
 
 

@@ -258,3 +258,22 @@ def test_scratch_buffers_work_in_and_out_of_inference_mode():
             inside = dequantize(q, torch.float32)
         outside = dequantize(quantize(w, fmt, 64, fmt == "nf4"), torch.float32)
         assert torch.equal(inside, outside)
+
+
+def test_full_disk_in_the_background_writer(src, tmp_path, monkeypatch):
+    """A shard written by the writer thread fails: one sentence, exit 2, nothing left behind."""
+    import safetensors.torch
+
+    calls = {"n": 0}
+    real = safetensors.torch.save_file
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    r = invoke("quantize", src, tmp_path / "out", "--no-report", "--shard-size", "1MB")
+    assert r.exit_code == 2 and "disk is full" in r.stderr
+    assert calls["n"] >= 2 and list(tmp_path.iterdir()) == []
