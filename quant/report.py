@@ -95,7 +95,9 @@ def quality_report(
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     ids = probe_ids(src, probe_tokens).to(device)
     ref_logits = reference_model(src, device, dtype)(ids)[0]
-    quant_logits = load_model(out, device=device, dtype=dtype)(ids)[0]
+    # on a GPU the quantized model may not fit beside the reference: let its experts offload
+    budget = "auto" if device.type == "cuda" else None
+    quant_logits = load_model(out, device=device, dtype=dtype, vram_budget=budget)(ids)[0]
     report = {
         "probe_tokens": int(ids.shape[1]),
         "compute_dtype": str(dtype).removeprefix("torch."),

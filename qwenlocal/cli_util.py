@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -171,5 +172,6 @@ def quantized_once(folder: Path, quiet: bool = False) -> Path:
             f"quantizing {folder} once ({DEFAULT_PRESET}) into {target}; later runs load it", highlight=False
         )
     with byte_progress("quantize", enabled=not quiet) as cb:
-        quantize_checkpoint(folder, target, Recipe.from_preset(DEFAULT_PRESET), progress=cb)
+        device = torch.device("cuda") if torch.cuda.is_available() else None  # the GPU when there is one
+        quantize_checkpoint(folder, target, Recipe.from_preset(DEFAULT_PRESET), device=device, progress=cb)
     return target
