@@ -227,12 +227,13 @@ class OffloadedExperts(QuantExperts):
 
     def prefetch(self, layer: int, hidden: torch.Tensor) -> None:
         """Guess `layer`'s experts from the previous layer's output and start their copies."""
-        if self._router is None or hidden.shape[0] * hidden.shape[1] != 1 or layer not in self.policies:
+        # off: no guess at all, since reading it back costs a device synchronisation per layer
+        if not self.prefetch_enabled or self._router is None or layer not in self.policies:
+            return
+        if hidden.shape[0] * hidden.shape[1] != 1:
             return
         guess = set(self._router(layer, hidden.reshape(-1, hidden.shape[-1]))[0].tolist())
         self._guess[layer] = guess
-        if not self.prefetch_enabled:
-            return
         policy = self.policies[layer]
         for e in guess:
             if e not in policy:
