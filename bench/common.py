@@ -51,3 +51,33 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def greedy_run(model, prompt: list[int], n_decode: int, ctx_size: int) -> dict:
+    """A warm-up, then the prompt and `n_decode` greedy steps: speeds, tokens, and the expert-cache
+    counters of the timed part (hit rate, time waiting, bytes copied, prefetch recall)."""
+    import time
+
+    from qwenlocal.generate import Generator, SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    gen = Generator(model, ctx_size=ctx_size)
+    list(gen.stream(prompt[:16], greedy, max_tokens=2, eos_ids=()))  # warm-up
+    stats = getattr(model.experts, "stats", None)
+    before = stats.snapshot() if stats else None
+    gen.reset()
+    t = time.perf_counter()
+    list(gen.stream(prompt, greedy, max_tokens=n_decode, eos_ids=()))
+    wall = time.perf_counter() - t
+    s = gen.summary
+    row = {"tokens": s.token_ids, "prompt_tps": s.prompt_tps, "gen_tps": s.gen_tps, "wall": wall}
+    if stats:
+        delta = stats.since(before)
+        d = delta.total()
+        row.update(
+            hit=d.hits / max(d.hits + d.misses, 1),
+            wait=d.wait_s / wall,
+            gb=d.bytes_copied / 1e9,
+            recall=delta.prefetch_recall,
+        )
+    return row

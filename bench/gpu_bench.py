@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table
+from common import greedy_run, machine, markdown_table
 
 from qwenlocal import load_model
-from qwenlocal.generate import Generator, SamplingParams
 from qwenlocal.memory import device_memory, estimate, plan_for
 from qwenlocal.random_checkpoint import write_random_quantized_checkpoint
 
@@ -45,15 +44,7 @@ def run(folder: Path, budget: int | None, ctx: int, prompt: list[int], n_decode:
     t = time.perf_counter()
     model = load_model(folder, device="cuda", dtype=torch.bfloat16, ctx_size=ctx, vram_budget=budget)
     load_s = time.perf_counter() - t
-    gen = Generator(model, ctx_size=ctx)
-    list(gen.stream(prompt[:32], SamplingParams(temperature=0), max_tokens=4, eos_ids=()))  # warm-up
-    stats = getattr(model.experts, "stats", None)
-    before = stats.snapshot() if stats else None
-    gen.reset()
-    t = time.perf_counter()
-    list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=n_decode, eos_ids=()))
-    wall = time.perf_counter() - t
-    s = gen.summary
+    r = greedy_run(model, prompt, n_decode, ctx)
     est = estimate(model.config, plan_for(model, ctx))
     mem = device_memory(torch.device("cuda"))
     free1, _ = torch.cuda.mem_get_info()
@@ -61,22 +52,16 @@ def run(folder: Path, budget: int | None, ctx: int, prompt: list[int], n_decode:
         "budget_gib": None if budget is None else budget / GIB,
         "ctx": ctx,
         "load_s": load_s,
-        "prompt_tps": s.prompt_tps,
-        "gen_tps": s.gen_tps,
+        "prompt_tps": r["prompt_tps"],
+        "gen_tps": r["gen_tps"],
         "estimate_gpu_bytes": est.gpu_total,
         "max_reserved_bytes": mem["max_reserved"],
         "process_gpu_bytes": free0 - free1 + CONTEXT["bytes"],  # what the driver says this run holds
         "slots": est.expert_slots,
         "experts_total": est.experts_total,
     }
-    if stats:
-        d = stats.since(before).total()
-        row.update(
-            hit_rate=d.hits / max(d.hits + d.misses, 1),
-            copy_gbs=d.bytes_copied / wall / 1e9,
-            wait_share=d.wait_s / wall,
-            recall=stats.since(before).prefetch_recall,
-        )
+    if "hit" in r:
+        row.update(hit_rate=r["hit"], copy_gbs=r["gb"] / r["wall"], wait_share=r["wait"], recall=r["recall"])
     try:
         from qwenlocal.gpus import decode_speed, find_gpu
 
@@ -85,7 +70,7 @@ def run(folder: Path, budget: int | None, ctx: int, prompt: list[int], n_decode:
         row.update(predicted_low=speed.tok_s_low, predicted_high=speed.tok_s_high)
     except Exception as e:  # the estimate is a side column; the measurement stands alone
         row["predicted_error"] = str(e)
-    del model, gen
+    del model
     return row
 
 

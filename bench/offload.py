@@ -11,13 +11,11 @@ copies are memcpy; on a GPU they cross PCIe on a side stream.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import CACHE, machine, markdown_table
+from common import CACHE, greedy_run, machine, markdown_table
 
 from qwenlocal import load_model
-from qwenlocal.generate import Generator, SamplingParams
 
 
 def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers):
@@ -25,25 +23,7 @@ def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers):
     model = load_model(
         folder, device=device, dtype=torch.bfloat16, gpu_experts=gpu_experts, prefetch=prefetch
     )
-    gen = Generator(model, ctx_size=len(prompt) + n_decode + 8)
-    list(gen.stream(prompt[:16], SamplingParams(temperature=0), max_tokens=2, eos_ids=()))  # warm-up
-    stats = getattr(model.experts, "stats", None)
-    before = stats.snapshot() if stats else None
-    gen.reset()
-    t = time.perf_counter()
-    list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=n_decode, eos_ids=()))
-    wall = time.perf_counter() - t
-    s = gen.summary
-    row = {"tokens": s.token_ids, "prompt_tps": s.prompt_tps, "gen_tps": s.gen_tps, "wall": wall}
-    if stats:
-        d = stats.since(before).total()
-        row.update(
-            hit=d.hits / max(d.hits + d.misses, 1),
-            wait=d.wait_s / wall,
-            gb=d.bytes_copied / 1e9,
-            recall=stats.since(before).prefetch_recall,
-        )
-    return row
+    return greedy_run(model, prompt, n_decode, len(prompt) + n_decode + 8)
 
 
 def main() -> None:
