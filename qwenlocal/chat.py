@@ -30,7 +30,7 @@ from . import cli_util as cli
 from . import options as opt
 from .config import DEFAULT_MODEL_ID
 from .errors import UserError
-from .generate import DEFAULT_MAX_TOKENS, Generator, SamplingParams, Summary, TokenRecord
+from .generate import DEFAULT_MAX_TOKENS, Generator, SamplingParams, Summary, TokenRecord, Totals
 from .tokenizer import THINK_END, THINK_START
 
 DEFAULT_CTX_SIZE = "8192"
@@ -398,35 +398,7 @@ def memory_now(device: torch.device) -> str:
     return f"RSS {fmt_bytes(process_rss())}"
 
 
-@dataclass
-class SessionTotals:
-    turns: int = 0
-    stopped: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    decoded_tokens: int = 0  # generated after the first, which comes out of the prefill
-    prompt_s: float = 0.0
-    gen_s: float = 0.0
-
-    def add(self, s: Summary) -> None:
-        self.turns += 1
-        self.stopped += s.finish_reason == "cancelled"
-        self.prompt_tokens += s.prompt_tokens
-        self.cached_tokens += s.cached_tokens
-        self.generated_tokens += s.generated_tokens
-        self.decoded_tokens += max(s.generated_tokens - 1, 0)
-        self.prompt_s += s.prompt_s
-        self.gen_s += s.gen_s
-
-    @property
-    def prompt_tps(self) -> float:
-        prefilled = self.prompt_tokens - self.cached_tokens
-        return prefilled / self.prompt_s if self.prompt_s > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        return self.decoded_tokens / self.gen_s if self.gen_s > 0 else 0.0
+SessionTotals = Totals  # a chat session's sums
 
 
 def reply_line(s: Summary, memory: str, experts: float | None) -> str:

@@ -123,6 +123,42 @@ class Summary:
         return d
 
 
+@dataclass
+class Totals:
+    """Sums over many generations (a chat session, a server's life), with the same speeds as a
+    Summary: prompt tok/s over prefilled tokens, generation tok/s over decode steps."""
+
+    turns: int = 0
+    stopped: int = 0  # cancelled before the end
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    decoded_tokens: int = 0  # generated after the first, which comes out of the prefill
+    prompt_s: float = 0.0
+    gen_s: float = 0.0
+    peak_memory_bytes: int = 0
+
+    def add(self, s: Summary) -> None:
+        self.turns += 1
+        self.stopped += s.finish_reason == "cancelled"
+        self.prompt_tokens += s.prompt_tokens
+        self.cached_tokens += s.cached_tokens
+        self.generated_tokens += s.generated_tokens
+        self.decoded_tokens += max(s.generated_tokens - 1, 0)
+        self.prompt_s += s.prompt_s
+        self.gen_s += s.gen_s
+        self.peak_memory_bytes = max(self.peak_memory_bytes, s.peak_memory_bytes)
+
+    @property
+    def prompt_tps(self) -> float:
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return prefilled / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return self.decoded_tokens / self.gen_s if self.gen_s > 0 else 0.0
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))

@@ -27,7 +27,7 @@ import typer
 from . import cli_util as cli
 from . import options as opt
 from .errors import UserError
-from .generate import Generator, SamplingParams, Summary
+from .generate import Generator, SamplingParams, Summary, Totals
 from .memory import live_report, measure
 
 DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
@@ -257,34 +257,21 @@ class Job:
 
 # -- stats ---------------------------------------------------------------------------------------
 @dataclass
-class Stats:
+class Stats(Totals):
     """What the server has done so far (updated by the worker, read by /v1/stats)."""
 
     served: int = 0  # finished with "stop" or "length"
     cancelled: int = 0  # client went away (running or still waiting)
     rejected: int = 0  # 503: the queue was full
     failed: int = 0  # an error during generation
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    prompt_s: float = 0.0
-    gen_s: float = 0.0
-    decoded_tokens: int = 0  # generated tokens after the first (the first comes from the prefill)
-    peak_memory_bytes: int = 0
     last: dict | None = None
 
     def record(self, s: Summary) -> None:
+        self.add(s)
         if s.finish_reason == "cancelled":
             self.cancelled += 1
         else:
             self.served += 1
-        self.prompt_tokens += s.prompt_tokens
-        self.cached_tokens += s.cached_tokens
-        self.generated_tokens += s.generated_tokens
-        self.prompt_s += s.prompt_s
-        self.gen_s += s.gen_s
-        self.decoded_tokens += max(s.generated_tokens - 1, 0)
-        self.peak_memory_bytes = max(self.peak_memory_bytes, s.peak_memory_bytes)
         self.last = {
             "prompt_tokens": s.prompt_tokens,
             "cached_tokens": s.cached_tokens,
@@ -296,7 +283,6 @@ class Stats:
         }
 
     def as_dict(self) -> dict:
-        prefilled = self.prompt_tokens - self.cached_tokens
         return {
             "requests": {
                 "served": self.served,
@@ -311,8 +297,8 @@ class Stats:
             },
             "last": self.last,
             "average": {
-                "prompt_tps": round(prefilled / self.prompt_s, 3) if self.prompt_s > 0 else 0.0,
-                "gen_tps": round(self.decoded_tokens / self.gen_s, 3) if self.gen_s > 0 else 0.0,
+                "prompt_tps": round(self.prompt_tps, 3),
+                "gen_tps": round(self.gen_tps, 3),
             },
             "peak_memory_bytes": self.peak_memory_bytes,
         }
