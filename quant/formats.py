@@ -132,6 +132,16 @@ class QSpec:
                 )
             object.__setattr__(self, "blocksize", self.shape[-1])
 
+    def meta(self) -> dict[str, Any]:
+        """The JSON-able form (spec_from_meta reads it back)."""
+        return {
+            "format": self.fmt,
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+            "blocksize": self.blocksize,
+            "double_quant": self.double_quant,
+        }
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -240,13 +250,7 @@ class QTensor:
 
     def meta(self) -> dict[str, Any]:
         """JSON-able facts that the tensors alone do not carry."""
-        return {
-            "format": self.fmt,
-            "shape": list(self.shape),
-            "dtype": dtype_name(self.dtype),
-            "blocksize": self.blocksize,
-            "double_quant": self.double_quant,
-        }
+        return self.spec.meta()
 
     def to_tensors(self, prefix: str) -> dict[str, Tensor]:
         """{f"{prefix}.{part}": tensor}, e.g. "...q_proj.weight", "...q_proj.absmax" (safetensors-ready)."""
@@ -849,16 +853,7 @@ class PackLayout:
         return {
             "nbytes": self.nbytes,
             "align": self.align,
-            "tensors": {
-                name: {
-                    "format": s.fmt,
-                    "shape": list(s.shape),
-                    "dtype": dtype_name(s.dtype),
-                    "blocksize": s.blocksize,
-                    "double_quant": s.double_quant,
-                }
-                for name, s in self.specs.items()
-            },
+            "tensors": {name: s.meta() for name, s in self.specs.items()},
             "slots": [
                 [sl.name, sl.part, sl.offset, dtype_name(sl.dtype), list(sl.shape)] for sl in self.slots
             ],

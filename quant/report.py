@@ -53,15 +53,12 @@ class MmapExperts(Experts):
 
 
 def reference_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
-    from qwenlocal.checkpoint import dense_tensor_shapes
-    from qwenlocal.loader import assign
+    from qwenlocal.loader import load_dense
 
     ckpt = Checkpoint(folder)
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(ckpt.config, MmapExperts(ckpt, device, dtype))
-    for name in dense_tensor_shapes(ckpt.config):
-        assign(model, name, ckpt.get(name).to(device, dtype))
-    model.tie_weights()
+    load_dense(model, ckpt, device, dtype)
     return model.eval()
 
 

@@ -192,19 +192,32 @@ def load_model(
     return model
 
 
+def load_dense(
+    model: Qwen3MoeForCausalLM,
+    ckpt: Checkpoint,
+    device,
+    dtype,
+    progress: ProgressFn | None = None,
+    total: int = 0,
+) -> int:
+    """Every non-expert tensor of a 16-bit checkpoint into the (meta) model; returns bytes read."""
+    done = 0
+    for name in dense_tensor_shapes(model.config):
+        assign(model, name, ckpt.get(name).to(device=_place(name, model.config, device), dtype=dtype))
+        done += ckpt.nbytes(name)
+        if progress:
+            progress(done, total)
+    model.tie_weights()
+    return done
+
+
 def _load_16bit(ckpt, config, device, dtype, progress) -> Qwen3MoeForCausalLM:
     dense, experts = dense_tensor_shapes(config), expert_tensor_shapes(config)
     ckpt.check({**dense, **experts})
     total = sum(ckpt.nbytes(n) for n in (*dense, *experts))
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(config)
-    done = 0
-    for name in dense:
-        assign(model, name, ckpt.get(name).to(device=_place(name, config, device), dtype=dtype))
-        done += ckpt.nbytes(name)
-        if progress:
-            progress(done, total)
-    model.tie_weights()
+    done = load_dense(model, ckpt, device, dtype, progress, total)
     model.experts.allocate(device, dtype)
     for layer in config.moe_layers:
         for e in range(config.num_experts):
@@ -285,7 +298,7 @@ def _load_quantized(
             got[name] = tensor.to(device)
             spec = specs[prefix]
             if len(got) == len(spec.parts()):
-                q = QTensor.from_tensors(got, prefix, _meta(spec))
+                q = QTensor.from_tensors(got, prefix, spec.meta())
                 bias = model.get_submodule(prefix).bias  # loaded already if it came first
                 bias = bias if bias is not None and bias.device.type != "meta" else None
                 _swap(model, prefix, QuantLinear(q, bias))  # else it is assigned when it arrives
@@ -298,18 +311,6 @@ def _load_quantized(
 
         experts.attach_router(expert_router(model))
     return model
-
-
-def _meta(spec) -> dict:
-    from quant.formats import dtype_name
-
-    return {
-        "format": spec.fmt,
-        "shape": list(spec.shape),
-        "dtype": dtype_name(spec.dtype),
-        "blocksize": spec.blocksize,
-        "double_quant": spec.double_quant,
-    }
 
 
 def _swap(model: nn.Module, prefix: str, module: nn.Module) -> None:

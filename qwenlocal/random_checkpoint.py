@@ -53,16 +53,19 @@ def config_dict(overrides: dict | None = None, spelling: str = "4.x") -> dict:
 
 
 def random_tensor(
-    name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype
+    name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype, device="cpu"
 ) -> torch.Tensor:
+    def randn() -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device)
+
     if name.endswith("norm.weight"):
-        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        t = 1.0 + 0.1 * randn()
     elif name.endswith(".bias"):
-        t = 0.02 * torch.randn(shape, generator=gen)
+        t = 0.02 * randn()
     elif name.endswith("mlp.gate.weight"):
-        t = 0.5 * torch.randn(shape, generator=gen) / shape[1] ** 0.5  # decisive routing
+        t = 0.5 * randn() / shape[1] ** 0.5  # decisive routing
     else:
-        t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+        t = randn() / shape[-1] ** 0.5
     return t.to(dtype)
 
 
@@ -116,14 +119,7 @@ class RandomSource:
 
     def get(self, name: str) -> torch.Tensor:
         gen = torch.Generator(self.device).manual_seed(self.seed + zlib.crc32(name.encode()))
-        shape = self.shapes[name]
-        if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=self.device)
-        elif name.endswith("mlp.gate.weight"):
-            t = 0.5 * torch.randn(shape, generator=gen, device=self.device) / shape[1] ** 0.5
-        else:
-            t = torch.randn(shape, generator=gen, device=self.device) / shape[-1] ** 0.5
-        return t.to(self.dtype)
+        return random_tensor(name, self.shapes[name], gen, self.dtype, self.device)
 
     def release(self, shard: str) -> None:
         pass
