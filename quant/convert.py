@@ -27,6 +27,7 @@ from qwenlocal.checkpoint import (
 from qwenlocal.config import Qwen3MoeConfig
 from qwenlocal.errors import UserError
 from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
+from qwenlocal.sources import open_source
 
 from .formats import PackLayout, QSpec, dequantize, pack, pack_layout, quantize
 from .recipe import Recipe
@@ -267,7 +268,7 @@ def quantize_checkpoint(
     folder = resolve_model(src, on_bytes=on_bytes)
     if out.resolve() == folder.resolve():
         raise UserError("OUT must be a different folder from SRC.")
-    ckpt = Checkpoint(folder)
+    ckpt = open_source(folder)  # FP8 and GPTQ folders read as 16-bit sources
     if ckpt.config.quantization_config:
         raise UserError(f"{folder} is already quantized ({ckpt.config.quantization_config.get('preset')}).")
     ckpt.check({**dense_tensor_shapes(ckpt.config), **expert_tensor_shapes(ckpt.config)})
