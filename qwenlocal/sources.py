@@ -66,6 +66,9 @@ class DequantizingCheckpoint(Checkpoint):
             ckpt.config, quantization_config=None, torch_dtype=_name(self.dtype)
         )
 
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return self.dtype
+
     def raw(self, name: str) -> torch.Tensor:
         """A tensor as stored, not dequantized."""
         return super().get(name)

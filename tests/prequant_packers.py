@@ -133,3 +133,112 @@ def fp8_dequantized_copy(src: Path, out: Path, dtype=torch.float32) -> Path:
         return None if scale is None else {name: deq._dequantize_one(tensors[name], scale, torch.float32)}
 
     return dequantized_copy(src, out, one, dtype)
+
+
+# -- GPTQ ------------------------------------------------------------------------------------
+# No GPTQ library installs on this CPU-only machine without a CUDA build (auto-gptq ships CUDA
+# kernels in its wheel; gptqmodel builds from source with its CUDA stack), so the pack routine is
+# written here from the published layout (GPTQModel's `pack_original`, transformers' GPTQ docs).
+def gptq_config(bits=4, group_size=128, sym=True, desc_act=False, checkpoint_format="gptq", **extra) -> dict:
+    """Qwen3-30B-A3B-GPTQ-Int4's quantization_config, with the knobs the tests turn."""
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "damp_percent": 0.01,
+        "true_sequential": True,
+        "static_groups": False,
+        "quant_method": "gptq",
+        "checkpoint_format": checkpoint_format,
+        **extra,
+    }
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int [rows, cols] -> int32 [rows * bits / 32, cols]: 32 / bits codes per word, first in the low bits."""
+    per = 32 // bits
+    c = codes.long().reshape(codes.shape[0] // per, per, codes.shape[1])
+    word = sum(c[:, j] << (bits * j) for j in range(per))
+    return (word - (word >= 2**31).long() * 2**32).to(torch.int32)  # the same 32 bits, signed
+
+
+def gptq_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx: torch.Tensor, gen):
+    """Round-to-nearest GPTQ codes of w [out, in] over the groups g_idx gives each input row.
+    Asymmetric zero points are drawn at random (0 and 2^bits - 1 included) so that every zero a
+    checkpoint can hold is exercised. Returns (qweight, qzeros v2, scales, the dequantized w)."""
+    maxq = 2**bits - 1
+    groups = int(g_idx.max()) + 1
+    scales = torch.empty(groups, w.shape[0])
+    zeros = torch.empty(groups, w.shape[0], dtype=torch.long)
+    for g in range(groups):
+        cols = w[:, g_idx == g]
+        if sym:
+            scales[g] = cols.abs().amax(1) * 2 / maxq
+            zeros[g] = (maxq + 1) // 2
+        else:
+            scales[g] = (cols.amax(1) - cols.amin(1)) / maxq
+            zeros[g] = torch.randint(0, maxq + 1, (w.shape[0],), generator=gen)
+    scales = scales.half()
+    s, z = scales.float()[g_idx].T, zeros[g_idx].T  # [out, in]
+    codes = (w / s + z).round().clamp(0, maxq).long()
+    plain = (codes - z).float() * s
+    return pack_words(codes.T, bits), pack_words(zeros.T, bits).T.contiguous(), scales, plain
+
+
+def write_gptq(
+    src: Path,
+    out: Path,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    checkpoint_format: str = "gptq",
+    desc_act: bool = False,
+    keep_16bit=lambda name: False,
+    seed: int = 0,
+    **config_extra,
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """src in the GPTQ layout; returns the folder and the dequantized weights (fp32) it stands for.
+    `desc_act` gives each input row a random group (the layout act-order writes)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors, plain = {}, {}
+    for name, w in read_tensors(src).items():
+        if not is_linear(name) or keep_16bit(name):
+            tensors[name] = w.to(torch.bfloat16)
+            continue
+        n_in = w.shape[1]
+        size = n_in if group_size == -1 else group_size
+        g_idx = torch.arange(n_in) // size
+        if desc_act:
+            g_idx = g_idx[torch.randperm(n_in, generator=gen)]
+        qweight, qzeros, scales, plain[name] = gptq_quantize(w.float(), bits, group_size, sym, g_idx, gen)
+        if checkpoint_format == "gptq":  # v1: GPTQModel's v2 -> v1 subtracts one from each field, word-wise
+            offset = {4: 0x11111111, 8: 0x01010101}[bits]
+            word = (qzeros.long() & 0xFFFFFFFF) - offset
+            word = word & 0xFFFFFFFF
+            qzeros = (word - (word >= 2**31).long() * 2**32).to(torch.int32)
+        prefix = name.removesuffix(".weight")
+        tensors.update(
+            {
+                f"{prefix}.qweight": qweight,
+                f"{prefix}.qzeros": qzeros,
+                f"{prefix}.scales": scales,
+                f"{prefix}.g_idx": g_idx.to(torch.int32),
+            }
+        )
+    qc = gptq_config(bits, group_size, sym, desc_act, checkpoint_format, **config_extra)
+    folder = write_folder(src, out, tensors, {"quantization_config": qc, "torch_dtype": "bfloat16"})
+    return folder, plain
+
+
+def gptq_dequantized_copy(src: Path, out: Path, plain: dict[str, torch.Tensor], dtype=torch.float32) -> Path:
+    """The GPTQ folder src with its quantized linears replaced by the packer's own dequantized weights."""
+
+    def one(name, tensors):
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            if name.endswith("." + part):
+                prefix = name.removesuffix("." + part)
+                return {prefix + ".weight": plain[prefix + ".weight"]} if part == "qweight" else {}
+        return None
+
+    return dequantized_copy(src, out, one, dtype)
