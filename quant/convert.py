@@ -186,7 +186,7 @@ def quantized_stream(
     Shards are read one after the other and released when done, so the source's mapped pages
     never add up to more than one shard. `device` is where quantization runs (the GPU when there
     is one); results come back on the CPU. Every `error_sample`-th expert (and every dense
-    tensor) is dequantized to measure the error.
+    tensor) is dequantized to measure the error (0: none is).
     """
     config = ckpt.config
     device = device or torch.device("cpu")
@@ -219,8 +219,9 @@ def quantized_stream(
                     raise UserError(
                         "Experts must be quantized (4 or 8 bits) to be packed; use --expert-bits 4 or 8."
                     )
-                q, w = _quantized(ckpt, name, spec, device, measure=e % error_sample == 0)
-                if w is not None and e % error_sample == 0:
+                measure = error_sample > 0 and e % error_sample == 0
+                q, w = _quantized(ckpt, name, spec, device, measure)
+                if measure:
                     _measure(stats.classes.setdefault("experts", ClassStats()), w, q)
                 got = pending.setdefault((layer, e), {"bytes": 0})
                 got[proj] = q
@@ -243,9 +244,11 @@ def quantized_stream(
                     stats.add(cls or "16-bit", dt, w.numel(), _nbytes(w), _nbytes(w))
                     yield name, w
                 else:
-                    q, w = _quantized(ckpt, name, spec, device, measure=True)
+                    q, w = _quantized(ckpt, name, spec, device, measure=error_sample > 0)
                     fmt = spec.fmt + ("+dq" if spec.double_quant else "")
-                    _measure(stats.add(cls, fmt, q.numel, nbytes, q.nbytes), w, q)
+                    class_stats = stats.add(cls, fmt, q.numel, nbytes, q.nbytes)
+                    if error_sample > 0:
+                        _measure(class_stats, w, q)
                     yield from q.to_tensors(name.removesuffix(".weight")).items()
             if progress:
                 progress(done, total)

@@ -22,6 +22,7 @@ adding the same, so a borrow between fields is undone too. "gptq_v2" stores the 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,7 @@ class GptqCheckpoint(DequantizingCheckpoint):
         }
         for prefix, shard in self.quantized.items():
             self.weight_map[prefix + ".weight"] = shard
+        self.own_recipe = gptq_recipe(self.config, qc)
 
     def _checked(self, qc: dict, what: str) -> GptqParams:
         where = f"{self.folder / 'config.json'}{what}"
@@ -112,8 +114,8 @@ class GptqCheckpoint(DequantizingCheckpoint):
         )
 
     def packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes uint8 [in, out], zeros int32 [groups, out], scales [groups, out], g_idx int64 [in])
-        of `name` (X.weight), checked against its shape; zeros are the true zero points."""
+        """(qweight int32 [in / p, out], zeros int32 [groups, out], scales [groups, out], g_idx int64
+        [in]) of `name` (X.weight), checked against its shape; zeros are the true zero points."""
         prefix, p = name.removesuffix(".weight"), self.params(name)
         out, n_in = self.shape(name)
         for part in ("qzeros", "scales"):
@@ -141,8 +143,7 @@ class GptqCheckpoint(DequantizingCheckpoint):
         zeros = qzeros.long()
         if self.format == "gptq":
             zeros = (zeros + V1_ZERO_OFFSET[p.bits]) & 0xFFFFFFFF
-        codes = unpack_rows(self.raw(prefix + ".qweight"), p.bits)
-        return codes, unpack_rows(zeros.T, p.bits).T.to(torch.int32), scales, g_idx
+        return self.raw(prefix + ".qweight"), unpack_rows(zeros.T, p.bits).T.to(torch.int32), scales, g_idx
 
     def in_order(self, name: str, g_idx: torch.Tensor) -> bool:
         """Whether the groups are runs of consecutive input rows (always so without desc_act)."""
@@ -155,30 +156,31 @@ class GptqCheckpoint(DequantizingCheckpoint):
         point qz becomes int4's float zero, the value of code 8: scale * (8 - qz)."""
         if spec.fmt != "int4" or not self.is_packed(name) or self.params(name).bits != 4:
             return None
-        codes, zeros, scales, g_idx = self.packed(name)
-        n_in, out = codes.shape
+        qweight, zeros, scales, g_idx = self.packed(name)
+        out, n_in = self.shape(name)
         if not self.in_order(name, g_idx):
             raise UserError(
                 f"{name.removesuffix('.weight')} in {self.folder} has act-order (desc_act) groups, which the "
                 "int4 format cannot hold in order; load it with --quant int8 or --quant nf4 instead."
             )
         group = self.params(name).group(n_in)
-        if group % spec.blocksize:
+        if group % spec.blocksize or sys.byteorder != "little":
             return None
         per = group // spec.blocksize  # a GPTQ group of 128 (or all rows) is several int4 groups
         s = scales.float().repeat_interleave(per, 0)
         z = zeros.float().repeat_interleave(per, 0)
         scale_zero = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)
-        c = codes.T
-        weight = (c[:, 0::2] << 4) | c[:, 1::2]
-        return QTensor(
-            "int4", (out, n_in), spec.dtype, spec.blocksize, weight.contiguous(), scale_zero=scale_zero
-        )
+        # A word holds input rows 8r..8r+7, two to a byte, the even row in the low nibble; int4
+        # wants the even row in the high nibble: the same bytes, transposed, nibbles swapped.
+        b = qweight.T.contiguous().view(torch.uint8)  # [out, in / 2]
+        weight = (b << 4) | (b >> 4)
+        return QTensor("int4", (out, n_in), spec.dtype, spec.blocksize, weight, scale_zero=scale_zero)
 
     def dequantized(self, name: str) -> torch.Tensor:
         if not self.is_packed(name):
             return self.raw(name)
-        codes, zeros, scales, g_idx = self.packed(name)
+        qweight, zeros, scales, g_idx = self.packed(name)
+        codes = unpack_rows(qweight, self.params(name).bits)
         # in fp32, exact: (code - zero) is a small integer and an fp16 scale is an fp32 number
         w = (codes.float() - zeros[g_idx].float()) * scales[g_idx].float()
         return w.T.contiguous()
@@ -189,3 +191,43 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)
     codes = (packed.long().unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)
     return codes.reshape(-1, packed.shape[-1]).to(torch.uint8)
+
+
+def gptq_recipe(config, qc: dict):
+    """The recipe a GPTQ folder loads with when no --quant is given, from its config alone (so
+    `vram` and the loader agree). 4-bit classes become int4, their codes repacked, in groups of
+    GPTQ's size (or the largest of 128, 64, 32 that splits it and every input width); 8-bit ones
+    become int8 row-wise, requantized from the dequantized weights (int8 keeps one scale per row,
+    GPTQ one per group: this is the one float step). What GPTQ left 16-bit stays 16-bit."""
+    from .int4 import GROUP_SIZES
+    from .recipe import Recipe
+
+    h, d = config.hidden_size, config.head_dim
+    widths = (h, config.moe_intermediate_size, config.num_attention_heads * d)
+    group = int(qc.get("group_size", 128))
+    group = next(
+        g
+        for g in sorted(GROUP_SIZES, reverse=True)
+        if all(w % g == 0 for w in widths) and (group == -1 or group % g == 0)
+    )
+    layer = config.moe_layers[0] if config.moe_layers else 0
+    examples = {
+        "attn_bits": f"model.layers.{layer}.self_attn.q_proj",
+        "expert_bits": f"model.layers.{layer}.mlp.experts.0.gate_proj",
+        "lm_head_bits": "lm_head",
+    }
+    bits = {key: _bits_of(name, qc) for key, name in examples.items()}
+    bits["lm_head_bits"] = 8 if bits["lm_head_bits"] < 16 else 16  # a quantized lm_head: int8
+    return Recipe(**bits, fmt4="int4", group_size=group, double_quant=False, preset="gptq")
+
+
+def _bits_of(prefix: str, qc: dict) -> int:
+    """GPTQ's bits for a module, or 16 when its config leaves it out."""
+    if prefix == "lm_head" and not qc.get("lm_head", False):
+        return 16
+    if any(m in prefix for m in qc.get("modules_to_not_convert") or ()):
+        return 16
+    for key, rule in (qc.get("dynamic") or {}).items():
+        if re.match(key.removeprefix("-:").removeprefix("+:"), prefix):
+            return 16 if key.startswith("-:") else int(rule.get("bits", qc["bits"]))
+    return int(qc["bits"])

@@ -14,7 +14,7 @@ from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.experts import EXPERT_PROJS, Experts, expert_tensor_name, swiglu
 from qwenlocal.loader import load_model
 from qwenlocal.model import Qwen3MoeForCausalLM
-from qwenlocal.sources import open_source
+from qwenlocal.sources import open_source, quant_method
 
 PROBE_TOKENS = 256
 REPORT_NAME = "quant_report.json"
@@ -63,6 +63,17 @@ def reference_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Q
     return model.eval()
 
 
+def reference_name(folder: Path) -> str:
+    """What the report compares against: the source as it is, or a pre-quantized source dequantized."""
+    method = quant_method(Checkpoint(folder).config)
+    if method is None:
+        return "the 16-bit source"
+    return (
+        f"the {method} source's own weights dequantized in fp32; nothing here compares against the "
+        "original bf16 model, which a pre-quantized checkpoint does not carry"
+    )
+
+
 def probe_ids(folder: Path, n: int) -> torch.Tensor:
     from qwenlocal.tokenizer import Tokenizer
 
@@ -97,6 +108,7 @@ def quality_report(
     budget = "auto" if device.type == "cuda" else None
     quant_logits = load_model(out, device=device, dtype=dtype, vram_budget=budget)(ids)[0]
     report = {
+        "reference": reference_name(src),
         "probe_tokens": int(ids.shape[1]),
         "compute_dtype": str(dtype).removeprefix("torch."),
         "logits": compare_logits(ref_logits, quant_logits),

@@ -28,7 +28,6 @@ from rich.text import Text
 
 from . import cli_util as cli
 from . import options as opt
-from .config import DEFAULT_MODEL_ID
 from .errors import UserError
 from .generate import DEFAULT_MAX_TOKENS, Generator, SamplingParams, Summary, TokenRecord, Totals
 from .tokenizer import THINK_END, THINK_START
@@ -930,7 +929,7 @@ class ChatApp:
 
 # -- the command -------------------------------------------------------------------------------
 def chat(
-    model: Annotated[str, typer.Argument(help="Model folder or Hugging Face repo id.")] = DEFAULT_MODEL_ID,
+    model: opt.Model = None,
     ctx_size: Annotated[
         str, typer.Option("--ctx-size", "-c", help="Context size in tokens (8192, 32k).")
     ] = DEFAULT_CTX_SIZE,
@@ -981,11 +980,12 @@ def chat(
         console = Console(highlight=False)
         if device == "auto" and dev.type == "cpu":
             console.print("No CUDA GPU found: running on the CPU.", style="yellow", highlight=False)
-        with cli.loaded(model, device, dtype, ctx, memory=memory) as (folder, lm, tok):
+        model_id = memory.model_or_default(model)
+        with cli.loaded(model_id, device, dtype, ctx, memory=memory) as (folder, lm, tok):
             settings = ChatSettings(think, max_tokens, overrides, Path(folder))
             session = ChatSession(lm, tok, ctx, settings, system)
             history = History(history_file or default_history_file())
-            label = model if Path(model).exists() else f"{model} ({folder})"
+            label = model_id if Path(model_id).exists() else f"{model_id} ({folder})"
             ChatApp(console, session, history, label, verbose).run()
 
     cli.run(body)

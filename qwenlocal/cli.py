@@ -48,8 +48,10 @@ def main() -> None:
 # -- generate --------------------------------------------------------------------------------
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="Model folder or Hugging Face repo id.")],
-    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
+    model: opt.Model,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt; '-' reads it from stdin.", show_default=False)
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 512,
     temp: Annotated[float | None, typer.Option("--temp", help="Temperature; 0 is greedy.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k")] = None,
@@ -79,7 +81,13 @@ def generate(
     def body():
         from .loader import parse_device, parse_dtype
 
-        text = sys.stdin.read() if prompt == "-" else prompt
+        if prompt is None:  # `generate PROMPT`: the default model
+            if model is None:
+                raise UserError("Give a prompt: qwenlocal generate [MODEL] PROMPT.")
+            model_arg, text = None, model
+        else:
+            model_arg, text = model, prompt
+        text = sys.stdin.read() if text == "-" else text
         ctx = parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
         memory = MemoryOptions(
@@ -87,7 +95,8 @@ def generate(
         ).validate()
         if max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
-        with loaded(model, device, dtype, ctx, quiet=as_json, memory=memory) as (folder, lm, tok):
+        model_id = memory.model_or_default(model_arg)
+        with loaded(model_id, device, dtype, ctx, quiet=as_json, memory=memory) as (folder, lm, tok):
             run_generate(folder, lm, tok, text)
 
     def run_generate(folder, lm, tok, text):

@@ -174,6 +174,8 @@ def load_model(
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
+    if quant in (None, "auto") and isinstance(ckpt, DequantizingCheckpoint):
+        recipe = ckpt.own_recipe  # GPTQ: its own bits, its codes repacked
     if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
         ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
     slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
@@ -268,7 +270,7 @@ def _load_quantized(
         layout = expert_layout(config, recipe, ckpt.get("model.norm.weight").dtype)
         total = 0
         quant_device = device if device.type == "cuda" else None
-        items = quantized_stream(ckpt, recipe, quant_device)
+        items = quantized_stream(ckpt, recipe, quant_device, error_sample=0)  # no error statistics
 
     with torch.device("meta"):  # no memory until allocate(): the store and slots are sized once
         if slots_per_layer is None:

@@ -14,6 +14,14 @@ import typer
 from .cache_policy import DEFAULT_CACHE_POLICY
 from .offload import DEFAULT_PREFETCH
 
+Model = Annotated[
+    str | None,
+    typer.Argument(
+        help="Model folder or Hugging Face repo id; default: Qwen's smallest official checkpoint for the "
+        "recipe (Qwen3-30B-A3B-GPTQ-Int4, ~17 GB, for 4-bit experts; Qwen3-30B-A3B-FP8, ~31 GB, otherwise).",
+        show_default=False,
+    ),
+]
 Quant = Annotated[
     str | None,
     typer.Option(
@@ -73,6 +81,11 @@ class MemoryOptions:
 
         parse_kv_dtype(self.kv_dtype)
         return self
+
+    def model_or_default(self, model: str | None) -> str:
+        from .sources import default_model
+
+        return model if model is not None else default_model(self.quant)
 
     def budget_bytes(self) -> int | str | None:
         if self.vram_budget is None or self.vram_budget == "auto":

@@ -30,7 +30,6 @@ from .errors import UserError
 from .generate import Generator, SamplingParams, Summary, Totals
 from .memory import live_report, measure
 
-DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 8
@@ -796,7 +795,7 @@ def _model_id(model: str) -> str:
 
 
 def serve(
-    model: Annotated[str, typer.Argument(help="Model folder or Hugging Face repo id.")] = DEFAULT_MODEL,
+    model: opt.Model = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     api_key: Annotated[
@@ -847,8 +846,9 @@ def serve(
         defaults = Defaults(think, temp, top_k, top_p, min_p, max_tokens, seed)
         SamplingParams.for_mode(think, None, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p)
         _check_address(host, port)
-        folder, lm, tok = cli.load_for_cli(model, device, dtype, ctx, memory=memory)
-        engine = Engine(lm, tok, folder, _model_id(model), ctx, max_queue, defaults)
+        model_id = memory.model_or_default(model)
+        folder, lm, tok = cli.load_for_cli(model_id, device, dtype, ctx, memory=memory)
+        engine = Engine(lm, tok, folder, _model_id(model_id), ctx, max_queue, defaults)
         app = create_app(engine, api_key)
         shown = f"[{host}]" if ":" in host else host
         cli.err.print(

@@ -34,8 +34,56 @@ SCALE_SUFFIX = "_scale_inv"
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# Qwen's official checkpoints of Qwen3-30B-A3B and what each costs to download.
+GPTQ_INT4_ID = "Qwen/Qwen3-30B-A3B-GPTQ-Int4"
+FP8_ID = "Qwen/Qwen3-30B-A3B-FP8"
+BF16_ID = "Qwen/Qwen3-30B-A3B"
+DOWNLOAD_GB = {GPTQ_INT4_ID: 17, FP8_ID: 31, BF16_ID: 61}
+# GPTQ-Int4's quantization_config as published (what `vram` plans with before anything is downloaded).
+GPTQ_INT4_CONFIG = {
+    "quant_method": "gptq",
+    "bits": 4,
+    "group_size": 128,
+    "sym": True,
+    "desc_act": False,
+    "checkpoint_format": "gptq",
+}
+
+
+def default_model(quant: str | None) -> str:
+    """The smallest official checkpoint that serves the recipe: GPTQ-Int4 when experts are 4-bit
+    (the default), FP8 for int8 or 16-bit experts (quantized once, or dequantized, from it)."""
+    from quant.recipe import DEFAULT_PRESET, Recipe
+
+    if quant in ("bf16", "none"):
+        return FP8_ID
+    preset = DEFAULT_PRESET if quant in (None, "auto") else quant
+    return GPTQ_INT4_ID if Recipe.from_preset(preset).expert_bits == 4 else FP8_ID
+
+
+def download_note(model: str) -> str:
+    """What downloading `model` and the other official checkpoints costs, in one line."""
+    sizes = ", ".join(f"{m} ~{gb} GB" for m, gb in DOWNLOAD_GB.items() if m != model)
+    return f"download: {model} ~{DOWNLOAD_GB[model]} GB (others: {sizes})"
+
+
 def quant_method(config) -> str | None:
     return (config.quantization_config or {}).get("quant_method")
+
+
+def own_recipe(config):
+    """The recipe a quantized folder loads with when --quant asks for none: ours from its record,
+    GPTQ's from its bits; None for 16-bit and FP8 folders (16-bit sources)."""
+    from quant.recipe import Recipe
+
+    method = quant_method(config)
+    if method == GPTQ_METHOD:
+        from quant.gptq import gptq_recipe
+
+        return gptq_recipe(config, config.quantization_config)
+    if method is None or method == FP8_METHOD:
+        return None
+    return Recipe.from_config(config.quantization_config)
 
 
 def open_source(folder: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
@@ -62,6 +110,7 @@ class DequantizingCheckpoint(Checkpoint):
         self.source_quantization = dict(ckpt.config.quantization_config)
         declared = TORCH_DTYPES.get(ckpt.config.torch_dtype, torch.bfloat16)
         self.dtype = dtype or declared
+        self.own_recipe = None  # the recipe it loads with when none is asked for (None: 16-bit)
         self.config = dataclasses.replace(
             ckpt.config, quantization_config=None, torch_dtype=_name(self.dtype)
         )

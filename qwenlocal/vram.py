@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,7 @@ from .gpus import (
     speed_range,
 )
 from .memory import KV_DTYPES, Estimate, Plan, estimate, fit_expert_slots
+from .sources import DOWNLOAD_GB, FP8_ID, GPTQ_INT4_CONFIG, GPTQ_INT4_ID, default_model, download_note
 
 SWEEP_CONTEXTS = (4096, 8192, 32768, 65536, 131072)
 SWEEP_PRESETS = ("bf16", "int8", "mixed", "nf4")
@@ -50,6 +52,10 @@ def read_config(model: str | None) -> tuple[Qwen3MoeConfig, str]:
     built-in Qwen3-30B-A3B config."""
     if model is None:
         return Qwen3MoeConfig.builtin(), DEFAULT_MODEL_ID
+    if model == GPTQ_INT4_ID:  # the same shapes with GPTQ's published recipe: no download to plan
+        return dataclasses.replace(Qwen3MoeConfig.builtin(), quantization_config=GPTQ_INT4_CONFIG), model
+    if model == FP8_ID:
+        return Qwen3MoeConfig.builtin(), model
     path = Path(model).expanduser()
     if path.is_dir():
         return Qwen3MoeConfig.from_file(path / "config.json"), str(path)
@@ -84,12 +90,12 @@ def make_plan(
 ) -> Plan:
     from quant.recipe import Recipe
 
+    from .sources import own_recipe
+
     if kv_dtype not in KV_DTYPES:
         raise UserError(f"Unknown --kv-dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}.")
-    if config.quantization_config and quant in (None, "auto"):
-        recipe = Recipe.from_config(config.quantization_config)
-    else:
-        recipe = Recipe.from_preset(quant or "mixed")
+    recipe = own_recipe(config) if quant in (None, "auto") else None  # a quantized folder's own
+    recipe = recipe or Recipe.from_preset(quant or "mixed")
     if gpu_experts is not None and gpu_experts < 0:
         raise UserError(f"--gpu-experts must be >= 0, got {gpu_experts}.")
     return Plan(
@@ -207,7 +213,10 @@ def print_card_speed(card: CardPlan, implicit: bool) -> None:
 
 
 def vram(
-    model: Annotated[str | None, typer.Argument(help="Folder, hub id, or nothing for Qwen3-30B-A3B.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Folder, hub id, or nothing: the checkpoint chat would download for --quant."),
+    ] = None,
     ctx_size: Annotated[
         str, typer.Option("--ctx-size", "-c", help="Context in tokens: 4096, 32k, 128k.")
     ] = "4096",
@@ -235,7 +244,7 @@ def vram(
     from .cli_util import err, out, parse_bytes, parse_tokens, run
 
     def body():
-        config, name = read_config(model)
+        config, name = read_config(model if model is not None else default_model(quant))
         ctx = parse_tokens(ctx_size)
         config.with_context(ctx)  # past the maximum: one clear sentence
         if gpu_experts is not None and vram_budget is not None:
@@ -272,6 +281,8 @@ def vram(
             d = est.as_dict()
             d["quant"] = quant_name
             d["model"] = name
+            if name in DOWNLOAD_GB:
+                d["download_gb"] = DOWNLOAD_GB[name]
             if budget:
                 d["vram_budget_bytes"] = budget
                 d["max_ctx_size_for_budget"] = longest_context(config, plan, budget)
@@ -284,6 +295,8 @@ def vram(
             return
         recipe = plan.recipe.describe() if plan.recipe else "bf16 (no quantization)"
         out.print(f"[bold]{name}[/] · {recipe} · context {ctx:,} tokens · batch {batch}", highlight=False)
+        if name in DOWNLOAD_GB:
+            out.print(download_note(name), highlight=False)
         if ctx > config.native_context:
             out.print(
                 f"[yellow]note:[/] past the native {config.native_context:,} tokens, YaRN scaling is used."

@@ -183,7 +183,11 @@ def gptq_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx:
     s, z = scales.float()[g_idx].T, zeros[g_idx].T  # [out, in]
     codes = (w / s + z).round().clamp(0, maxq).long()
     plain = (codes - z).float() * s
-    return pack_words(codes.T, bits), pack_words(zeros.T, bits).T.contiguous(), scales, plain
+    # what qwenlocal's int4 format holds for it (quant/int4.py, README): bf16 scale, and the
+    # value of code 8, scale * (8 - zero), as the zero, also bf16
+    s16 = s.bfloat16().float()
+    as_int4 = (codes - 8).float() * s16 + ((8 - z).float() * s).bfloat16().float()
+    return pack_words(codes.T, bits), pack_words(zeros.T, bits).T.contiguous(), scales, plain, as_int4
 
 
 def write_gptq(
@@ -197,11 +201,12 @@ def write_gptq(
     keep_16bit=lambda name: False,
     seed: int = 0,
     **config_extra,
-) -> tuple[Path, dict[str, torch.Tensor]]:
-    """src in the GPTQ layout; returns the folder and the dequantized weights (fp32) it stands for.
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """src in the GPTQ layout; returns the folder, the dequantized weights (fp32) it stands for, and
+    the weights the `int4` format holds for its 4-bit tensors.
     `desc_act` gives each input row a random group (the layout act-order writes)."""
     gen = torch.Generator().manual_seed(seed)
-    tensors, plain = {}, {}
+    tensors, plain, as_int4 = {}, {}, {}
     for name, w in read_tensors(src).items():
         if not is_linear(name) or keep_16bit(name):
             tensors[name] = w.to(torch.bfloat16)
@@ -211,7 +216,9 @@ def write_gptq(
         g_idx = torch.arange(n_in) // size
         if desc_act:
             g_idx = g_idx[torch.randperm(n_in, generator=gen)]
-        qweight, qzeros, scales, plain[name] = gptq_quantize(w.float(), bits, group_size, sym, g_idx, gen)
+        qweight, qzeros, scales, plain[name], as_int4[name] = gptq_quantize(
+            w.float(), bits, group_size, sym, g_idx, gen
+        )
         if checkpoint_format == "gptq":  # v1: GPTQModel's v2 -> v1 subtracts one from each field, word-wise
             offset = {4: 0x11111111, 8: 0x01010101}[bits]
             word = (qzeros.long() & 0xFFFFFFFF) - offset
@@ -228,7 +235,7 @@ def write_gptq(
         )
     qc = gptq_config(bits, group_size, sym, desc_act, checkpoint_format, **config_extra)
     folder = write_folder(src, out, tensors, {"quantization_config": qc, "torch_dtype": "bfloat16"})
-    return folder, plain
+    return folder, plain, as_int4
 
 
 def gptq_dequantized_copy(src: Path, out: Path, plain: dict[str, torch.Tensor], dtype=torch.float32) -> Path:

@@ -28,10 +28,7 @@ VARIANTS = {
     "int8-g64-asym-v1": {"bits": 8, "group_size": 64, "sym": False},
     "int8-g128-sym-v2": {"bits": 8, "checkpoint_format": "gptq_v2"},
     "int4-act-order": {"desc_act": True, "group_size": 64},
-    "router-and-down-16bit": {
-        "keep_16bit": lambda n: n.endswith("down_proj.weight"),
-        "modules_to_not_convert": ["down_proj"],
-    },
+    "attention-16bit": {"keep_16bit": lambda n: ".self_attn." in n, "modules_to_not_convert": ["self_attn"]},
 }
 
 
@@ -48,8 +45,8 @@ def gptq(src, tmp_path_factory):
     def make(variant: str):
         if variant not in made:
             base = tmp_path_factory.mktemp(variant)
-            folder, plain = write_gptq(src, base / "gptq", **VARIANTS[variant])
-            made[variant] = folder, gptq_dequantized_copy(folder, base / "plain", plain)
+            folder, plain, as_int4 = write_gptq(src, base / "gptq", **VARIANTS[variant])
+            made[variant] = folder, gptq_dequantized_copy(folder, base / "plain", plain), as_int4
         return made[variant]
 
     return make
@@ -57,7 +54,7 @@ def gptq(src, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_dequantized_logits_equal_transformers(gptq, variant):
-    folder, plain = gptq(variant)
+    folder, plain, _ = gptq(variant)
     ref = transformers.Qwen3MoeForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = ref(PROMPT).logits
@@ -66,7 +63,7 @@ def test_dequantized_logits_equal_transformers(gptq, variant):
 
 
 def test_greedy_tokens_equal_transformers(gptq):
-    folder, plain = gptq("int4-g128-sym-v1")
+    folder, plain, _ = gptq("int4-g128-sym-v1")
     ref = transformers.Qwen3MoeForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
     with torch.no_grad():
         out = ref.generate(PROMPT, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -76,7 +73,7 @@ def test_greedy_tokens_equal_transformers(gptq):
 
 
 def _broken(gptq, tmp_path, change):
-    folder, _ = gptq("int4-g128-sym-v1")
+    folder, _, _ = gptq("int4-g128-sym-v1")
     tensors = read_tensors(folder)
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     drop = ()
@@ -109,3 +106,118 @@ def test_bad_gptq_input_is_one_sentence(gptq, tmp_path, change, message):
     r = runner.invoke(app, ["generate", str(bad), "hi", "-n", "2", "--quant", "bf16", "--device", "cpu"])
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split())
+
+
+# -- loaded as it is: 4-bit GPTQ repacked into int4 ----------------------------------------------
+INT4_VARIANTS = ["int4-g128-sym-v1", "int4-g32-asym-v2", "int4-per-column-v2", "attention-16bit"]
+
+
+@pytest.fixture(scope="module")
+def int4_reference(gptq, tmp_path_factory):
+    """variant -> transformers on the weights the int4 format holds for the GPTQ folder."""
+    made = {}
+
+    def make(variant: str):
+        if variant not in made:
+            folder, _, as_int4 = gptq(variant)
+            plain = gptq_dequantized_copy(folder, tmp_path_factory.mktemp(variant) / "as-int4", as_int4)
+            made[variant] = transformers.Qwen3MoeForCausalLM.from_pretrained(
+                plain, dtype=torch.float32
+            ).eval()
+        return made[variant]
+
+    return make
+
+
+@pytest.mark.parametrize("variant", INT4_VARIANTS)
+def test_loads_as_int4_equal_to_transformers(gptq, int4_reference, variant):
+    folder, _, _ = gptq(variant)
+    model = load_model(folder, dtype=torch.float32)
+    assert model.recipe.preset == "gptq" and model.recipe.format_for("experts") == "int4"
+    assert model.recipe.format_for("attention") == (None if variant == "attention-16bit" else "int4")
+    with torch.no_grad():
+        expected = int4_reference(variant)(PROMPT).logits
+    assert (model(PROMPT) - expected).abs().max().item() < 1e-3
+
+
+def test_int4_greedy_tokens_and_offload(gptq, int4_reference):
+    folder, _, _ = gptq("int4-g128-sym-v1")
+    with torch.no_grad():
+        out = int4_reference("int4-g128-sym-v1").generate(
+            PROMPT, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    resident = load_model(folder, dtype=torch.float32)
+    offloaded = load_model(folder, dtype=torch.float32, gpu_experts=3 * len(resident.config.moe_layers))
+    assert type(offloaded.experts).__name__ == "OffloadedExperts"
+    for model in (resident, offloaded):
+        gen = Generator(model, ctx_size=64)
+        list(gen.stream(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=16, eos_ids=()))
+        assert gen.summary.token_ids == out[0, PROMPT.shape[1] :].tolist()
+    assert torch.equal(offloaded(PROMPT), resident(PROMPT))
+
+
+def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
+    """The int4 codes are GPTQ's codes, and nothing is quantized while loading."""
+    import quant.convert
+    from quant.gptq import unpack_rows
+
+    folder, _, _ = gptq("int4-g32-asym-v2")
+    monkeypatch.setattr(quant.convert, "quantize", lambda *a, **k: pytest.fail("quantized while loading"))
+    model = load_model(folder, dtype=torch.float32)
+    q = model.model.layers[0].self_attn.k_proj.qtensor
+    codes = unpack_rows(read_tensors(folder)["model.layers.0.self_attn.k_proj.qweight"], 4).T
+    from quant.int4 import codes as int4_codes
+
+    assert torch.equal(int4_codes(q.weight, q.shape, q.packing), codes)
+
+
+def test_memory_model_and_vram_equal_what_loads(gptq):
+    from qwenlocal.memory import Plan, estimate, measure
+
+    folder, _, _ = gptq("int4-g128-sym-v1")
+    model = load_model(folder, dtype=torch.bfloat16)
+    est = estimate(model.config, Plan(recipe=model.recipe, ctx_size=640, dtype=torch.bfloat16, device="cpu"))
+    real = measure(model)
+    for name in ("attention", "experts", "embed_tokens", "lm_head", "routers", "norms"):
+        assert est.bytes_of(name) == real.get(name, {}).get("cpu", 0), name
+    r = runner.invoke(app, ["vram", str(folder), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["quant"] == "gptq" and d["components"]["experts"]["bytes"] == est.bytes_of("experts")
+
+
+def test_act_order_is_refused_for_int4_and_loads_dequantized(gptq):
+    folder, plain, _ = gptq("int4-act-order")
+    r = runner.invoke(app, ["generate", str(folder), "hi", "-n", "2", "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert "act-order (desc_act) groups, which the int4 format cannot hold in order" in " ".join(
+        r.output.split()
+    )
+    assert load_model(folder, dtype=torch.float32, quant="int8").recipe.format_for("experts") == "int8"
+
+
+def test_quantize_a_gptq_folder_and_its_report(gptq, tmp_path):
+    folder, _, _ = gptq("int4-g128-sym-v1")
+    out = tmp_path / "int4"
+    r = runner.invoke(
+        app, ["quantize", str(folder), str(out), "--preset", "int4", "--group-size", "64", "--no-report"]
+    )
+    assert r.exit_code == 0, r.output
+    # the same weights: GPTQ's groups of 128 are two int4 groups of 64 each
+    got = load_model(out, dtype=torch.float32)(PROMPT)
+    assert torch.equal(got, load_model(folder, dtype=torch.float32, quant="int4")(PROMPT))
+
+
+def test_quality_report_compares_with_the_dequantized_gptq_weights(tiny_ckpt, tmp_path):
+    folder, _, _ = write_gptq(tiny_ckpt, tmp_path / "gptq", group_size=32, sym=False)
+    out = tmp_path / "int4"
+    r = runner.invoke(
+        app,
+        ["quantize", str(folder), str(out), "--preset", "int4", "--group-size", "32", "--probe-tokens", "32"],
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["reference"].startswith("the gptq source's own weights dequantized in fp32")
+    assert "original bf16 model" in report["reference"]
+    # only the bf16 rounding of GPTQ's fp16 scales separates the two
+    assert report["logits"]["kl_mean"] < 1e-3 and report["logits"]["top1_agreement"] >= 0.95

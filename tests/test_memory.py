@@ -117,7 +117,7 @@ def test_vram_json():
         "quant",
     ):
         assert key in d
-    assert d["ctx_size"] == 32768 and d["quant"] == "mixed" and d["experts_total"] == 6144
+    assert d["ctx_size"] == 32768 and d["quant"] == "gptq" and d["experts_total"] == 6144
     assert d["components"]["kv_cache"] == {"bytes": 3 * GIB, "where": "gpu"}
 
 
