@@ -929,61 +929,30 @@ class ChatApp:
 
 
 # -- the command -------------------------------------------------------------------------------
+@opt.load_command(ctx_size=DEFAULT_CTX_SIZE, max_tokens=DEFAULT_CHAT_MAX_TOKENS)
 def chat(
     model: Annotated[str, typer.Argument(help="Model folder or Hugging Face repo id.")] = DEFAULT_MODEL_ID,
-    ctx_size: Annotated[
-        str, typer.Option("--ctx-size", "-c", help="Context size in tokens (8192, 32k).")
-    ] = DEFAULT_CTX_SIZE,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
+    load: opt.LoadOptions = opt.LoadOptions(),
+    sampling: opt.SamplingOptions = opt.SamplingOptions(),
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
-    think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode.")] = True,
-    temp: Annotated[float | None, typer.Option("--temp", help="Temperature; 0 is greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    min_p: Annotated[float | None, typer.Option("--min-p")] = None,
-    max_tokens: Annotated[
-        int, typer.Option("--max-tokens", "-n", help="Most tokens per reply.")
-    ] = DEFAULT_CHAT_MAX_TOKENS,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Reproducible session: reply n samples with seed + n.")
-    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Cache reuse and timings per reply.")
     ] = False,
     history_file: Annotated[
         Path | None, typer.Option("--history-file", help="Input history (default: the user's data folder).")
     ] = None,
-    quant: opt.Quant = None,
-    gpu_experts: opt.GpuExperts = None,
-    vram_budget: opt.VramBudget = None,
-    prefetch: opt.Prefetch = opt.DEFAULT_PREFETCH,
-    cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
-    record_routing: opt.RecordRouting = None,
-    kv_dtype: opt.KvDtype = None,
 ):
     """Chat in the terminal: streamed replies, thinking shown apart, memory and speed after each reply."""
 
     def body():
-        from .loader import parse_device, parse_dtype
-
-        ctx = cli.parse_tokens(ctx_size)
-        memory = opt.MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
-        ).validate()
-        dev = parse_device(device)
-        parse_dtype(dtype)  # bad values fail before a long load
-        if max_tokens <= 0:
-            raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
-        overrides = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": seed}
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        SamplingParams.for_mode(think, None, **overrides)  # validates
+        load.validate()  # bad values fail before a long load
+        sampling.validate()
         console = Console(highlight=False)
-        if device == "auto" and dev.type == "cpu":
+        if load.device == "auto" and opt.parse_device("auto").type == "cpu":
             console.print("No CUDA GPU found: running on the CPU.", style="yellow", highlight=False)
-        with cli.loaded(model, device, dtype, ctx, memory=memory) as (folder, lm, tok):
-            settings = ChatSettings(think, max_tokens, overrides, Path(folder))
-            session = ChatSession(lm, tok, ctx, settings, system)
+        with cli.loaded(model, load) as (folder, lm, tok):
+            settings = ChatSettings(sampling.think, sampling.max_tokens, sampling.overrides(), Path(folder))
+            session = ChatSession(lm, tok, load.ctx, settings, system)
             history = History(history_file or default_history_file())
             label = model if Path(model).exists() else f"{model} ({folder})"
             ChatApp(console, session, history, label, verbose).run()

@@ -157,19 +157,6 @@ def split_reasoning(text: str, in_reasoning: bool = False) -> tuple[str | None, 
 
 
 # -- request parsing -----------------------------------------------------------------------------
-@dataclass
-class Defaults:
-    """Server-wide defaults from the command line; a request's own values win."""
-
-    think: bool = True
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-
-
 def _get_number(body: dict, key: str, integer: bool = False) -> Any:
     value = body.get(key)
     if value is None:
@@ -333,11 +320,11 @@ class Engine:
         model_id: str,
         ctx_size: int,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        defaults: Defaults | None = None,
+        defaults: opt.SamplingOptions | None = None,
     ):
         self.tokenizer, self.model_dir, self.model_id = tokenizer, model_dir, model_id
         self.ctx_size, self.max_queue = ctx_size, max_queue
-        self.defaults = defaults or Defaults()
+        self.defaults = defaults or opt.SamplingOptions()
         self.gen = Generator(model, tokenizer, ctx_size=ctx_size)
         self.stats = Stats()
         self.started = int(time.time())
@@ -440,7 +427,7 @@ class Engine:
             "top_k": (_get_number(body, "top_k", integer=True), d.top_k),
             "top_p": (_get_number(body, "top_p"), d.top_p),
             "min_p": (_get_number(body, "min_p"), d.min_p),
-            "presence_penalty": (_get_number(body, "presence_penalty"), None),
+            "presence_penalty": (_get_number(body, "presence_penalty"), d.presence_penalty),
             "seed": (_get_number(body, "seed", integer=True), d.seed),
         }
         values = {k: req if req is not None else default for k, (req, default) in pick.items()}
@@ -795,8 +782,11 @@ def _model_id(model: str) -> str:
     return path.resolve().name if path.exists() else model
 
 
+@opt.load_command(ctx_size=DEFAULT_CTX_SIZE)
 def serve(
     model: Annotated[str, typer.Argument(help="Model folder or Hugging Face repo id.")] = DEFAULT_MODEL,
+    load: opt.LoadOptions = opt.LoadOptions(),
+    sampling: opt.SamplingOptions = opt.SamplingOptions(),
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     api_key: Annotated[
@@ -806,71 +796,41 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", min=0, help="Requests that may wait; more get HTTP 503.")
     ] = DEFAULT_MAX_QUEUE,
-    ctx_size: Annotated[
-        str, typer.Option("--ctx-size", "-c", help="Context size in tokens (8192, 32k).")
-    ] = DEFAULT_CTX_SIZE,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
-    think: Annotated[
-        bool, typer.Option("--think/--no-think", help="Thinking mode unless a request says otherwise.")
-    ] = True,
-    temp: Annotated[float | None, typer.Option("--temp", help="Default temperature; 0 is greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    min_p: Annotated[float | None, typer.Option("--min-p")] = None,
-    max_tokens: Annotated[
-        int | None,
-        typer.Option("--max-tokens", "-n", help="Default most tokens per reply (default: the context)."),
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    quant: opt.Quant = None,
-    gpu_experts: opt.GpuExperts = None,
-    vram_budget: opt.VramBudget = None,
-    prefetch: opt.Prefetch = opt.DEFAULT_PREFETCH,
-    cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
-    kv_dtype: opt.KvDtype = None,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+    The sampling flags are server-wide defaults: a request's own values win; with no --max-tokens,
+    a reply may use the rest of the context."""
 
     def body():
         import uvicorn
 
-        from .loader import parse_device, parse_dtype
-
-        ctx = cli.parse_tokens(ctx_size)
-        parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
-        memory = opt.MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, kv_dtype=kv_dtype
-        ).validate()
-        if max_tokens is not None and max_tokens <= 0:
-            raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
-        defaults = Defaults(think, temp, top_k, top_p, min_p, max_tokens, seed)
-        SamplingParams.for_mode(think, None, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p)
+        load.validate()  # bad values fail before a long load
+        sampling.validate()
         _check_address(host, port)
-        folder, lm, tok = cli.load_for_cli(model, device, dtype, ctx, memory=memory)
-        engine = Engine(lm, tok, folder, _model_id(model), ctx, max_queue, defaults)
-        app = create_app(engine, api_key)
-        shown = f"[{host}]" if ":" in host else host
-        cli.err.print(
-            f"[bold]qwenlocal serve[/]: {engine.model_id} on http://{shown}:{port}/v1 "
-            f"(device {lm.device}, context {ctx:,} tokens, queue {max_queue}"
-            f"{', API key required' if api_key else ''})",
-            highlight=False,
-        )
+        with cli.loaded(model, load) as (folder, lm, tok):
+            engine = Engine(lm, tok, folder, _model_id(model), load.ctx, max_queue, sampling)
+            app = create_app(engine, api_key)
+            shown = f"[{host}]" if ":" in host else host
+            cli.err.print(
+                f"[bold]qwenlocal serve[/]: {engine.model_id} on http://{shown}:{port}/v1 "
+                f"(device {lm.device}, context {load.ctx:,} tokens, queue {max_queue}"
+                f"{', API key required' if api_key else ''})",
+                highlight=False,
+            )
 
-        class _Server(uvicorn.Server):
-            async def shutdown(self, sockets=None) -> None:
-                engine.close()  # open streams end at once, rather than being cut after a timeout
-                await super().shutdown(sockets)
+            class _Server(uvicorn.Server):
+                async def shutdown(self, sockets=None) -> None:
+                    engine.close()  # open streams end at once, rather than being cut after a timeout
+                    await super().shutdown(sockets)
 
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
-        _Server(config).run()
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+            _Server(config).run()
 
     cli.run(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -139,3 +140,14 @@ def test_offload_flags(tiny_ckpt, tmp_path):
     assert bad.exit_code == 2 and "Unknown --cache-policy" in bad.stderr
     bad = invoke("generate", tiny_ckpt, "Hi", "--quant", "mixed", "--gpu-experts", 1)
     assert bad.exit_code == 2 and "too few" in bad.stderr
+
+
+def test_options_import_nothing_of_the_cli():
+    """cli_util imports options; the other way round would be a cycle."""
+    import ast
+
+    import qwenlocal.options
+
+    tree = ast.parse(Path(qwenlocal.options.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"cli", "cli_util", "chat", "server"}, imported
