@@ -69,7 +69,7 @@ def generate(
             run_generate(folder, lm, tok, text)
 
     def run_generate(folder, lm, tok, text):
-        from .generate import Generator
+        from .generate import Generator, Summary
 
         if raw:
             ids = tok.encode(text)
@@ -81,43 +81,45 @@ def generate(
                 tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=sampling.think)
             )
         params = sampling.params(folder)
-        max_tokens = sampling.max_tokens
-        gen = Generator(lm, tok, ctx_size=load.ctx)
-        for record in gen.stream(ids, params, max_tokens=max_tokens):
-            if not as_json:
+        for record in Generator(lm, tok, ctx_size=load.ctx).stream(
+            ids, params, max_tokens=sampling.max_tokens
+        ):
+            if isinstance(record, Summary):
+                render_summary(record, as_json)
+            elif not as_json:
                 sys.stdout.write(record.text)
                 sys.stdout.flush()
-        s = gen.summary
-        cache = getattr(lm.experts, "stats", None)
-        if as_json:
-            print(
-                json.dumps(
-                    {
-                        "text": s.text,
-                        "token_ids": s.token_ids,
-                        "prompt_tokens": s.prompt_tokens,
-                        "generated_tokens": s.generated_tokens,
-                        "finish_reason": s.finish_reason,
-                        "prompt_tps": round(s.prompt_tps, 3),
-                        "gen_tps": round(s.gen_tps, 3),
-                        "peak_memory_bytes": s.peak_memory_bytes,
-                        **({"expert_hit_rate": round(cache.hit_rate, 4)} if cache is not None else {}),
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        else:
-            sys.stdout.write("\n")
-            err.print(
-                f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
-                f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
-                f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}"
-                + (f" · expert cache {100 * cache.hit_rate:.1f} % hits" if cache is not None else "")
-                + "[/]",
-                highlight=False,
-            )
 
     run(body)
+
+
+def render_summary(s, as_json: bool) -> None:
+    """The end of `generate`: one JSON object on stdout, or a plain line on stderr."""
+    rate = s.expert_hit_rate
+    if as_json:
+        d = {
+            "text": s.text,
+            "token_ids": s.token_ids,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.generated_tokens,
+            "finish_reason": s.finish_reason,
+            "prompt_tps": round(s.prompt_tps, 3),
+            "gen_tps": round(s.gen_tps, 3),
+            "peak_memory_bytes": s.peak_memory_bytes,
+        }
+        if s.expert_cache is not None:
+            d["expert_hit_rate"] = None if rate is None else round(rate, 4)
+        print(json.dumps(d, ensure_ascii=False))
+        return
+    sys.stdout.write("\n")
+    err.print(
+        f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
+        f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
+        f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}"
+        + (f" · expert cache {100 * rate:.1f} % hits" if rate is not None else "")
+        + "[/]",
+        highlight=False,
+    )
 
 
 # -- quantize -------------------------------------------------------------------------------
