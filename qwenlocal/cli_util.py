@@ -113,9 +113,9 @@ def loaded(
 
 
 def quantized_once(folder: Path, quiet: bool = False) -> Path:
-    """A 16-bit folder is quantized once with the default recipe into the cache (saying so);
-    later runs load the cached copy. A quantized folder is used as it is."""
-    if quant_cache.is_quantized(folder):
+    """A 16-bit (or FP8) folder is quantized once with the default recipe into the cache (saying
+    so); later runs load the cached copy. A folder that loads as it is is used as it is."""
+    if quant_cache.loads_as_is(folder):
         return folder
     target = quant_cache.cached_copy(folder)
     if (target / "config.json").is_file():

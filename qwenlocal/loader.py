@@ -24,6 +24,7 @@ from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
 from .model import Qwen3MoeForCausalLM
 from .offload import DEFAULT_PREFETCH
 from .options import parse_device, parse_dtype, parse_kv_dtype
+from .sources import DequantizingCheckpoint, open_source
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -127,9 +128,11 @@ def load_model(
     all experts in host RAM and only a cache of them on the device.
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
-    ckpt = Checkpoint(resolve_model(path))
+    ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
+    if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
+        ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
     slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
     if recipe is None:
         if slots is not None and slots < config.num_experts * len(config.moe_layers):

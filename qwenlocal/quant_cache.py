@@ -1,4 +1,4 @@
-"""The quantize-once cache: a 16-bit model that `generate`, `chat` or `serve` is pointed at is
+"""The quantize-once cache: a 16-bit (or FP8) model that `generate`, `chat` or `serve` is pointed at is
 quantized once with the default recipe, and later runs load that copy.
 
 Copies live in $QWENLOCAL_CACHE_DIR, else the user's cache folder, named after the model (a hub
@@ -26,8 +26,13 @@ def cache_dir() -> Path:
     return Path(base) / "qwenlocal"
 
 
-def is_quantized(folder: Path) -> bool:
-    return bool(Qwen3MoeConfig.from_file(folder / "config.json").quantization_config)
+def loads_as_is(folder: Path) -> bool:
+    """Quantized already, by us or as a GPTQ release; an FP8 release is quantized once like a
+    16-bit one."""
+    from .sources import DEQUANTIZED_METHODS, quant_method
+
+    config = Qwen3MoeConfig.from_file(folder / "config.json")
+    return bool(config.quantization_config) and quant_method(config) not in DEQUANTIZED_METHODS
 
 
 def cached_copy(folder: Path) -> Path:
