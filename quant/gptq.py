@@ -21,6 +21,7 @@ adding the same, so a borrow between fields is undone too. "gptq_v2" stores the 
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from dataclasses import dataclass
@@ -113,9 +114,10 @@ class GptqCheckpoint(DequantizingCheckpoint):
             super(GptqCheckpoint, self).nbytes(f"{prefix}.{p}") for p in PARTS if f"{prefix}.{p}" in self
         )
 
-    def packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(qweight int32 [in / p, out], zeros int32 [groups, out], scales [groups, out], g_idx int64
-        [in]) of `name` (X.weight), checked against its shape; zeros are the true zero points."""
+    def packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight int32 [in / p, out], zeros int32 [groups, out], scales [groups, out], g_idx) of
+        `name` (X.weight), checked against its shape; zeros are the true zero points; g_idx is None
+        when the groups are runs of consecutive rows (always so without desc_act), else int64 [in]."""
         prefix, p = name.removesuffix(".weight"), self.params(name)
         out, n_in = self.shape(name)
         for part in ("qzeros", "scales"):
@@ -134,9 +136,13 @@ class GptqCheckpoint(DequantizingCheckpoint):
                     f"GPTQ tensor {prefix}.{part} in {self.folder} has shape {list(t.shape)}; "
                     f"{p.bits}-bit groups of {p.group_size} over [{out}, {n_in}] need {list(shape)}."
                 )
-        ordered = torch.arange(n_in) // p.group(n_in)
-        g_idx = self.raw(prefix + ".g_idx").long() if f"{prefix}.g_idx" in self else ordered
-        if tuple(g_idx.shape) != (n_in,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        g_idx = self.raw(prefix + ".g_idx").long() if f"{prefix}.g_idx" in self else None
+        if g_idx is not None and torch.equal(g_idx, _ordered(n_in, p.group(n_in))):
+            g_idx = None
+        bad = g_idx is not None and (
+            tuple(g_idx.shape) != (n_in,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups
+        )
+        if bad:
             raise UserError(
                 f"GPTQ tensor {prefix}.g_idx in {self.folder} does not give each of {n_in} rows a group."
             )
@@ -144,10 +150,6 @@ class GptqCheckpoint(DequantizingCheckpoint):
         if self.format == "gptq":
             zeros = (zeros + V1_ZERO_OFFSET[p.bits]) & 0xFFFFFFFF
         return self.raw(prefix + ".qweight"), unpack_rows(zeros.T, p.bits).T.to(torch.int32), scales, g_idx
-
-    def in_order(self, name: str, g_idx: torch.Tensor) -> bool:
-        """Whether the groups are runs of consecutive input rows (always so without desc_act)."""
-        return torch.equal(g_idx, torch.arange(g_idx.numel()) // self.params(name).group(g_idx.numel()))
 
     def repacked(self, name: str, spec) -> QTensor | None:
         """`name` in the int4 format of `spec`, moved from its GPTQ codes without a float step, or
@@ -158,7 +160,7 @@ class GptqCheckpoint(DequantizingCheckpoint):
             return None
         qweight, zeros, scales, g_idx = self.packed(name)
         out, n_in = self.shape(name)
-        if not self.in_order(name, g_idx):
+        if g_idx is not None:
             raise UserError(
                 f"{name.removesuffix('.weight')} in {self.folder} has act-order (desc_act) groups, which the "
                 "int4 format cannot hold in order; load it with --quant int8 or --quant nf4 instead."
@@ -166,14 +168,14 @@ class GptqCheckpoint(DequantizingCheckpoint):
         group = self.params(name).group(n_in)
         if group % spec.blocksize or sys.byteorder != "little":
             return None
-        per = group // spec.blocksize  # a GPTQ group of 128 (or all rows) is several int4 groups
-        s = scales.float().repeat_interleave(per, 0)
-        z = zeros.float().repeat_interleave(per, 0)
-        scale_zero = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)
+        s = scales.float()
+        scale_zero = torch.stack([s, (8 - zeros) * s], dim=-1).to(torch.bfloat16)
+        if group > spec.blocksize:  # a GPTQ group of 128 (or all rows) is several int4 groups
+            scale_zero = scale_zero.repeat_interleave(group // spec.blocksize, 0)
         # A word holds input rows 8r..8r+7, two to a byte, the even row in the low nibble; int4
         # wants the even row in the high nibble: the same bytes, transposed, nibbles swapped.
         b = qweight.T.contiguous().view(torch.uint8)  # [out, in / 2]
-        weight = (b << 4) | (b >> 4)
+        weight = (b << 4).bitwise_or_(b >> 4)
         return QTensor("int4", (out, n_in), spec.dtype, spec.blocksize, weight, scale_zero=scale_zero)
 
     def dequantized(self, name: str) -> torch.Tensor:
@@ -181,9 +183,17 @@ class GptqCheckpoint(DequantizingCheckpoint):
             return self.raw(name)
         qweight, zeros, scales, g_idx = self.packed(name)
         codes = unpack_rows(qweight, self.params(name).bits)
+        if g_idx is None:
+            g_idx = _ordered(codes.shape[0], self.params(name).group(codes.shape[0]))
         # in fp32, exact: (code - zero) is a small integer and an fp16 scale is an fp32 number
         w = (codes.float() - zeros[g_idx].float()) * scales[g_idx].float()
         return w.T.contiguous()
+
+
+@functools.cache
+def _ordered(n_in: int, group: int) -> torch.Tensor:
+    """The g_idx of groups in order: row k is in group k // group."""
+    return torch.arange(n_in) // group
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
