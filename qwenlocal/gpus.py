@@ -1,7 +1,7 @@
 """Which GPUs a plan fits, and how fast to expect it there.
 
 The card table (`data/gpus.json`) holds the makers' figures: memory, peak bandwidth, PCIe link.
-`plan_for` sizes the expert cache for a card with the one memory model (`fit_expert_slots`) and
+`fit_card` sizes the expert cache for a card with the one memory model (`fit_expert_slots`) and
 `decode_speed` turns the plan into a tok/s range: every token reads the resident part at the
 card's bandwidth, and the experts the cache misses, at the hit rate the LRU simulator gives for
 that residency (`data/hit_rates.json`), cross PCIe. Both ends of the range are bounds from
@@ -19,12 +19,11 @@ from pathlib import Path
 
 from .config import Qwen3MoeConfig
 from .errors import UserError
-from .memory import Estimate, Plan, fit_expert_slots
+from .memory import GIB, Estimate, Plan, fit_expert_slots
 
 DATA = Path(__file__).parent / "data"
 GPU_TABLE = DATA / "gpus.json"
 HIT_RATE_TABLE = DATA / "hit_rates.json"
-GIB = 1024**3
 
 # Kept free on a table card: a desktop's display and the driver's own reservation (an H100 80 GB
 # reports 0.35 GiB less than 80 GiB; a desktop takes 0.3-1 GiB). The CUDA context is in the
@@ -237,7 +236,7 @@ def _hit_points() -> tuple[tuple[float, float], ...]:
         return tuple((float(x), float(y)) for x, y in json.load(f)["points"])
 
 
-def hit_rate(resident: float) -> float:
+def expected_hit_rate(resident: float) -> float:
     """Expected LRU hit rate at a residency fraction, interpolated in the table (clamped)."""
     points = _hit_points()
     if resident >= 1.0:
@@ -290,7 +289,7 @@ def decode_speed(est: Estimate, bandwidth_gbs: float, pcie_gbs: float) -> Speed:
     rate; the low end at BANDWIDTH_EFFICIENCY_LOW, plus MISS_OVERHEAD_S a miss and LAYER_OVERHEAD_S
     a layer."""
     resident = est.expert_slots / est.experts_total if est.experts_total else 1.0
-    hits = hit_rate(resident)
+    hits = expected_hit_rate(resident)
     misses = len(est.config.moe_layers) * active_experts(est.config, est.plan.batch) * (1 - hits)
     read = bytes_per_step(est)
     copy = misses * est.expert_bytes / (pcie_gbs * 1e9)
@@ -378,11 +377,11 @@ class CardPlan:
         }
 
 
-def plan_for(config: Qwen3MoeConfig, plan: Plan, gpu: Gpu, budget: int | None = None) -> CardPlan:
+def fit_card(config: Qwen3MoeConfig, plan: Plan, gpu: Gpu, budget: int | None = None) -> CardPlan:
     """The largest expert cache that fits the card (all experts when they all fit), and its speed."""
     budget = gpu.budget if budget is None else budget
     try:
-        est = fit_expert_slots(config, Plan(**{**plan.__dict__, "expert_slots": None}), budget)
+        est = fit_expert_slots(config, plan.replace(expert_slots=None), budget)
     except UserError as e:
         return CardPlan(gpu, budget, None, None, str(e))
     speed = None
@@ -402,7 +401,7 @@ def recommendations(config: Qwen3MoeConfig, plan: Plan) -> list[CardPlan]:
             return (0, cp.gpu.memory_gib, -(cp.speed.tok_s_high if cp.speed else 0))
         return (1, -cp.resident_fraction, -(cp.speed.tok_s_high if cp.speed else 0))
 
-    return sorted((plan_for(config, plan, g) for g in gpu_table()), key=order)
+    return sorted((fit_card(config, plan, g) for g in gpu_table()), key=order)
 
 
 def speed_range(speed: Speed | None) -> str:

@@ -115,9 +115,11 @@ def expert_slots(
     ctx_size: int,
     gpu_experts: int | None,
     vram_budget: int | str | None,
+    kv_dtype: torch.dtype | None,
 ) -> int | None:
-    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident."""
-    from .memory import Plan, fit_expert_slots
+    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident.
+    `kv_dtype` None: the KV cache is kept in `dtype`."""
+    from .memory import fit_expert_slots, make_plan
 
     if gpu_experts is None and vram_budget is None:
         return None
@@ -135,7 +137,7 @@ def expert_slots(
             )
         return min(gpu_experts, total)
     budget = auto_budget(device) if vram_budget == "auto" else int(vram_budget)
-    plan = Plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, device=device.type)
+    plan = make_plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, kv_dtype=kv_dtype, device=device)
     return fit_expert_slots(config, plan, budget).expert_slots
 
 
@@ -169,11 +171,12 @@ def load_model(
     checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
     all experts in host RAM and only a cache of them on the device.
     """
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
     ckpt = Checkpoint(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
-    slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
+    ctx = ctx_size or 4096
+    slots = expert_slots(config, recipe, device, dtype, ctx, gpu_experts, vram_budget, kv_dtype)
     if recipe is None:
         if slots is not None and slots < config.num_experts * len(config.moe_layers):
             raise UserError("Expert offload needs quantized experts: add --quant mixed (or nf4, int8).")
@@ -187,7 +190,7 @@ def load_model(
         )
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
-    model.kv_dtype = parse_kv_dtype(kv_dtype)
+    model.kv_dtype = kv_dtype
     model.eval()
     return model
 

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from qwenlocal import gpus
 from qwenlocal.cli import app
 from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.gpus import Gpu, decode_speed, find_gpu, gpu_table, hit_rate, lru_hit_rate, plan_for
+from qwenlocal.gpus import Gpu, decode_speed, expected_hit_rate, find_gpu, fit_card, gpu_table, lru_hit_rate
 from qwenlocal.memory import fit_expert_slots
-from qwenlocal.vram import make_plan
+from qwenlocal.vram import plan_from_flags
 
 runner = CliRunner()
 GIB = 1024**3
@@ -44,7 +44,7 @@ REQUIRED = (
 
 
 def plan(quant="mixed", ctx=4096, batch=1):
-    return make_plan(CONFIG, quant, ctx, "bf16", batch, None)
+    return plan_from_flags(CONFIG, quant, ctx, "bf16", batch, None)
 
 
 def vram(*args):
@@ -74,7 +74,7 @@ def test_find_gpu_aliases(alias, name):
 def test_plan_never_exceeds_the_card(quant, ctx):
     p = plan(quant, ctx)
     for g in gpu_table():
-        cp = plan_for(CONFIG, p, g)
+        cp = fit_card(CONFIG, p, g)
         if cp.fits:
             assert cp.est.gpu_total <= cp.budget < g.memory_gib * GIB, g.name
             assert cp.budget == g.budget
@@ -85,26 +85,26 @@ def test_plan_never_exceeds_the_card(quant, ctx):
 
 @pytest.mark.parametrize("quant", ["mixed", "nf4"])
 def test_24gb_holds_everything_8gb_holds_the_minimum(quant):
-    big = plan_for(CONFIG, plan(quant), find_gpu("4090"))
+    big = fit_card(CONFIG, plan(quant), find_gpu("4090"))
     assert big.fits and big.est.all_resident and big.resident_fraction == 1.0
     assert big.speed.misses_per_token == 0 and big.speed.hit_rate == 1.0
-    small = plan_for(CONFIG, plan(quant), find_gpu("4060ti-8"))
+    small = fit_card(CONFIG, plan(quant), find_gpu("4060ti-8"))
     assert small.fits and not small.est.all_resident
     assert small.est.expert_slots >= 8 * 48 and small.est.expert_slots % 48 == 0
     assert 0 < small.speed.tok_s_low < small.speed.tok_s_high < big.speed.tok_s_low
 
 
 def test_bf16_does_not_fit_small_cards():
-    cp = plan_for(CONFIG, plan("bf16", 32768), find_gpu("4060ti-8"))
+    cp = fit_card(CONFIG, plan("bf16", 32768), find_gpu("4060ti-8"))
     assert not cp.fits and "cannot hold" in cp.error
-    assert plan_for(CONFIG, plan("bf16", 4096), find_gpu("h200")).est.all_resident
+    assert fit_card(CONFIG, plan("bf16", 4096), find_gpu("h200")).est.all_resident
 
 
 def test_speed_grows_with_residency_and_bandwidth():
     card = find_gpu("4090")
     speeds = []
     for gib in (4, 6, 8, 12, 16, 20, 24):
-        cp = plan_for(CONFIG, plan(), card, gib * GIB)
+        cp = fit_card(CONFIG, plan(), card, gib * GIB)
         speeds.append((cp.resident_fraction, cp.speed.tok_s_low, cp.speed.tok_s_high))
     assert speeds == sorted(speeds)
     assert speeds[0][0] < 0.2 and speeds[-1][0] == 1.0
@@ -115,7 +115,7 @@ def test_speed_grows_with_residency_and_bandwidth():
         highs = [decode_speed(est, bw, 25.0).tok_s_high for bw in (300, 600, 1000, 2000)]
         assert lows == sorted(lows) and highs == sorted(highs) and lows[0] < lows[-1]
     # across the table: among cards of one size and link, the faster memory wins
-    cards = [plan_for(CONFIG, plan(), find_gpu(n)) for n in ("4060ti-16", "4070tis", "4080")]
+    cards = [fit_card(CONFIG, plan(), find_gpu(n)) for n in ("4060ti-16", "4070tis", "4080")]
     assert [c.speed.tok_s_high for c in cards] == sorted(c.speed.tok_s_high for c in cards)
     # a faster link helps when experts are copied
     est = fit_expert_slots(CONFIG, plan(), 8 * GIB)
@@ -123,13 +123,13 @@ def test_speed_grows_with_residency_and_bandwidth():
 
 
 def test_all_resident_speed_is_the_bandwidth_bound():
-    cp = plan_for(CONFIG, plan(), find_gpu("h200"))
+    cp = fit_card(CONFIG, plan(), find_gpu("h200"))
     s = cp.speed
     assert s.tok_s_high == pytest.approx(4800e9 / s.bytes_per_token)
     low = s.bytes_per_token / (4800e9 * gpus.BANDWIDTH_EFFICIENCY_LOW) + 48 * gpus.LAYER_OVERHEAD_S
     assert s.tok_s_low == pytest.approx(1 / low)
     # DESIGN.md: llama.cpp decodes at 219 tok/s with every expert on an RTX 5090: inside the range
-    five = plan_for(CONFIG, plan(), find_gpu("5090")).speed
+    five = fit_card(CONFIG, plan(), find_gpu("5090")).speed
     assert five.tok_s_low < 219 < five.tok_s_high
     # DESIGN.md: 1.86 GB per token at 4.5 b/w; this recipe keeps lm_head in bf16 and attention int8
     assert 2.0e9 < s.bytes_per_token < 3.5e9
@@ -138,11 +138,11 @@ def test_all_resident_speed_is_the_bandwidth_bound():
 def test_hit_rate_table_matches_a_fresh_simulation():
     for capacity in (16, 48):
         fresh = lru_hit_rate(capacity, tokens=1200, layers=3, seed=1, warmup=200)
-        assert hit_rate(capacity / 128) == pytest.approx(fresh, abs=0.02), capacity
+        assert expected_hit_rate(capacity / 128) == pytest.approx(fresh, abs=0.02), capacity
     points = gpus._hit_points()
     assert [y for _, y in points] == sorted(y for _, y in points)
-    assert hit_rate(1.0) == 1.0 and hit_rate(0.0) == points[0][1]
-    assert 0.85 < hit_rate(0.4) < 0.95  # DESIGN.md: LRU at 40 % residency, ~90 % hits
+    assert expected_hit_rate(1.0) == 1.0 and expected_hit_rate(0.0) == points[0][1]
+    assert 0.85 < expected_hit_rate(0.4) < 0.95  # DESIGN.md: LRU at 40 % residency, ~90 % hits
 
 
 def test_recommendations_cli_and_json():
@@ -249,12 +249,12 @@ def test_match_device():
 
 
 def test_batch_reads_more_experts_and_kv():
-    one = plan_for(CONFIG, plan(batch=1), find_gpu("4090")).speed
-    four = plan_for(CONFIG, plan(batch=4), find_gpu("4090")).speed
+    one = fit_card(CONFIG, plan(batch=1), find_gpu("4090")).speed
+    four = fit_card(CONFIG, plan(batch=4), find_gpu("4090")).speed
     assert four.bytes_per_token > one.bytes_per_token and four.tok_s_high > one.tok_s_high
 
 
 def test_unknown_bandwidth_means_no_speed():
     g = Gpu(name="mystery", memory_gib=24, bandwidth_gbs=None)
-    cp = plan_for(CONFIG, plan(), g)
+    cp = fit_card(CONFIG, plan(), g)
     assert cp.fits and cp.speed is None and cp.as_dict()["tok_s_high"] is None

@@ -137,15 +137,20 @@ def test_offload_needs_quantized_experts(checkpoint_factory):
 
 
 def test_budget_sizes_the_cache(qckpt):
-    from qwenlocal.memory import Plan, estimate
+    from qwenlocal.memory import estimate, make_plan
 
     model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS)
     config = model.config
     one = model.experts.layout.nbytes
     from quant.recipe import Recipe
 
-    plan = Plan(
-        recipe=Recipe.from_preset("mixed"), ctx_size=4096, dtype=torch.float32, device="cpu", expert_slots=0
+    plan = make_plan(
+        recipe=Recipe.from_preset("mixed"),
+        ctx_size=4096,
+        dtype=torch.float32,
+        kv_dtype=None,
+        device="cpu",
+        expert_slots=0,
     )
     without = estimate(config, plan).gpu_total
     budget = without + 4 * LAYERS * one + one // 2  # room for 4 per layer and a half
