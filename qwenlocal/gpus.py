@@ -31,15 +31,17 @@ HIT_RATE_TABLE = DATA / "hit_rates.json"
 DESKTOP_RESERVE_BYTES = 512 * 1024**2
 ECC_SHARE = 1 / 16  # GDDR with ECC on keeps 6.25 % for ECC bits (CUDA C++ Best Practices Guide)
 # Pinned host-to-device copy rate of an x16 link, GB/s: what cudaMemcpy reaches, not the link's
-# nominal 16/32/64 GB/s (DESIGN.md: ≈25 GB/s pinned on PCIe 4.0 x16). Scaled by lanes / 16.
+# nominal 16/32/64 GB/s (kekzl/imp's Qwen3-30B-A3B expert cache, GitHub PRs #1359/#1365/#1374,
+# measured 25.6 GB/s pinned on PCIe 4.0 x16). Scaled by lanes / 16.
 PINNED_COPY_GBS_X16 = {3: 12.0, 4: 25.0, 5: 50.0}
 # Low end of the range: decode kernels at batch 1 reach about half of peak bandwidth (small
 # matrices, dequantization, launch gaps), and each missed expert costs a fixed copy, launch and
-# synchronisation overhead on top of its bytes. kekzl/imp (DESIGN.md) ran 25 tok/s at 88.7 %
+# synchronisation overhead on top of its bytes. kekzl/imp (the PRs above) ran 25 tok/s at 88.7 %
 # hits against 311 all-resident: (1/25 - 1/311) s over ~43 misses is ~0.85 ms a miss, of which
 # ~0.15 ms moving the bytes.
 # A decoder layer also costs kernel launches and synchronisation whatever it reads: llama.cpp's
-# 219 tok/s on an RTX 5090 (DESIGN.md) is 4.6 ms a token, where its ~2 GB read takes 1.1 ms.
+# published 219 tok/s (GGUF Q4_K_M, every expert on an RTX 5090) is 4.6 ms a token, where its
+# ~2 GB read takes 1.1 ms.
 BANDWIDTH_EFFICIENCY_LOW = 0.55
 MISS_OVERHEAD_S = 0.7e-3
 LAYER_OVERHEAD_S = 50e-6

@@ -241,9 +241,9 @@ def _load_quantized(
     device,
     dtype,
     progress,
-    slots_per_layer=None,
-    policy=DEFAULT_CACHE_POLICY,
-    prefetch=True,
+    slots_per_layer: int | None,
+    policy: str,
+    prefetch: bool,
 ) -> Qwen3MoeForCausalLM:
     from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class
     from quant.formats import PackLayout, QTensor

@@ -76,7 +76,8 @@ class CacheStats:
 
 class OffloadedExperts(QuantExperts):
     """QuantExperts whose blobs live in host RAM; `slots_per_layer` of each layer's experts sit in
-    a preallocated device buffer, chosen by a per-layer policy (LRU by default)."""
+    a preallocated device buffer, chosen by a per-layer policy (`DEFAULT_CACHE_POLICY`, LFU with
+    decay)."""
 
     def __init__(
         self,

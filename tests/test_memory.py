@@ -1,5 +1,5 @@
 """The memory model: estimates equal, to the byte, what the loader allocates; the built-in
-Qwen3-30B-A3B figures agree with DESIGN.md; `qwenlocal vram` prints and refuses clearly."""
+Qwen3-30B-A3B figures agree with sizes worked out by hand; `qwenlocal vram` prints and refuses clearly."""
 
 from __future__ import annotations
 
