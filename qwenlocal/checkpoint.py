@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from .config import Qwen3MoeConfig
 from .errors import UserError
-from .experts import EXPERT_PROJS, expert_tensor_name
+from .names import EXPERT_PROJS, expert_tensor_name
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -83,9 +83,14 @@ def dense_tensor_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expert_tensor_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
+def expert_proj_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, int]]:
+    """One expert's projections, HF layout [out, in]."""
     h, i = config.hidden_size, config.moe_intermediate_size
-    proj_shape = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def expert_tensor_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
+    proj_shape = expert_proj_shapes(config)
     return {
         expert_tensor_name(layer, e, proj): proj_shape[proj]
         for layer in config.moe_layers

@@ -169,10 +169,10 @@ def cache_dir() -> Path:
 def quantized_once(folder: Path, quiet: bool = False) -> Path:
     """A 16-bit folder is quantized once with the default recipe into the cache; later runs load
     the cached result. A folder that is already quantized is used as it is."""
-    from quant.convert import quantize_checkpoint
     from quant.recipe import DEFAULT_PRESET, Recipe
 
     from .config import Qwen3MoeConfig
+    from .quantize import quantize_checkpoint
 
     if Qwen3MoeConfig.from_file(folder / "config.json").quantization_config:
         return folder

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from .cache_sim import HIT_RATE_TABLE
 from .config import Qwen3MoeConfig
 from .errors import UserError
 from .memory import GIB, Estimate, Plan, fit_expert_slots
 
 DATA = Path(__file__).parent / "data"
 GPU_TABLE = DATA / "gpus.json"
-HIT_RATE_TABLE = DATA / "hit_rates.json"
 
 # Kept free on a table card: a desktop's display and the driver's own reservation (an H100 80 GB
 # reports 0.35 GiB less than 80 GiB; a desktop takes 0.3-1 GiB). The CUDA context is in the
@@ -46,10 +46,6 @@ BANDWIDTH_EFFICIENCY_LOW = 0.55
 MISS_OVERHEAD_S = 0.7e-3
 LAYER_OVERHEAD_S = 50e-6
 BANDWIDTH_EFFICIENCY_HIGH = 1.0  # high end: peak bandwidth and the pinned copy rate, nothing else
-
-# The synthetic trace behind data/hit_rates.json (Qwen3-30B-A3B: 128 experts, top-8).
-HIT_TRACE = {"tokens": 4000, "layers": 8, "experts": 128, "k": 8, "seed": 0, "warmup": 256}
-HIT_CAPACITIES = (8, 9, 10, 12, 14, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120)
 
 
 @dataclass(frozen=True)
@@ -180,56 +176,6 @@ def cuda_present() -> bool:
 
 
 # ---------------------------------------------------------------- hit rates
-
-
-def lru_hit_rate(
-    capacity: int,
-    tokens: int = HIT_TRACE["tokens"],
-    layers: int = HIT_TRACE["layers"],
-    experts: int = HIT_TRACE["experts"],
-    k: int = HIT_TRACE["k"],
-    seed: int = HIT_TRACE["seed"],
-    warmup: int = HIT_TRACE["warmup"],
-    trace=None,
-) -> float:
-    """Steady-state hit rate of a per-layer LRU of `capacity` slots on a synthetic trace: hits
-    after the first `warmup` tokens (the cache starts full of experts, not empty)."""
-    from .cache_policy import simulate, synthetic_trace
-
-    if trace is None:
-        trace = synthetic_trace(tokens, layers, experts, k, seed)
-    full = simulate(trace, "lru", capacity)
-    head = simulate(trace[:warmup], "lru", capacity)
-    return (full.hits - head.hits) / (full.accesses - head.accesses)
-
-
-def hit_rate_table(capacities=HIT_CAPACITIES, **trace_args) -> dict:
-    """What data/hit_rates.json holds: residency fraction -> per-layer LRU hit rate."""
-    from .cache_policy import synthetic_trace
-
-    args = {**HIT_TRACE, **trace_args}
-    trace = synthetic_trace(args["tokens"], args["layers"], args["experts"], args["k"], args["seed"])
-    points = [
-        [round(c / args["experts"], 6), round(lru_hit_rate(c, warmup=args["warmup"], trace=trace), 4)]
-        for c in capacities
-    ]
-    return {
-        "about": "Per-layer LRU hit rate by share of each layer's experts resident, on "
-        "cache_policy.synthetic_trace (published Qwen3-30B-A3B routing locality), counted after "
-        "a warm-up. All resident: no misses. Written by qwenlocal.gpus.write_hit_rate_table().",
-        "trace": args,
-        "policy": "lru",
-        "points": [*points, [1.0, 1.0]],
-    }
-
-
-def write_hit_rate_table(path: str | Path = HIT_RATE_TABLE) -> dict:
-    table = hit_rate_table()
-    text = json.dumps(table, indent=1)
-    text = re.sub(r"\[\s+([0-9.]+),\s+([0-9.]+)\s+\]", r"[\1, \2]", text)  # a point per line
-    Path(path).write_text(text + "\n", encoding="utf-8")
-    _hit_points.cache_clear()
-    return table
 
 
 @cache

@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant.formats import PackLayout, QTensor
+from quant.linear import QuantLinear
+from quant.recipe import Recipe
+
 from .cache_policy import DEFAULT_CACHE_POLICY
 from .checkpoint import (
     SAFETENSORS_DTYPES,
@@ -20,9 +24,12 @@ from .checkpoint import (
     resolve_model,
 )
 from .errors import UserError
-from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
+from .experts import QuantExperts
+from .memory import KV_DTYPES, fit_expert_slots, make_plan
 from .model import Qwen3MoeForCausalLM
-from .offload import DEFAULT_PREFETCH
+from .names import EXPERT_PROJS, blob_layer_expert, expert_tensor_name, is_blob_name, tensor_class
+from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
+from .quantize import expert_layout, quantized_shapes, quantized_stream
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -44,8 +51,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def parse_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """None keeps the model's dtype; fp8 (e4m3) halves the KV cache."""
-    from .memory import KV_DTYPES
-
     if name is None or isinstance(name, torch.dtype):
         return name
     if name not in KV_DTYPES:
@@ -89,8 +94,6 @@ def _place(name: str, config, device: torch.device) -> torch.device:
 
 def resolve_recipe(quant, config):
     """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit)."""
-    from quant.recipe import Recipe
-
     if config.quantization_config:
         own = Recipe.from_config(config.quantization_config)
         if isinstance(quant, str) and quant not in (own.preset, "auto"):
@@ -119,8 +122,6 @@ def expert_slots(
 ) -> int | None:
     """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident.
     `kv_dtype` None: the KV cache is kept in `dtype`."""
-    from .memory import fit_expert_slots, make_plan
-
     if gpu_experts is None and vram_budget is None:
         return None
     if vram_budget == "auto" and device.type != "cuda":
@@ -245,10 +246,6 @@ def _load_quantized(
     policy: str,
     prefetch: bool,
 ) -> Qwen3MoeForCausalLM:
-    from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class
-    from quant.formats import PackLayout, QTensor
-    from quant.linear import QuantLinear
-
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
         shapes = quantized_shapes(config, recipe, layout.specs["gate_proj"].dtype)
@@ -274,8 +271,6 @@ def _load_quantized(
         if slots_per_layer is None:
             experts = QuantExperts(config, layout)
         else:
-            from .offload import OffloadedExperts
-
             experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
@@ -290,9 +285,8 @@ def _load_quantized(
     done = 0
     for name, tensor in items:
         done += tensor.numel() * tensor.element_size()
-        if name.endswith(".blob"):
-            parts = name.split(".")
-            model.experts.set_blob(int(parts[2]), int(parts[5]), tensor)
+        if is_blob_name(name):
+            model.experts.set_blob(*blob_layer_expert(name), tensor)
         elif name in dense and name.removesuffix(".weight") not in specs:
             assign(model, name, tensor.to(device=_place(name, config, device), dtype=dtype))
         else:
@@ -310,8 +304,6 @@ def _load_quantized(
             progress(done, max(total, done))
     model.tie_weights()
     if slots_per_layer is not None:
-        from .offload import expert_router
-
         experts.attach_router(expert_router(model))
     return model
 

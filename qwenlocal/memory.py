@@ -14,6 +14,8 @@ from .checkpoint import dense_tensor_shapes
 from .config import Qwen3MoeConfig
 from .errors import UserError
 from .generate import PREFILL_CHUNK
+from .names import tensor_class
+from .quantize import expert_layout
 
 GIB = 1024**3
 # The CUDA context, cuBLAS workspace and allocator slack that no tensor accounts for.
@@ -157,8 +159,6 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
 
 def weight_bytes(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
     """Bytes of every non-expert weight component, exactly as the loader stores them."""
-    from quant.convert import tensor_class
-
     out = dict.fromkeys(("embed_tokens", "attention", "norms", "routers", "dense_mlp", "lm_head"), 0)
     for name, shape in dense_tensor_shapes(config).items():
         cls = tensor_class(name)
@@ -170,8 +170,6 @@ def weight_bytes(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
 def expert_nbytes(config: Qwen3MoeConfig, plan: Plan) -> int:
     """One expert's bytes: its packed blob when quantized, gate + up + down in 16-bit otherwise."""
     if plan.recipe is not None and plan.recipe.expert_bits < 16:
-        from quant.convert import expert_layout
-
         return expert_layout(config, plan.recipe, plan.dtype).nbytes
     return 3 * config.hidden_size * config.moe_intermediate_size * plan.dtype.itemsize
 

@@ -134,8 +134,9 @@ def write_random_quantized_checkpoint(
 ) -> Path:
     """A quantized checkpoint of random weights, written straight from random tensors made on
     `device` (the GPU benchmark builds the full 48-layer model this way in a minute or two)."""
-    from quant.convert import write_quantized
     from quant.recipe import Recipe
+
+    from .quantize import write_quantized
 
     d = config_dict(overrides)
     source = RandomSource(d, device=device)

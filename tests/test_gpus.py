@@ -10,9 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from qwenlocal import gpus
+from qwenlocal.cache_sim import lru_hit_rate
 from qwenlocal.cli import app
 from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.gpus import Gpu, decode_speed, expected_hit_rate, find_gpu, fit_card, gpu_table, lru_hit_rate
+from qwenlocal.gpus import Gpu, decode_speed, expected_hit_rate, find_gpu, fit_card, gpu_table
 from qwenlocal.memory import fit_expert_slots
 from qwenlocal.vram import plan_from_flags
 

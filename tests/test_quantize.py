@@ -10,13 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from quant.convert import expert_blob_name, tensor_class
 from quant.formats import PackLayout, dequantize, quantize, unpack
 from quant.recipe import Recipe
 from qwenlocal import load_model
 from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.cli import app
-from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
+from qwenlocal.names import EXPERT_PROJS, expert_blob_name, expert_tensor_name, tensor_class
 
 from .conftest import TINY
 
@@ -184,14 +183,14 @@ def test_write_error_midway_leaves_nothing(src, tmp_path, monkeypatch):
 
 
 def test_crash_midway_leaves_nothing(src, tmp_path, monkeypatch):
-    import quant.convert
+    import qwenlocal.quantize
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quant.convert, "pack", boom)
+    monkeypatch.setattr(qwenlocal.quantize, "pack", boom)
     with pytest.raises(KeyboardInterrupt):
-        quant.convert.quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("mixed"))
+        qwenlocal.quantize.quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("mixed"))
     assert list(tmp_path.iterdir()) == []
 
 
