@@ -4,6 +4,7 @@ tensors lazily from the safetensors memory map, and writing folders atomically."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -252,6 +253,14 @@ class Checkpoint:
         start, end = self.info(name)["data_offsets"]
         return end - start
 
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return SAFETENSORS_DTYPES.get(self.info(name)["dtype"])
+
+    def repacked(self, name: str, spec) -> object | None:
+        """`name` in the storage of `spec` (a quant QSpec) when this checkpoint holds it quantized
+        already and can move it there without a float step (GPTQ into int4); None otherwise."""
+        return None
+
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Every expected tensor present with its shape, before anything is loaded."""
         for name, shape in expected.items():
@@ -284,6 +293,44 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+# A dequantizing reader (sources.py: FP8; gptq.py: GPTQ) is defined here, below both, so that
+# neither imports the other.
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class DequantizingCheckpoint(Checkpoint):
+    """A checkpoint whose quantized tensors are dequantized as they are read. It reads like a 16-bit
+    checkpoint of `dtype`: `config` carries no quantization_config (the source's is in
+    `source_quantization`), and every floating tensor comes back in `dtype`."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None):
+        self.__dict__.update(ckpt.__dict__)  # the same folder, headers and open handles
+        self.source_quantization = dict(ckpt.config.quantization_config)
+        declared = TORCH_DTYPES.get(ckpt.config.torch_dtype, torch.bfloat16)
+        self.dtype = dtype or declared
+        self.config = dataclasses.replace(
+            ckpt.config, quantization_config=None, torch_dtype=_name(self.dtype)
+        )
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return self.dtype
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A tensor as stored, not dequantized."""
+        return super().get(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.dequantized(name)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # -- writing ---------------------------------------------------------------------------------

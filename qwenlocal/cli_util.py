@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.progress import (
 )
 
 from .errors import UserError
-from .options import MemoryOptions
+from .options import MemoryOptions, parse_bytes, parse_tokens  # noqa: F401 - the commands' parsers
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -51,27 +50,6 @@ def run(fn: Callable[[], None]) -> None:
 
 
 # -- shared parsing and rendering ------------------------------------------------------------
-def parse_tokens(value: str | int) -> int:
-    """'32768', '32k', '128K' -> tokens (k = 1024)."""
-    s = str(value).strip().lower().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"(\d+)(k?)", s)
-    if not m:
-        raise UserError(f"Cannot read {value!r} as a token count; write e.g. 8192 or 32k.")
-    return int(m.group(1)) * (1024 if m.group(2) else 1)
-
-
-def parse_bytes(value: str | int) -> int:
-    """'8GiB', '5GB', '500MB', '1.5G' or a plain number of bytes -> bytes (G = GiB-style 1024**3)."""
-    s = str(value).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", s, flags=re.IGNORECASE)
-    if not m:
-        raise UserError(f"Cannot read {value!r} as a size; write e.g. 8GiB, 5GB or 500MB.")
-    number, unit, binary, _ = m.groups()
-    power = " kmgt".index(unit.lower() or " ")
-    base = 1024 if (binary or not m.group(4)) and unit else 1000
-    return int(float(number) * base**power)
-
-
 @contextlib.contextmanager
 def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr fed by (done, total) byte callbacks."""
@@ -173,9 +151,11 @@ def quantized_once(folder: Path, quiet: bool = False) -> Path:
 
     from .config import Qwen3MoeConfig
     from .quantize import quantize_checkpoint
+    from .sources import DEQUANTIZED_METHODS, quant_method
 
-    if Qwen3MoeConfig.from_file(folder / "config.json").quantization_config:
-        return folder
+    config = Qwen3MoeConfig.from_file(folder / "config.json")
+    if config.quantization_config and quant_method(config) not in DEQUANTIZED_METHODS:
+        return folder  # quantized already, by us or as a GPTQ release that loads as it is
     resolved = folder.resolve()
     parts = resolved.parts
     if "snapshots" in parts:  # a hub snapshot: models--Org--Name/snapshots/<revision>

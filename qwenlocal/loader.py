@@ -18,6 +18,7 @@ from .cache_policy import DEFAULT_CACHE_POLICY
 from .checkpoint import (
     SAFETENSORS_DTYPES,
     Checkpoint,
+    DequantizingCheckpoint,
     ProgressFn,
     dense_tensor_shapes,
     expert_tensor_shapes,
@@ -30,6 +31,7 @@ from .model import Qwen3MoeForCausalLM
 from .names import EXPERT_PROJS, blob_layer_expert, expert_tensor_name, is_blob_name, tensor_class
 from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
 from .quantize import expert_layout, quantized_shapes, quantized_stream
+from .sources import open_source
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -173,9 +175,11 @@ def load_model(
     all experts in host RAM and only a cache of them on the device.
     """
     device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
-    ckpt = Checkpoint(resolve_model(path))
+    ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
+    if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
+        ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
     ctx = ctx_size or 4096
     slots = expert_slots(config, recipe, device, dtype, ctx, gpu_experts, vram_budget, kv_dtype)
     if recipe is None:

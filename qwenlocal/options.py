@@ -5,6 +5,7 @@ importing the CLI module."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,7 @@ from typing import Annotated
 import typer
 
 from .cache_policy import DEFAULT_CACHE_POLICY
+from .errors import UserError
 from .offload import DEFAULT_PREFETCH
 
 Quant = Annotated[
@@ -46,6 +48,27 @@ RecordRouting = Annotated[
 ]
 
 
+def parse_tokens(value: str | int) -> int:
+    """'32768', '32k', '128K' -> tokens (k = 1024)."""
+    s = str(value).strip().lower().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"(\d+)(k?)", s)
+    if not m:
+        raise UserError(f"Cannot read {value!r} as a token count; write e.g. 8192 or 32k.")
+    return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+def parse_bytes(value: str | int) -> int:
+    """'8GiB', '5GB', '500MB', '1.5G' or a plain number of bytes -> bytes (G = GiB-style 1024**3)."""
+    s = str(value).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", s, flags=re.IGNORECASE)
+    if not m:
+        raise UserError(f"Cannot read {value!r} as a size; write e.g. 8GiB, 5GB or 500MB.")
+    number, unit, binary, _ = m.groups()
+    power = " kmgt".index(unit.lower() or " ")
+    base = 1024 if (binary or not m.group(4)) and unit else 1000
+    return int(float(number) * base**power)
+
+
 @dataclass(frozen=True)
 class MemoryOptions:
     quant: str | None = None
@@ -58,8 +81,6 @@ class MemoryOptions:
 
     def validate(self) -> MemoryOptions:
         """Bad values fail before a long load."""
-        from .errors import UserError
-
         if self.quant is not None and self.quant not in ("bf16", "none", "auto"):
             from quant.recipe import Recipe
 
@@ -77,6 +98,4 @@ class MemoryOptions:
     def budget_bytes(self) -> int | str | None:
         if self.vram_budget is None or self.vram_budget == "auto":
             return self.vram_budget
-        from .cli_util import parse_bytes  # noqa: PLC0415 - cli_util imports this module
-
         return parse_bytes(self.vram_budget)

@@ -15,6 +15,7 @@ from .experts import Experts, swiglu
 from .loader import load_dense, load_model
 from .model import Qwen3MoeForCausalLM
 from .names import EXPERT_PROJS, expert_tensor_name
+from .sources import open_source
 from .tokenizer import Tokenizer
 
 PROBE_TOKENS = 256
@@ -55,7 +56,7 @@ class MmapExperts(Experts):
 
 
 def reference_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
-    ckpt = Checkpoint(folder)
+    ckpt = open_source(folder, dtype)  # an FP8 or GPTQ source: its weights dequantized
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(ckpt.config, MmapExperts(ckpt, device, dtype))
     load_dense(model, ckpt, device, dtype)
