@@ -185,9 +185,15 @@ def rope_bytes(config: Qwen3MoeConfig, ctx_size: int) -> int:
 
 
 def activation_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
-    """Peak working memory of one prefill chunk: hidden states, q/k/v, the widest MLP
-    intermediate, attention scores for the chunk against the whole context, last-position logits,
-    and one dequantized weight when quantized weights are multiplied by dequantizing."""
+    """Peak working memory of one prefill chunk (the sum of `activation_terms`)."""
+    return sum(activation_terms(config, plan).values())
+
+
+def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
+    """The working memory of one prefill chunk, term by term: hidden states, q/k/v, the widest MLP
+    intermediate, attention scores for the chunk against the whole context (what the math
+    attention kernel materializes), last-position logits, and one dequantized weight when
+    quantized weights are multiplied by dequantizing."""
     t, h, it = plan.prefill_chunk * plan.batch, config.hidden_size, plan.dtype.itemsize
     heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     hidden = 4 * t * h * it  # residual, normed input, attention output, MLP output
@@ -199,7 +205,7 @@ def activation_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
     dequant = 0
     if plan.recipe is not None:
         dequant = max(config.vocab_size if plan.recipe.lm_head_bits < 16 else 0, heads * d, h) * h * it
-    return hidden + qkv + mlp + scores + logits + dequant
+    return {"hidden": hidden, "qkv": qkv, "mlp": mlp, "scores": scores, "logits": logits, "dequant": dequant}
 
 
 def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:

@@ -1,5 +1,5 @@
 """`qwenlocal vram --gpu`: the card table, plans that fit each card, speed ranges that move the
-right way, the installed card (CUDA monkeypatched), and the hit-rate table against the simulator."""
+right way, the installed card (CUDA monkeypatched), and the hit-rate table against an LRU written in the test."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qwenlocal.cli import app
 from qwenlocal.config import Qwen3MoeConfig
 from qwenlocal.gpus import Gpu, decode_speed, expected_hit_rate, find_gpu, fit_card, gpu_table
 from qwenlocal.memory import fit_expert_slots
+from qwenlocal.synthetic_trace import synthetic_trace
 from qwenlocal.vram import plan_from_flags
 
 runner = CliRunner()
@@ -126,9 +127,19 @@ def test_speed_grows_with_residency_and_bandwidth():
 def test_all_resident_speed_is_the_bandwidth_bound():
     cp = fit_card(CONFIG, plan(), find_gpu("h200"))
     s = cp.speed
-    assert s.tok_s_high == pytest.approx(4800e9 / s.bytes_per_token)
-    low = s.bytes_per_token / (4800e9 * gpus.BANDWIDTH_EFFICIENCY_LOW) + 48 * gpus.LAYER_OVERHEAD_S
-    assert s.tok_s_low == pytest.approx(1 / low)
+    # Worked by hand for Qwen3-30B-A3B, mixed recipe, 4k context, bf16 KV cache:
+    attention = 48 * (2 * 4096 * 2048 + 2 * 512 * 2048 + 4 * (4096 + 512 + 512 + 2048))  # int8 + row scales
+    norms = 48 * 2 * (128 + 128 + 2048 + 2048) + 2 * 2048
+    routers = 48 * 2 * 128 * 2048
+    lm_head = 2 * 151936 * 2048  # bf16; the embedding is a row lookup in host RAM
+    # one NF4 expert matrix 768 x 2048: codes 786,432 B, uint8 absmax 24,576, code book 64, 96 fp32
+    # nested absmax 384, nested code book 1,024, offset 4 -> 64 (parts 64-byte aligned)
+    experts = 48 * 8 * 3 * (786432 + 24576 + 64 + 384 + 1024 + 64)  # 8 active per layer
+    kv = 4096 * 2 * 48 * 4 * 128 * 2
+    assert s.bytes_per_token == attention + norms + routers + lm_head + experts + kv == 2_893_967_360
+    # high end: 4.8 TB/s; low end: 55 % of it plus 50 us per layer
+    assert s.tok_s_high == pytest.approx(1658.62, abs=0.01)
+    assert s.tok_s_low == pytest.approx(286.02, abs=0.01)
     # llama.cpp's published figure: 219 tok/s (Q4_K_M, every expert on an RTX 5090), inside the range
     five = fit_card(CONFIG, plan(), find_gpu("5090")).speed
     assert five.tok_s_low < 219 < five.tok_s_high
@@ -136,9 +147,32 @@ def test_all_resident_speed_is_the_bandwidth_bound():
     assert 2.0e9 < s.bytes_per_token < 3.5e9
 
 
-def test_hit_rate_table_matches_a_fresh_simulation():
+def plain_lru_hits(trace, capacity: int, warmup: int) -> float:
+    """A second LRU, written here: hits after `warmup` tokens over accesses after it, per layer."""
+    hits = accesses = 0
+    for layer in range(len(trace[0])):
+        cache: list[int] = []  # least recent first
+        for t, token in enumerate(trace):
+            ids = sorted(token[layer])
+            for e in ids:
+                if e in cache:
+                    hits += t >= warmup
+                    cache.remove(e)
+                    cache.append(e)
+            for e in ids:
+                if e not in cache:
+                    if len(cache) >= capacity:
+                        cache.remove(next(v for v in cache if v not in ids))
+                    cache.append(e)
+            accesses += len(ids) * (t >= warmup)
+    return hits / accesses
+
+
+def test_hit_rate_table_matches_an_independent_lru():
+    trace = synthetic_trace(1200, 3, seed=1)
     for capacity in (16, 48):
-        fresh = lru_hit_rate(capacity, tokens=1200, layers=3, seed=1, warmup=200)
+        fresh = plain_lru_hits(trace, capacity, warmup=200)
+        assert fresh == pytest.approx(lru_hit_rate(capacity, warmup=200, trace=trace), abs=1e-12)
         assert expected_hit_rate(capacity / 128) == pytest.approx(fresh, abs=0.02), capacity
     points = gpus._hit_points()
     assert [y for _, y in points] == sorted(y for _, y in points)

@@ -73,3 +73,20 @@ def test_cited_documents_exist():
 
     missing = {name: str(where) for name, where in cited.items() if not exists(name)}
     assert not missing, missing
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout section lists each module of qwenlocal/ and quant/, and no others."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, package = {}, None
+    for line in section.splitlines():
+        if m := re.match(r"^(\w+)/\s*$", line):
+            package = m.group(1)
+        elif (m := re.match(r"^  (\w+\.py)\b", line)) and package:
+            listed.setdefault(package, set()).add(m.group(1))
+    for package in ("qwenlocal", "quant"):
+        modules = {p.name for p in (ROOT / package).glob("*.py")} - {"__init__.py", "__main__.py"}
+        assert listed.get(package) == modules, package
