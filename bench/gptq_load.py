@@ -88,7 +88,7 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.decode)))
         return
 
-    from quant.convert import quantize_checkpoint
+    from qwenlocal.quantize import quantize_checkpoint
     from qwenlocal.sources import open_source
 
     gptq = CACHE / f"real-shapes-{args.layers}L-gptq-int4"

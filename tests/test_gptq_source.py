@@ -158,11 +158,11 @@ def test_int4_greedy_tokens_and_offload(gptq, int4_reference):
 
 def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
     """The int4 codes are GPTQ's codes, and nothing is quantized while loading."""
-    import quant.convert
-    from quant.gptq import unpack_rows
+    import qwenlocal.quantize
+    from qwenlocal.gptq import unpack_rows
 
     folder, _, _ = gptq("int4-g32-asym-v2")
-    monkeypatch.setattr(quant.convert, "quantize", lambda *a, **k: pytest.fail("quantized while loading"))
+    monkeypatch.setattr(qwenlocal.quantize, "quantize", lambda *a, **k: pytest.fail("quantized while loading"))
     model = load_model(folder, dtype=torch.float32)
     q = model.model.layers[0].self_attn.k_proj.qtensor
     codes = unpack_rows(read_tensors(folder)["model.layers.0.self_attn.k_proj.qweight"], 4).T

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenlocal.checkpoint import Checkpoint
-from qwenlocal.errors import UserError
-from qwenlocal.sources import DequantizingCheckpoint
+from quant.formats import QTensor
 
-from .formats import QTensor
+from .checkpoint import Checkpoint, DequantizingCheckpoint
+from .errors import UserError
 
 GPTQ_BITS = (4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
@@ -209,8 +208,8 @@ def gptq_recipe(config, qc: dict):
     GPTQ's size (or the largest of 128, 64, 32 that splits it and every input width); 8-bit ones
     become int8 row-wise, requantized from the dequantized weights (int8 keeps one scale per row,
     GPTQ one per group: this is the one float step). What GPTQ left 16-bit stays 16-bit."""
-    from .int4 import GROUP_SIZES
-    from .recipe import Recipe
+    from quant.int4 import GROUP_SIZES
+    from quant.recipe import Recipe
 
     h, d = config.hidden_size, config.head_dim
     widths = (h, config.moe_intermediate_size, config.num_attention_heads * d)
