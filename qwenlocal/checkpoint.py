@@ -305,12 +305,13 @@ class DequantizingCheckpoint(Checkpoint):
     checkpoint of `dtype`: `config` carries no quantization_config (the source's is in
     `source_quantization`), and every floating tensor comes back in `dtype`."""
 
+    own_recipe = None  # the recipe it loads with when none is asked for (None: 16-bit)
+
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None):
         self.__dict__.update(ckpt.__dict__)  # the same folder, headers and open handles
         self.source_quantization = dict(ckpt.config.quantization_config)
         declared = TORCH_DTYPES.get(ckpt.config.torch_dtype, torch.bfloat16)
         self.dtype = dtype or declared
-        self.own_recipe = None  # the recipe it loads with when none is asked for (None: 16-bit)
         self.config = dataclasses.replace(
             ckpt.config, quantization_config=None, torch_dtype=_name(self.dtype)
         )

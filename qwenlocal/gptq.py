@@ -81,7 +81,10 @@ class GptqCheckpoint(DequantizingCheckpoint):
         }
         for prefix, shard in self.quantized.items():
             self.weight_map[prefix + ".weight"] = shard
-        self.own_recipe = gptq_recipe(self.config, qc)
+
+    @functools.cached_property
+    def own_recipe(self):
+        return gptq_recipe(self.config, self.source_quantization)
 
     def _checked(self, qc: dict, what: str) -> GptqParams:
         where = f"{self.folder / 'config.json'}{what}"
