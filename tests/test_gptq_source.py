@@ -151,8 +151,10 @@ def test_int4_greedy_tokens_and_offload(gptq, int4_reference):
     assert type(offloaded.experts).__name__ == "OffloadedExperts"
     for model in (resident, offloaded):
         gen = Generator(model, ctx_size=64)
-        list(gen.stream(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=16, eos_ids=()))
-        assert gen.summary.token_ids == out[0, PROMPT.shape[1] :].tolist()
+        tokens = gen.run(
+            PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=16, eos_ids=()
+        ).token_ids
+        assert tokens == out[0, PROMPT.shape[1] :].tolist()
     assert torch.equal(offloaded(PROMPT), resident(PROMPT))
 
 
@@ -162,7 +164,9 @@ def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
     from qwenlocal.gptq import unpack_rows
 
     folder, _, _ = gptq("int4-g32-asym-v2")
-    monkeypatch.setattr(qwenlocal.quantize, "quantize", lambda *a, **k: pytest.fail("quantized while loading"))
+    monkeypatch.setattr(
+        qwenlocal.quantize, "quantize", lambda *a, **k: pytest.fail("quantized while loading")
+    )
     model = load_model(folder, dtype=torch.float32)
     q = model.model.layers[0].self_attn.k_proj.qtensor
     codes = unpack_rows(read_tensors(folder)["model.layers.0.self_attn.k_proj.qweight"], 4).T
