@@ -176,11 +176,12 @@ def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
 
 
 def test_memory_model_and_vram_equal_what_loads(gptq):
-    from qwenlocal.memory import Plan, estimate, measure
+    from qwenlocal.memory import estimate, make_plan, measure
 
     folder, _, _ = gptq("int4-g128-sym-v1")
     model = load_model(folder, dtype=torch.bfloat16)
-    est = estimate(model.config, Plan(recipe=model.recipe, ctx_size=640, dtype=torch.bfloat16, device="cpu"))
+    plan = make_plan(recipe=model.recipe, ctx_size=640, dtype=torch.bfloat16, kv_dtype=None, device="cpu")
+    est = estimate(model.config, plan)
     real = measure(model)
     for name in ("attention", "experts", "embed_tokens", "lm_head", "routers", "norms"):
         assert est.bytes_of(name) == real.get(name, {}).get("cpu", 0), name
