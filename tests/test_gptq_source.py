@@ -211,6 +211,13 @@ def test_quantize_a_gptq_folder_and_its_report(gptq, tmp_path):
     # the same weights: GPTQ's groups of 128 are two int4 groups of 64 each
     got = load_model(out, dtype=torch.float32)(PROMPT)
     assert torch.equal(got, load_model(folder, dtype=torch.float32, quant="int4")(PROMPT))
+    # GPTQ loaded as it is equals its int4 copy made with its own recipe: the same bytes
+    from qwenlocal.quantize import quantize_checkpoint
+    from qwenlocal.sources import open_source
+
+    quantize_checkpoint(folder, tmp_path / "own", open_source(folder).own_recipe)
+    got = load_model(tmp_path / "own", dtype=torch.float32)(PROMPT)
+    assert torch.equal(got, load_model(folder, dtype=torch.float32)(PROMPT))
 
 
 def test_quality_report_compares_with_the_dequantized_gptq_weights(tiny_ckpt, tmp_path):
