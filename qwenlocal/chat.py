@@ -548,19 +548,27 @@ def expert_layer_table(model) -> Table | None:
     stats = getattr(model.experts, "stats", None)
     if stats is None or not hasattr(stats, "layers"):
         return None
+    from .cold import ColdExperts, overlap
+
+    cold = isinstance(model.experts, ColdExperts)  # experts computed on the CPU: their columns
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("layer", "hits", "misses", "hit rate", "copied", "waiting"):
+    cols = ("layer", "hits", "misses", "hit rate", "copied", "waiting")
+    for col in cols + (("on cpu", "cpu time", "overlap", "promoted") if cold else ()):
         table.add_column(col, justify="right")
     for layer, st in sorted(stats.layers.items()):
         n = st.hits + st.misses
-        table.add_row(
+        row = [
             str(layer),
             f"{st.hits:,}",
             f"{st.misses:,}",
             f"{100 * st.hits / n:.1f}%" if n else "—",
             fmt_bytes(st.bytes_copied),
             f"{st.wait_s * 1000:.1f} ms",
-        )
+        ]
+        if cold:
+            ov = f"{100 * overlap(st):.0f}%" if st.cpu_wall_s else "—"
+            row += [f"{st.cpu_computed:,}", f"{st.cpu_s * 1000:.1f} ms", ov, f"{st.promoted:,}"]
+        table.add_row(*row)
     return table
 
 
@@ -961,6 +969,7 @@ def chat(
     cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     record_routing: opt.RecordRouting = None,
     kv_dtype: opt.KvDtype = None,
+    cold_experts: opt.ColdExperts = opt.DEFAULT_COLD_EXPERTS,
 ):
     """Chat in the terminal: streamed replies, thinking shown apart, memory and speed after each reply."""
 
@@ -969,7 +978,7 @@ def chat(
 
         ctx = cli.parse_tokens(ctx_size)
         memory = opt.MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype, cold_experts
         ).validate()
         dev = parse_device(device)
         parse_dtype(dtype)  # bad values fail before a long load

@@ -72,6 +72,7 @@ def generate(
     cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     record_routing: opt.RecordRouting = None,
     kv_dtype: opt.KvDtype = None,
+    cold_experts: opt.ColdExperts = opt.DEFAULT_COLD_EXPERTS,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ):
     """Generate a reply to one prompt and print it as it streams."""
@@ -83,7 +84,7 @@ def generate(
         ctx = parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
         memory = MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype, cold_experts
         ).validate()
         if max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
@@ -91,6 +92,7 @@ def generate(
             run_generate(folder, lm, tok, text)
 
     def run_generate(folder, lm, tok, text):
+        from .cold import cold_report
         from .generate import Generator, SamplingParams
 
         if raw:
@@ -119,6 +121,7 @@ def generate(
                 sys.stdout.flush()
         s = gen.summary
         cache = getattr(lm.experts, "stats", None)
+        cold = cold_report(lm.experts)
         if as_json:
             print(
                 json.dumps(
@@ -132,6 +135,7 @@ def generate(
                         "gen_tps": round(s.gen_tps, 3),
                         "peak_memory_bytes": s.peak_memory_bytes,
                         **({"expert_hit_rate": round(cache.hit_rate, 4)} if cache is not None else {}),
+                        **({"cold_experts": cold} if cold is not None else {}),
                     },
                     ensure_ascii=False,
                 )

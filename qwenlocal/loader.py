@@ -163,14 +163,20 @@ def load_model(
     policy: str = DEFAULT_CACHE_POLICY,
     prefetch: bool = DEFAULT_PREFETCH,
     kv_dtype: str | torch.dtype | None = None,
+    cold_experts: str = "copy",
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
     `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading; a quantized
     checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
-    all experts in host RAM and only a cache of them on the device.
+    all experts in host RAM and only a cache of them on the device; `cold_experts` says what
+    happens to an expert without a slot: copied in ("copy"), computed on the CPU ("cpu"), or
+    either by measured times ("auto"; cold.py).
     """
+    from .cold import parse_cold_experts
+
     device, dtype = parse_device(device), parse_dtype(dtype)
+    parse_cold_experts(cold_experts)
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
@@ -186,7 +192,17 @@ def load_model(
         if per_layer is not None and per_layer >= config.num_experts:
             per_layer = None  # everything fits: a cache that never misses is no cache at all
         model = _load_quantized(
-            ckpt, config, recipe, prequantized, device, dtype, progress, per_layer, policy, prefetch
+            ckpt,
+            config,
+            recipe,
+            prequantized,
+            device,
+            dtype,
+            progress,
+            per_layer,
+            policy,
+            prefetch,
+            cold_experts,
         )
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
@@ -244,6 +260,7 @@ def _load_quantized(
     slots_per_layer=None,
     policy=DEFAULT_CACHE_POLICY,
     prefetch=True,
+    cold_experts="copy",
 ) -> Qwen3MoeForCausalLM:
     from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class
     from quant.formats import PackLayout, QTensor
@@ -273,10 +290,16 @@ def _load_quantized(
     with torch.device("meta"):  # no memory until allocate(): the store and slots are sized once
         if slots_per_layer is None:
             experts = QuantExperts(config, layout)
-        else:
+        elif cold_experts == "copy":
             from .offload import OffloadedExperts
 
             experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
+        else:
+            from .cold import ColdExperts
+
+            experts = ColdExperts(
+                config, layout, slots_per_layer, device, policy, prefetch, mode=cold_experts
+            )
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
     dense = dense_tensor_shapes(config)

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .cache_policy import DEFAULT_CACHE_POLICY
+from .cold import DEFAULT_COLD_EXPERTS
 from .offload import DEFAULT_PREFETCH
 
 Quant = Annotated[
@@ -44,6 +45,13 @@ RecordRouting = Annotated[
     Path | None,
     typer.Option("--record-routing", help="Write the experts picked per layer per token (JSON lines)."),
 ]
+ColdExperts = Annotated[
+    str,
+    typer.Option(
+        "--cold-experts",
+        help="An expert without a GPU slot: copy it in (copy), compute it on the CPU (cpu), or pick by measured times (auto).",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class MemoryOptions:
     cache_policy: str = DEFAULT_CACHE_POLICY
     record_routing: Path | None = None
     kv_dtype: str | None = None
+    cold_experts: str = DEFAULT_COLD_EXPERTS
 
     def validate(self) -> MemoryOptions:
         """Bad values fail before a long load."""
@@ -69,9 +78,11 @@ class MemoryOptions:
         if self.gpu_experts is not None and self.vram_budget is not None:
             raise UserError("Give --gpu-experts or --vram-budget, not both.")
         self.budget_bytes()
+        from .cold import parse_cold_experts
         from .loader import parse_kv_dtype
 
         parse_kv_dtype(self.kv_dtype)
+        parse_cold_experts(self.cold_experts)
         return self
 
     def budget_bytes(self) -> int | str | None:

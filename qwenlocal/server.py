@@ -26,6 +26,7 @@ import typer
 
 from . import cli_util as cli
 from . import options as opt
+from .cold import cold_report
 from .errors import UserError
 from .generate import Generator, SamplingParams, Summary, Totals
 from .memory import live_report, measure
@@ -318,6 +319,7 @@ def expert_cache_stats(model) -> dict | None:
         "wait_seconds": t.wait_s,
         "prefetch_recall": stats.prefetch_recall,
         "slots_per_layer": model.experts.slots_per_layer,
+        "cold_experts": cold_report(model.experts),
     }
 
 
@@ -829,6 +831,7 @@ def serve(
     prefetch: opt.Prefetch = opt.DEFAULT_PREFETCH,
     cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     kv_dtype: opt.KvDtype = None,
+    cold_experts: opt.ColdExperts = opt.DEFAULT_COLD_EXPERTS,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
 
@@ -840,7 +843,13 @@ def serve(
         ctx = cli.parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
         memory = opt.MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, kv_dtype=kv_dtype
+            quant,
+            gpu_experts,
+            vram_budget,
+            prefetch,
+            cache_policy,
+            kv_dtype=kv_dtype,
+            cold_experts=cold_experts,
         ).validate()
         if max_tokens is not None and max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
