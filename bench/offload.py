@@ -1,9 +1,12 @@
-"""Decode tok/s against expert-cache size, with the share of time spent waiting for expert copies.
+"""Decode tok/s against expert-cache size, with the share of time spent waiting for expert copies,
+for each way of serving a missed expert (`--cold-experts copy|cpu|auto`).
 
 On the random checkpoint with Qwen3-30B-A3B's real layer shapes, quantized (nf4 by default, as
 bench/quantize.py writes it). Every row runs the same prompt and the same greedy decode; the
 fully resident model is the reference row. On the CPU the "device" slots are host memory too, so
-copies are memcpy; on a GPU they cross PCIe on a side stream.
+copies are memcpy, and `cpu` computes a miss from the host store through the worker pool: what a
+row loses against all-resident there is the mechanism's own cost (bookkeeping, hand-offs, copies).
+On a GPU copies cross PCIe on a side stream and `cpu` runs beside the GPU's work.
 
     python bench/offload.py --device cpu
 """
@@ -18,10 +21,15 @@ from common import CACHE, greedy_run, machine, markdown_table
 from qwenlocal import load_model
 
 
-def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers):
+def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers, cold="copy"):
     gpu_experts = None if slots_per_layer is None else slots_per_layer * layers
     model = load_model(
-        folder, device=device, dtype=torch.bfloat16, gpu_experts=gpu_experts, prefetch=prefetch
+        folder,
+        device=device,
+        dtype=torch.bfloat16,
+        gpu_experts=gpu_experts,
+        prefetch=prefetch,
+        cold_experts=cold,
     )
     return greedy_run(model, prompt, n_decode, len(prompt) + n_decode + 8)
 
@@ -33,6 +41,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--cold", nargs="+", default=["copy", "cpu", "auto"], help="--cold-experts modes")
+    ap.add_argument("--prefetch", action="store_true", help="also the copy rows with prefetch on")
     args = ap.parse_args()
     from qwenlocal.config import Qwen3MoeConfig
 
@@ -44,6 +54,7 @@ def main() -> None:
         [
             "all resident",
             "-",
+            "-",
             f"{ref['prompt_tps']:.1f}",
             f"{ref['gen_tps']:.2f}",
             "1.00x",
@@ -51,22 +62,26 @@ def main() -> None:
             "-",
             "-",
             "-",
+            "-",
             "yes",
         ]
     ]
+    variants = [(c, False) for c in args.cold] + ([("copy", True)] if args.prefetch else [])
     for size in args.sizes:
-        for prefetch in (False, True):
-            r = run(args.folder, args.device, size, prefetch, prompt, args.decode, layers)
+        for cold, prefetch in variants:
+            r = run(args.folder, args.device, size, prefetch, prompt, args.decode, layers, cold)
             recall = "-" if r["recall"] is None else f"{100 * r['recall']:.0f} %"
             rows.append(
                 [
                     f"{size}/{config.num_experts} per layer ({100 * size / config.num_experts:.0f} %)",
+                    cold,
                     "on" if prefetch else "off",
                     f"{r['prompt_tps']:.1f}",
                     f"{r['gen_tps']:.2f}",
                     f"{r['gen_tps'] / ref['gen_tps']:.2f}x",
                     f"{100 * r['hit']:.1f} %",
                     f"{100 * r['wait']:.1f} %",
+                    f"{100 * r['cpu']:.1f} %",
                     f"{r['gb'] / r['wall']:.2f} GB/s",
                     recall,
                     "yes" if r["tokens"] == ref["tokens"] else "NO",
@@ -81,12 +96,14 @@ def main() -> None:
         markdown_table(
             [
                 "expert slots",
+                "cold experts",
                 "prefetch",
                 "prefill tok/s",
                 "decode tok/s",
                 "vs resident",
                 "hit rate (prompt+decode)",
                 "time waiting for copies",
+                "picks on the CPU",
                 "copy rate",
                 "prefetch recall",
                 "same tokens as resident",

@@ -202,3 +202,39 @@ def test_server_and_chat_show_cpu_work(qckpt):
     console.print(expert_layer_table(model))
     text = console.export_text()
     assert "on cpu" in text and "overlap" in text
+
+
+# -- vram --gpu: the speed of the `cpu` mode --------------------------------------------------------
+def test_cpu_mode_speed_estimate():
+    from qwenlocal.config import Qwen3MoeConfig
+    from qwenlocal.gpus import find_gpu, plan_for
+    from qwenlocal.vram import make_plan
+
+    config = Qwen3MoeConfig.builtin()
+    plan = make_plan(config, "mixed", 4096, "bf16", 1, None)
+    small, big = find_gpu("4060ti-8"), find_gpu("h200")
+    slow, fast = (plan_for(config, plan, small, cpu_gbs=g) for g in (2.0, 200.0))
+    assert slow.cold_experts == "copy" and fast.cold_experts == "cpu"
+    assert slow.cpu_speed.tok_s_high < fast.cpu_speed.tok_s_high
+    assert slow.cpu_speed.tok_s_low < slow.cpu_speed.tok_s_high
+    # the GPU reads less in `cpu` mode: the missed experts are read by the CPU
+    assert fast.cpu_speed.bytes_per_token < fast.speed.bytes_per_token
+    assert plan_for(config, plan, big, cpu_gbs=40.0).cold_experts is None  # all resident: nothing misses
+    assert plan_for(config, plan, small).cpu_speed is None  # no CPU figure, no estimate
+
+
+def test_vram_cpu_bandwidth_flag():
+    from typer.testing import CliRunner
+
+    from qwenlocal.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["vram", "--gpu", "4060ti-8", "--cpu-bandwidth", "60", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["gpu"]["cold_experts"] == "cpu" and d["gpu"]["cpu_tok_s_high"] > d["gpu"]["tok_s_high"]
+    assert d["speed_assumptions"]["cpu_bandwidth_gbs"] == 60
+    text = runner.invoke(app, ["vram", "--cpu-bandwidth", "60"]).stdout
+    assert "--cold-experts cpu on" in text and "RTX 4060 Ti 8GB" in text
+    bad = runner.invoke(app, ["vram", "--gpu", "4090", "--cpu-bandwidth", "0"])
+    assert bad.exit_code == 2 and "--cpu-bandwidth must be positive" in bad.stderr
