@@ -9,6 +9,7 @@ row loses against all-resident there is the mechanism's own cost (bookkeeping, h
 On a GPU copies cross PCIe on a side stream and `cpu` runs beside the GPU's work.
 
     python bench/offload.py --device cpu
+    python bench/offload.py --device cpu --overhead --sizes 16 64 --rounds 3
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from common import CACHE, greedy_run, machine, markdown_table
 from qwenlocal import load_model
 
 
-def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers, cold="copy"):
+def load(folder, device, slots_per_layer, prefetch, layers, cold="copy"):
     gpu_experts = None if slots_per_layer is None else slots_per_layer * layers
-    model = load_model(
+    return load_model(
         folder,
         device=device,
         dtype=torch.bfloat16,
@@ -31,7 +32,56 @@ def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers, col
         prefetch=prefetch,
         cold_experts=cold,
     )
+
+
+def run(folder, device, slots_per_layer, prefetch, prompt, n_decode, layers, cold="copy"):
+    model = load(folder, device, slots_per_layer, prefetch, layers, cold)
     return greedy_run(model, prompt, n_decode, len(prompt) + n_decode + 8)
+
+
+def overhead(args, config, layers, prompt) -> None:
+    """The mechanism's cost against all-resident on a shared machine: every model loaded once,
+    then `rounds` interleaved runs, each model's best decode speed kept (load moves between rounds,
+    not within one)."""
+    models = {"all resident": load(args.folder, args.device, None, False, layers)}
+    for size in args.sizes:
+        for cold in args.cold:
+            models[f"{size}/{config.num_experts} per layer, {cold}"] = load(
+                args.folder, args.device, size, False, layers, cold
+            )
+    best: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            r = greedy_run(model, prompt, args.decode, len(prompt) + args.decode + 8)
+            if name not in best or r["gen_tps"] > best[name]["gen_tps"]:
+                best[name] = r
+    ref = best["all resident"]
+    rows = [
+        [
+            name,
+            f"{r['gen_tps']:.2f}",
+            f"{r['gen_tps'] / ref['gen_tps']:.2f}x",
+            f"{r['prompt_tps']:.1f}",
+            f"{100 * r.get('cpu', 0):.1f} %",
+            "yes" if r["tokens"] == ref["tokens"] else "NO",
+        ]
+        for name, r in best.items()
+    ]
+    print(f"machine: {machine()} (shared with other jobs: best of {args.rounds} interleaved rounds)")
+    print(f"checkpoint: {args.folder}, prompt {args.prompt} tokens, {args.decode} greedy decode steps")
+    print(
+        markdown_table(
+            [
+                "experts",
+                "decode tok/s (best)",
+                "vs resident",
+                "prefill tok/s",
+                "picks on the CPU",
+                "same tokens",
+            ],
+            rows,
+        )
+    )
 
 
 def main() -> None:
@@ -43,12 +93,16 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--cold", nargs="+", default=["copy", "cpu", "auto"], help="--cold-experts modes")
     ap.add_argument("--prefetch", action="store_true", help="also the copy rows with prefetch on")
+    ap.add_argument("--overhead", action="store_true", help="models loaded once, interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     from qwenlocal.config import Qwen3MoeConfig
 
     config = Qwen3MoeConfig.from_file(f"{args.folder}/config.json")
     layers = len(config.moe_layers)
     prompt = torch.randint(0, 151_000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    if args.overhead:
+        return overhead(args, config, layers, prompt)
     ref = run(args.folder, args.device, None, False, prompt, args.decode, layers)
     rows = [
         [

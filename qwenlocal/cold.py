@@ -127,11 +127,13 @@ class ColdExperts(OffloadedExperts):
 
     def _start_cpu(self, layer: int, x: torch.Tensor, cold: list[int], by_expert: dict):
         host = x.to("cpu")  # decode: one row, 4 KB at the real shape
+        if x.shape[0] == 1:
+            rows = [host] * len(cold)
+        else:  # each expert's token rows, read back in one transfer
+            index = torch.cat([by_expert[e][0] for e in cold]).to("cpu")
+            rows = [host[t] for t in index.split([by_expert[e][0].numel() for e in cold])]
         pool, start = self._executor(), time.perf_counter()
-        jobs = []
-        for e in cold:
-            rows = host if x.shape[0] == 1 else host[by_expert[e][0].to("cpu")]
-            jobs.append((e, pool.submit(self._cpu_expert, layer, e, rows)))
+        jobs = [(e, pool.submit(self._cpu_expert, layer, e, r)) for e, r in zip(cold, rows, strict=True)]
         return start, jobs
 
     def _finish_cpu(self, layer: int, started, by_expert: dict, outputs: dict, device) -> None:

@@ -56,6 +56,9 @@ def test_equals_resident(qckpt, resident, per_layer, mode):
     if mode == "cpu":  # every miss ran on the CPU; copies are promotions only
         assert s.cpu_computed == s.misses and s.cpu_computed > 0
         assert s.bytes_copied == s.promoted * experts.layout.nbytes
+    if mode == "auto":  # measured on the first forward, then kept current
+        t = experts.timing
+        assert t is not None and t.copy_s > 0 and t.cpu_s > 0 and t.cpu_token_s >= 0
     if mode != "copy":
         assert s.bytes_copied == (s.misses - s.cpu_computed + s.promoted) * experts.layout.nbytes
 
