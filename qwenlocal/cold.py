@@ -274,9 +274,12 @@ class ColdExperts(OffloadedExperts):
         return out
 
 
-def cold_report(experts) -> dict | None:
-    """The CPU side of cold experts, in total and per layer (for /v1/stats, --json and /stats)."""
-    if not isinstance(experts, ColdExperts):
+def cold_report(stats, experts=None) -> dict | None:
+    """The CPU side of cold experts in `stats` (a CacheStats), in total and per layer, for
+    /v1/stats, --json and /stats; with the experts, their mode, pool and measured times too.
+    None when nothing ran on the CPU and the experts are not ColdExperts."""
+    cold = isinstance(experts, ColdExperts)
+    if stats is None or not (cold or any(s.cpu_computed for s in stats.layers.values())):
         return None
 
     def one(s) -> dict:
@@ -290,13 +293,14 @@ def cold_report(experts) -> dict | None:
             "overlap": round(overlap(s), 4) if s.cpu_wall_s else None,
         }
 
-    return {
-        "mode": experts.mode,
-        "workers": experts.workers,
-        "timing": None if experts.timing is None else asdict(experts.timing),
-        "total": one(experts.stats.total()),
-        "layers": {str(layer): one(s) for layer, s in sorted(experts.stats.layers.items())},
+    d = {
+        "total": one(stats.total()),
+        "layers": {str(layer): one(s) for layer, s in sorted(stats.layers.items())},
     }
+    if cold:
+        timing = None if experts.timing is None else asdict(experts.timing)
+        d = {"mode": experts.mode, "workers": experts.workers, "timing": timing, **d}
+    return d
 
 
 def overlap(s) -> float:
