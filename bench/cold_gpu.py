@@ -53,9 +53,9 @@ def run(folder: Path, budget: int, mode: str, prompt: list[int], n_decode: int, 
     }
     try:
         from qwenlocal.gpus import cpu_decode_speed, decode_speed, find_gpu
-        from qwenlocal.memory import estimate, plan_for
+        from qwenlocal.memory import estimate, model_plan
 
-        est = estimate(model.config, plan_for(model, ctx))
+        est = estimate(model.config, model_plan(model, ctx))
         gpu = find_gpu("H200")
         row["copy_estimate"] = decode_speed(est, gpu.bandwidth_gbs, gpu.pcie_gbs).__dict__
         row["cpu_estimate"] = cpu_decode_speed(est, gpu.bandwidth_gbs, CPU["gbs"]).__dict__

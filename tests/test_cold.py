@@ -22,8 +22,8 @@ from .test_offload import LAYERS, PROMPT, greedy
 @pytest.fixture(scope="module")
 def qckpt(checkpoint_factory):
     """The offload tests' quantized folder: 8 experts, top-2, 3 MoE layers."""
-    from quant.convert import quantize_checkpoint
     from quant.recipe import Recipe
+    from qwenlocal.quantize import quantize_checkpoint
 
     src = checkpoint_factory("offload-src", {**TINY, "num_hidden_layers": LAYERS}, dtype=torch.bfloat16)
     out = src.parent / "offload-q"
@@ -129,7 +129,7 @@ def test_scripted_counters_and_promotion(qckpt, resident, monkeypatch):
     assert (st.hits, st.cpu_computed, st.promoted) == (6, 8, 4)
     assert st.hits + st.cpu_computed + (st.misses - st.cpu_computed) == 14  # picks
     assert st.bytes_copied == 4 * experts.layout.nbytes  # promotions only
-    report = cold_report(experts)
+    report = cold_report(experts.stats, experts)
     assert report["layers"]["0"]["cpu_computed"] == 8 and report["layers"]["0"]["promoted"] == 4
     assert report["total"]["copied"] == 0 and report["mode"] == "cpu"
 
@@ -214,20 +214,20 @@ def test_server_and_chat_show_cpu_work(qckpt):
 # -- vram --gpu: the speed of the `cpu` mode --------------------------------------------------------
 def test_cpu_mode_speed_estimate():
     from qwenlocal.config import Qwen3MoeConfig
-    from qwenlocal.gpus import find_gpu, plan_for
-    from qwenlocal.vram import make_plan
+    from qwenlocal.gpus import find_gpu, fit_card
+    from qwenlocal.vram import plan_from_flags
 
     config = Qwen3MoeConfig.builtin()
-    plan = make_plan(config, "mixed", 4096, "bf16", 1, None)
+    plan = plan_from_flags(config, "mixed", 4096, "bf16", 1, None)
     small, big = find_gpu("4060ti-8"), find_gpu("h200")
-    slow, fast = (plan_for(config, plan, small, cpu_gbs=g) for g in (2.0, 200.0))
+    slow, fast = (fit_card(config, plan, small, cpu_gbs=g) for g in (2.0, 200.0))
     assert slow.cold_experts == "copy" and fast.cold_experts == "cpu"
     assert slow.cpu_speed.tok_s_high < fast.cpu_speed.tok_s_high
     assert slow.cpu_speed.tok_s_low < slow.cpu_speed.tok_s_high
     # the GPU reads less in `cpu` mode: the missed experts are read by the CPU
     assert fast.cpu_speed.bytes_per_token < fast.speed.bytes_per_token
-    assert plan_for(config, plan, big, cpu_gbs=40.0).cold_experts is None  # all resident: nothing misses
-    assert plan_for(config, plan, small).cpu_speed is None  # no CPU figure, no estimate
+    assert fit_card(config, plan, big, cpu_gbs=40.0).cold_experts is None  # all resident: nothing misses
+    assert fit_card(config, plan, small).cpu_speed is None  # no CPU figure, no estimate
 
 
 def test_vram_cpu_bandwidth_flag():
