@@ -228,11 +228,13 @@ class ColdExperts(OffloadedExperts):
         if self.mode == "auto" and self.timing is None:
             self.timing = self.calibrate(layer, x)
         self.record(layer, ids)
+        if self._waits:
+            self.settle_waits()
         self._guess.pop(layer, None)  # a prefetch guess only counts in the copy path
         policy, stats = self.policies[layer], self.stats.layers[layer]
         groups = list(group_by_expert(ids, weights))
         by_expert = {e: (t, w) for e, t, w in groups}
-        self.uses += len(groups)
+        stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(by_expert))
         hits = [e for e, _, _ in groups if e in policy]
         for e in hits:
             policy.touch(e)
