@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from qwenlocal.cli import app
-from qwenlocal.sources import FP8_ID, GPTQ_INT4_ID, default_model
+from qwenlocal.sources import FP8_ID, GPTQ_INT4_ID, default_model, own_recipe
+from qwenlocal.vram import read_config
 
 runner = CliRunner()
 
@@ -31,7 +32,8 @@ def test_default_model_follows_the_recipe(quant, expected):
 
 def test_vram_plans_for_the_default_and_says_the_download():
     d = json.loads(runner.invoke(app, ["vram", "--json"]).stdout)
-    assert d["model"] == GPTQ_INT4_ID and d["download_gb"] == 17 and d["quant"] == "gptq"
+    assert d["model"] == GPTQ_INT4_ID and d["download_gb"] == 17
+    assert d["quant"] == own_recipe(read_config(GPTQ_INT4_ID)[0]).preset  # "gptq" with the int4 format
     d = json.loads(runner.invoke(app, ["vram", "--json", "--quant", "int8"]).stdout)
     assert d["model"] == FP8_ID and d["download_gb"] == 31 and d["quant"] == "int8"
     r = runner.invoke(app, ["vram"])

@@ -252,7 +252,7 @@ def test_gpu_auto_uses_the_installed_card(monkeypatch):
     r = vram()
     assert r.exit_code == 0, r.output
     assert "planned for the installed NVIDIA GeForce RTX 4060 Ti" in r.stdout
-    assert "expected decode" in r.stdout and "GPUs for gptq" in r.stdout
+    assert "expected decode" in r.stdout and "GPUs for " in r.stdout
     # a budget given by hand wins over the default
     assert "installed" not in vram("--vram-budget", "8GiB").stdout
 

@@ -140,7 +140,12 @@ def test_vram_json():
         "quant",
     ):
         assert key in d
-    assert d["ctx_size"] == 32768 and d["quant"] == "gptq" and d["experts_total"] == 6144
+    # no model: the checkpoint chat would download, with its own recipe ("gptq" with the int4 format)
+    from qwenlocal.sources import GPTQ_INT4_ID, own_recipe
+    from qwenlocal.vram import read_config
+
+    expected = own_recipe(read_config(GPTQ_INT4_ID)[0]).preset
+    assert d["ctx_size"] == 32768 and d["quant"] == expected and d["experts_total"] == 6144
     assert d["components"]["kv_cache"] == {"bytes": 3 * GIB, "where": "gpu"}
 
 
