@@ -200,7 +200,7 @@ class Generator:
 
     def prefill(self, tokens: list[int]) -> torch.Tensor:
         """Run tokens after what the cache holds; return the last position's logits [V]."""
-        device = self.model.device
+        device = self.model.input_device  # ids on the embedding's device: no copy back from the GPU
         logits = None
         for i in range(0, len(tokens), self.prefill_chunk):
             chunk = torch.tensor([tokens[i : i + self.prefill_chunk]], device=device)

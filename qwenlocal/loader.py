@@ -53,6 +53,18 @@ def parse_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return KV_DTYPES[name]
 
 
+def resolve_moe(moe: str, device: torch.device) -> str:
+    """ "auto": grouped on CUDA (no host sync, one launch per projection); on the CPU the loop,
+    which measured faster there (BENCHMARKS.md, bench/moe_cpu.py)."""
+    from .experts import MOE_MODES
+
+    if moe not in MOE_MODES:
+        raise UserError(f"Unknown --moe {moe!r}; choose one of {', '.join(MOE_MODES)}.")
+    if moe == "auto":
+        return "grouped" if device.type == "cuda" else "loop"
+    return moe
+
+
 def parse_device(name: str | torch.device) -> torch.device:
     if isinstance(name, torch.device):
         return name
@@ -162,14 +174,18 @@ def load_model(
     policy: str = DEFAULT_CACHE_POLICY,
     prefetch: bool = DEFAULT_PREFETCH,
     kv_dtype: str | torch.dtype | None = None,
+    moe: str = "auto",
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
     `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading; a quantized
     checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
-    all experts in host RAM and only a cache of them on the device.
+    all experts in host RAM and only a cache of them on the device. `moe`: how a decode token's
+    experts are computed, "grouped" (two kernel launches, ids on the device), "loop" (one expert
+    at a time) or "auto" (see resolve_moe).
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
+    moe = resolve_moe(moe, device)
     ckpt = Checkpoint(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
@@ -188,6 +204,7 @@ def load_model(
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
     model.kv_dtype = parse_kv_dtype(kv_dtype)
+    model.experts.moe = moe
     model.eval()
     return model
 
