@@ -16,8 +16,8 @@ share one kernel:
                 int8 weight [out, in], scaled per row by absmax[row] / 127 (bitsandbytes' formula).
     dense       gate_up [R, 2I, H] and down [R, H, I] in 16/32-bit (DenseExperts); offsets in elements.
 
-Two implementations, equal within bf16 rounding: Triton kernels (CUDA; the CPU through Triton's
-interpreter in the tests) and the plain-torch reference (gather the selected rows, dequantize, bmm),
+Two implementations, equal within bf16 rounding: Triton kernels (quant/moe_triton.py, imported on
+first use; CUDA, and the CPU through Triton's interpreter in the tests) and the plain-torch reference (gather the selected rows, dequantize, bmm),
 which runs anywhere. `use_triton` picks one, in one place. Both are registered as torch ops
 (`qwenlocal::grouped_gate_up`, `qwenlocal::grouped_down`) with fake kernels so a decode step can be
 traced, compiled or captured. The reference sums the k experts in increasing id order in x's dtype, as
@@ -26,17 +26,13 @@ the loop path does; the Triton kernel sums them in the same order in fp32 and ro
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-try:  # Triton ships with CUDA builds of torch; without it the torch path serves
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 # Tokens up to which the grouped kernels are used; a longer prefill reads each expert once per token
 # here, so the caller runs it expert by expert instead.
@@ -100,8 +96,10 @@ def use_triton(x: Tensor) -> bool:
     return os.environ.get("QWENLOCAL_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
 def _triton_available() -> bool:
-    return triton is not None
+    # Triton ships with CUDA builds of torch; without it the torch path serves
+    return importlib.util.find_spec("triton") is not None
 
 
 def grouped_swiglu(
@@ -296,183 +294,6 @@ def torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down
 # Triton
 
 
-if triton is not None:
-
-    @triton.jit
-    def scale_of(blk, a_ptr, nq_ptr, na_ptr, o_ptr, mask, DQ: tl.constexpr):
-        if DQ:
-            qa = tl.load(a_ptr + blk, mask=mask, other=0).to(tl.int32)
-            nq = nq_ptr.to(tl.pointer_type(tl.float32))
-            na = na_ptr.to(tl.pointer_type(tl.float32))
-            off = tl.load(o_ptr.to(tl.pointer_type(tl.float32)))
-            return (
-                tl.load(nq + qa, mask=mask, other=0.0) * tl.load(na + blk // 256, mask=mask, other=0.0) + off
-            )
-        return tl.load(a_ptr.to(tl.pointer_type(tl.float32)) + blk, mask=mask, other=0.0)
-
-    @triton.jit
-    def row_dots(
-        x_ptr,
-        w_ptr,
-        a_ptr,
-        q_ptr,
-        na_ptr,
-        nq_ptr,
-        o_ptr,
-        r,
-        rmask,
-        K,
-        FMT: tl.constexpr,
-        DQ: tl.constexpr,
-        BS: tl.constexpr,
-        ROW_SCALE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        """W[r, :] @ x in fp32 for one matrix (see the module docstring for the layouts)."""
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if FMT == 1:
-            HALF: tl.constexpr = BLOCK_K // 2
-            j = tl.arange(0, HALF)
-            qmap = q_ptr.to(tl.pointer_type(tl.float32))
-            for k0 in range(0, K, BLOCK_K):
-                jm = k0 + 2 * j < K
-                xe = tl.load(x_ptr + k0 + 2 * j, mask=jm, other=0.0).to(tl.float32)
-                xo = tl.load(x_ptr + k0 + 2 * j + 1, mask=jm, other=0.0).to(tl.float32)
-                m2 = rmask[:, None] & jm[None, :]
-                first = r * K + k0  # element index of each row's first column in this step
-                byte = tl.load(w_ptr + (first // 2)[:, None] + j[None, :], mask=m2, other=0).to(tl.int32)
-                hi = tl.load(qmap + (byte >> 4))
-                lo = tl.load(qmap + (byte & 15))
-                prod = hi * xe[None, :] + lo * xo[None, :]
-                if ROW_SCALE:  # the step lies inside one block of each row
-                    s = scale_of(first // BS, a_ptr, nq_ptr, na_ptr, o_ptr, rmask, DQ)
-                    acc += tl.sum(prod, axis=1) * s
-                else:
-                    blk = (first[:, None] + 2 * j[None, :]) // BS
-                    s = scale_of(blk, a_ptr, nq_ptr, na_ptr, o_ptr, m2, DQ)
-                    acc += tl.sum(prod * s, axis=1)
-        else:
-            kk = tl.arange(0, BLOCK_K)
-            wp = w_ptr.to(tl.pointer_type(tl.int8)) if FMT == 2 else w_ptr
-            for k0 in range(0, K, BLOCK_K):
-                km = k0 + kk < K
-                xv = tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
-                m2 = rmask[:, None] & km[None, :]
-                w = tl.load(wp + r[:, None] * K + k0 + kk[None, :], mask=m2, other=0).to(tl.float32)
-                acc += tl.sum(w * xv[None, :], axis=1)
-            if FMT == 2:
-                acc = acc * tl.load(a_ptr.to(tl.pointer_type(tl.float32)) + r, mask=rmask, other=0.0)
-                acc = acc * 7.874015718698502e-3
-        return acc
-
-    @triton.jit
-    def gate_up_kernel(
-        x_ptr,
-        rows_ptr,
-        buf_ptr,
-        h_ptr,
-        stride_row,
-        H,
-        INTER,
-        gw,
-        ga,
-        gq,
-        gna,
-        gnq,
-        go,
-        uw,
-        ua,
-        uq,
-        una,
-        unq,
-        uo,
-        TOPK: tl.constexpr,
-        FMT: tl.constexpr,
-        DQ: tl.constexpr,
-        BS: tl.constexpr,
-        ROW_SCALE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        m = tl.program_id(0)  # one (token, pick)
-        r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = r < INTER
-        base = buf_ptr + tl.load(rows_ptr + m).to(tl.int64) * stride_row
-        xp = x_ptr + (m // TOPK) * H
-        g = row_dots(xp, base + gw, base + ga, base + gq, base + gna, base + gnq, base + go, r, rmask, H,
-                     FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
-        u = row_dots(xp, base + uw, base + ua, base + uq, base + una, base + unq, base + uo, r, rmask, H,
-                     FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
-        # round as the loop path does (each projection in x's dtype), then SiLU * up
-        g = g.to(h_ptr.dtype.element_ty).to(tl.float32)
-        u = u.to(h_ptr.dtype.element_ty).to(tl.float32)
-        h = g / (1.0 + tl.exp(-g)) * u
-        tl.store(h_ptr + m * INTER + r, h.to(h_ptr.dtype.element_ty), mask=rmask)
-
-    @triton.jit
-    def down_kernel(
-        h_ptr,
-        rows_ptr,
-        wts_ptr,
-        buf_ptr,
-        out_ptr,
-        stride_row,
-        H,
-        INTER,
-        dw,
-        da,
-        dq,
-        dna,
-        dnq,
-        do,
-        TOPK: tl.constexpr,
-        FMT: tl.constexpr,
-        DQ: tl.constexpr,
-        BS: tl.constexpr,
-        ROW_SCALE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        n = tl.program_id(0)  # one token
-        r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = r < H
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(TOPK):  # in id order: the same order as the loop path's sum
-            m = n * TOPK + j
-            base = buf_ptr + tl.load(rows_ptr + m).to(tl.int64) * stride_row
-            y = row_dots(h_ptr + m * INTER, base + dw, base + da, base + dq, base + dna, base + dnq, base + do,
-                         r, rmask, INTER, FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
-            acc += y * tl.load(wts_ptr + m).to(tl.float32)
-        tl.store(out_ptr + n * H + r, acc.to(out_ptr.dtype.element_ty), mask=rmask)
-
-    @triton.jit
-    def gemv_kernel(
-        x_ptr,
-        w_ptr,
-        a_ptr,
-        q_ptr,
-        na_ptr,
-        nq_ptr,
-        o_ptr,
-        y_ptr,
-        K,
-        OUT,
-        FMT: tl.constexpr,
-        DQ: tl.constexpr,
-        BS: tl.constexpr,
-        ROW_SCALE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        t = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = r < OUT
-        y = row_dots(x_ptr + t * K, w_ptr, a_ptr, q_ptr, na_ptr, nq_ptr, o_ptr, r, rmask, K,
-                     FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
-        tl.store(y_ptr + t * OUT + r, y.to(y_ptr.dtype.element_ty), mask=rmask)
-
-
 def _meta(fmt: str, double_quant: bool, blocksize: int, k: int, stage: str) -> dict:
     block_n, block_k = TILES[stage]
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
@@ -494,6 +315,8 @@ def _offsets(offs: list[int]) -> list[int]:
 
 
 def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) -> Tensor:
+    from .moe_triton import gate_up_kernel
+
     n, hidden = x.shape
     k = rows.shape[1]
     x = x.contiguous()
@@ -508,6 +331,8 @@ def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) 
 
 
 def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down) -> Tensor:
+    from .moe_triton import down_kernel
+
     n, k = rows.shape
     inter = h.shape[1]
     out = torch.empty(n, hidden, dtype=h.dtype, device=h.device)
@@ -531,6 +356,8 @@ def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, dow
 
 def triton_qgemv(x: Tensor, q) -> Tensor:
     """x [T, K] @ dequantize(q).T for a QTensor q (nf4/fp4/int8), without dequantizing the matrix."""
+    from .moe_triton import gemv_kernel
+
     t, kdim = x.shape
     out = q.shape[0]
     y = torch.empty(t, out, dtype=x.dtype, device=x.device)

@@ -961,6 +961,7 @@ def chat(
     cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     record_routing: opt.RecordRouting = None,
     kv_dtype: opt.KvDtype = None,
+    moe: opt.Moe = "auto",
 ):
     """Chat in the terminal: streamed replies, thinking shown apart, memory and speed after each reply."""
 
@@ -969,7 +970,7 @@ def chat(
 
         ctx = cli.parse_tokens(ctx_size)
         memory = opt.MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype, moe
         ).validate()
         dev = parse_device(device)
         parse_dtype(dtype)  # bad values fail before a long load

@@ -72,6 +72,7 @@ def generate(
     cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     record_routing: opt.RecordRouting = None,
     kv_dtype: opt.KvDtype = None,
+    moe: opt.Moe = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ):
     """Generate a reply to one prompt and print it as it streams."""
@@ -83,7 +84,7 @@ def generate(
         ctx = parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
         memory = MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype, moe
         ).validate()
         if max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")

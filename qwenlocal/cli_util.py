@@ -149,6 +149,7 @@ def load_for_cli(
             policy=m.cache_policy,
             prefetch=m.prefetch,
             kv_dtype=m.kv_dtype,
+            moe=m.moe,
         )
     if m.record_routing is not None:
         from .experts import RoutingRecorder

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .graphs import decode_graph
 from .model import Qwen3MoeForCausalLM
 
 PREFILL_CHUNK = 512
@@ -180,6 +181,7 @@ class Generator:
         self.ctx_size, self.prefill_chunk = ctx_size, prefill_chunk
         self.cache = model.new_cache(ctx_size)
         model.rope_tables(ctx_size)  # allocated once, before generation
+        self.graph = decode_graph(model, self.cache)  # decode replayed as a CUDA graph, where it can be
         self.cached: list[int] = []  # the tokens whose keys/values the cache holds
         self.summary = Summary()
 
@@ -200,6 +202,9 @@ class Generator:
 
     def prefill(self, tokens: list[int]) -> torch.Tensor:
         """Run tokens after what the cache holds; return the last position's logits [V]."""
+        if len(tokens) == 1 and self.graph is not None:
+            self.cached.extend(tokens)
+            return self.graph(tokens[0])  # a view of the graph's output: read it before the next step
         device = self.model.input_device  # ids on the embedding's device: no copy back from the GPU
         logits = None
         for i in range(0, len(tokens), self.prefill_chunk):

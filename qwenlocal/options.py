@@ -40,6 +40,14 @@ KvDtype = Annotated[
     str | None,
     typer.Option("--kv-dtype", help="KV cache storage: bf16, fp16, fp8 (half the memory) or fp32."),
 ]
+Moe = Annotated[
+    str,
+    typer.Option(
+        "--moe",
+        help="Expert compute: grouped (two kernel launches a layer, decode as a CUDA graph), loop, "
+        "or auto (grouped on a GPU, loop on the CPU).",
+    ),
+]
 RecordRouting = Annotated[
     Path | None,
     typer.Option("--record-routing", help="Write the experts picked per layer per token (JSON lines)."),
@@ -55,6 +63,7 @@ class MemoryOptions:
     cache_policy: str = DEFAULT_CACHE_POLICY
     record_routing: Path | None = None
     kv_dtype: str | None = None
+    moe: str = "auto"
 
     def validate(self) -> MemoryOptions:
         """Bad values fail before a long load."""
@@ -72,6 +81,10 @@ class MemoryOptions:
         from .loader import parse_kv_dtype
 
         parse_kv_dtype(self.kv_dtype)
+        from .experts import MOE_MODES
+
+        if self.moe not in MOE_MODES:
+            raise UserError(f"Unknown --moe {self.moe!r}; choose one of {', '.join(MOE_MODES)}.")
         return self
 
     def budget_bytes(self) -> int | str | None:

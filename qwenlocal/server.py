@@ -829,6 +829,7 @@ def serve(
     prefetch: opt.Prefetch = opt.DEFAULT_PREFETCH,
     cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
     kv_dtype: opt.KvDtype = None,
+    moe: opt.Moe = "auto",
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
 
@@ -840,7 +841,7 @@ def serve(
         ctx = cli.parse_tokens(ctx_size)
         parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
         memory = opt.MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, kv_dtype=kv_dtype
+            quant, gpu_experts, vram_budget, prefetch, cache_policy, kv_dtype=kv_dtype, moe=moe
         ).validate()
         if max_tokens is not None and max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")

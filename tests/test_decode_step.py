@@ -107,3 +107,28 @@ def test_fixed_shape_step_equals_forward(small_ckpt):
 def test_bad_moe_value_is_a_user_error(small_ckpt):
     with pytest.raises(UserError, match="--moe"):
         load_model(small_ckpt, moe="fast")
+
+
+@pytest.mark.parametrize("per_layer", [2, 3, 5])
+def test_offloaded_grouped_equals_resident(qckpt, per_layer):
+    """Misses copied as one batch into slots, all k picks computed through the slot table: the same
+    logits and tokens as the resident grouped model, bit for bit."""
+    resident = load_model(qckpt, dtype=torch.float32, moe="grouped")
+    layers = len(resident.config.moe_layers)
+    model = load_model(qckpt, dtype=torch.float32, moe="grouped", gpu_experts=per_layer * layers)
+    p = SamplingParams(temperature=0)
+    # one token at a time: every step takes the grouped path in both models
+    a, b = Generator(resident, ctx_size=64, prefill_chunk=1), Generator(model, ctx_size=64, prefill_chunk=1)
+    for tok in PROMPT[:6]:
+        assert torch.equal(a.prefill([tok]), b.prefill([tok]))
+    a.reset(), b.reset()
+    before = model.experts.stats.snapshot()
+    list(a.stream(PROMPT, p, max_tokens=12, eos_ids=()))
+    list(b.stream(PROMPT, p, max_tokens=12, eos_ids=()))
+    assert a.summary.token_ids == b.summary.token_ids
+    t = model.experts.stats.since(before).total()
+    assert t.misses > 0 and t.hits + t.misses >= 11 * layers * resident.config.num_experts_per_tok
+    assert t.bytes_copied == t.misses * model.experts.layout.nbytes
+    # a small prefill batch whose experts fit the slots is grouped too; one that does not, the loop
+    ids = torch.tensor([PROMPT[:3]])
+    assert torch.allclose(model(ids), resident(ids), atol=1e-5, rtol=1e-5)
