@@ -174,9 +174,11 @@ def quantized_once(folder: Path, quiet: bool = False) -> Path:
     from quant.recipe import DEFAULT_PRESET, Recipe
 
     from .config import Qwen3MoeConfig
+    from .sources import DEQUANTIZED_METHODS, quant_method
 
-    if Qwen3MoeConfig.from_file(folder / "config.json").quantization_config:
-        return folder
+    config = Qwen3MoeConfig.from_file(folder / "config.json")
+    if config.quantization_config and quant_method(config) not in DEQUANTIZED_METHODS:
+        return folder  # quantized already, by us or as a GPTQ release that loads as it is
     resolved = folder.resolve()
     parts = resolved.parts
     if "snapshots" in parts:  # a hub snapshot: models--Org--Name/snapshots/<revision>
