@@ -51,7 +51,11 @@ def profile_decode(model, prompt: list[int], ctx: int, steps: int = 16) -> dict:
     gen = Generator(model, ctx_size=ctx)
     logits = gen.prefill(prompt[:32])
     token = int(logits.argmax())
-    for _ in range(3):  # capture (if any) and warm-up outside the profile
+    sync()
+    t = time.perf_counter()
+    token = int(gen.prefill([token]).argmax())  # the first step captures the graph (if any)
+    first_s = time.perf_counter() - t
+    for _ in range(2):  # warm-up outside the profile
         token = int(gen.prefill([token]).argmax())
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -67,7 +71,11 @@ def profile_decode(model, prompt: list[int], ctx: int, steps: int = 16) -> dict:
             device_us += e.device_time
         elif e.name in LAUNCH_CALLS:
             launches += 1
-    row = {"kernels_per_token": kernels / steps, "launches_per_token": launches / steps}
+    row = {
+        "kernels_per_token": kernels / steps,
+        "launches_per_token": launches / steps,
+        "first_step_s": first_s,
+    }
     row["device_ms_per_token"] = device_us / steps / 1000
     if gen.graph is not None:  # replay alone, timed by CUDA events
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -139,6 +147,7 @@ def fmt_row(r: dict) -> list[str]:
         f("launches_per_token", ".0f"),
         f("device_ms_per_token", ".2f"),
         f("replay_ms", ".2f"),
+        f("first_step_s", ".1f"),
         f("hit_rate", ".1%"),
         f("copy_gbs", ".2f"),
         f"{r['estimate_gpu_bytes'] / GIB:.2f}",
@@ -158,6 +167,7 @@ HEADERS = [
     "host launches/token",
     "device ms/token",
     "graph replay ms",
+    "first step s (capture)",
     "hit rate",
     "copies GB/s",
     "estimate GiB",

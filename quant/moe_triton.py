@@ -12,8 +12,10 @@ def scale_of(blk, a_ptr, nq_ptr, na_ptr, o_ptr, mask, DQ: tl.constexpr):
         nq = nq_ptr.to(tl.pointer_type(tl.float32))
         na = na_ptr.to(tl.pointer_type(tl.float32))
         off = tl.load(o_ptr.to(tl.pointer_type(tl.float32)))
-        return tl.load(nq + qa, mask=mask, other=0.0) * tl.load(na + blk // 256, mask=mask, other=0.0) + off
-    return tl.load(a_ptr.to(tl.pointer_type(tl.float32)) + blk, mask=mask, other=0.0)
+        scale = tl.load(nq + qa, mask=mask, other=0.0) * tl.load(na + blk // 256, mask=mask, other=0.0) + off
+    else:
+        scale = tl.load(a_ptr.to(tl.pointer_type(tl.float32)) + blk, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit
@@ -60,7 +62,9 @@ def row_dots(
                 acc += tl.sum(prod * s, axis=1)
     else:
         kk = tl.arange(0, BLOCK_K)
-        wp = w_ptr.to(tl.pointer_type(tl.int8)) if FMT == 2 else w_ptr
+        wp = w_ptr
+        if FMT == 2:
+            wp = w_ptr.to(tl.pointer_type(tl.int8))
         for k0 in range(0, K, BLOCK_K):
             km = k0 + kk < K
             xv = tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)

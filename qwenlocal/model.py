@@ -85,7 +85,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, s.cos, s.sin), apply_rope(k, s.cos, s.sin)  # [B, H, T, D]
         if s.cache is not None:
             k, v = s.cache.update(self.layer, k, v, s.positions, s.end)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask, is_causal=s.causal, enable_gqa=True)
+        if t == 1:  # one query: each KV head's query heads become its rows (no K/V copies for GQA)
+            rows = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            out = F.scaled_dot_product_attention(rows, k, v, attn_mask=s.mask).view(b, self.n_heads, 1, -1)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=s.mask, is_causal=s.causal, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -54,8 +54,10 @@ def qckpt(checkpoint_factory):
 @cuda
 @pytest.mark.parametrize("per_layer", [2, 4])
 def test_offloaded_equals_resident_on_gpu(qckpt, per_layer):
-    resident = load_model(qckpt, device="cuda", dtype=torch.bfloat16)
-    model = load_model(qckpt, device="cuda", dtype=torch.bfloat16, gpu_experts=per_layer * 3)
+    # the loop path on both sides: a prompt whose experts outnumber the slots is computed expert
+    # by expert when offloaded (the grouped path has its own test below)
+    resident = load_model(qckpt, device="cuda", dtype=torch.bfloat16, moe="loop")
+    model = load_model(qckpt, device="cuda", dtype=torch.bfloat16, gpu_experts=per_layer * 3, moe="loop")
     assert model.experts.blobs[0].is_pinned() and model.experts.slot_buf.is_cuda
     ids = torch.tensor([PROMPT], device="cuda")
     assert torch.equal(model(ids), resident(ids))
