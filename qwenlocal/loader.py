@@ -23,35 +23,8 @@ from .errors import UserError
 from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
 from .model import Qwen3MoeForCausalLM
 from .offload import DEFAULT_PREFETCH
+from .options import parse_device, parse_dtype, parse_kv_dtype
 from .sources import DequantizingCheckpoint, open_source
-
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise UserError(f"Unknown dtype {name!r}; choose one of bf16, fp16, fp32.")
-    return DTYPES[name]
-
-
-def parse_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """None keeps the model's dtype; fp8 (e4m3) halves the KV cache."""
-    from .memory import KV_DTYPES
-
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in KV_DTYPES:
-        raise UserError(f"Unknown --kv-dtype {name!r}; choose one of {', '.join(KV_DTYPES)}.")
-    return KV_DTYPES[name]
 
 
 def resolve_moe(moe: str, device: torch.device) -> str:
@@ -64,22 +37,6 @@ def resolve_moe(moe: str, device: torch.device) -> str:
     if moe == "auto":
         return "grouped" if device.type == "cuda" else "loop"
     return moe
-
-
-def parse_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available.")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"Unsupported device {name!r}; use cpu, cuda, cuda:N or auto.")
-    return device
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

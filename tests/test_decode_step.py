@@ -84,9 +84,10 @@ def test_grouped_model_decodes_like_the_loop_model(qckpt):
     assert torch.allclose(grouped(ids), loop(ids), atol=1e-4, rtol=1e-4)
     p = SamplingParams(temperature=0)
     a, b = Generator(loop, ctx_size=64), Generator(grouped, ctx_size=64)
-    list(a.stream(PROMPT, p, max_tokens=16, eos_ids=()))
-    list(b.stream(PROMPT, p, max_tokens=16, eos_ids=()))
-    assert a.summary.token_ids == b.summary.token_ids
+    assert (
+        a.run(PROMPT, p, max_tokens=16, eos_ids=()).token_ids
+        == b.run(PROMPT, p, max_tokens=16, eos_ids=()).token_ids
+    )
 
 
 def test_fixed_shape_step_equals_forward(small_ckpt):
@@ -123,9 +124,10 @@ def test_offloaded_grouped_equals_resident(qckpt, per_layer):
         assert torch.equal(a.prefill([tok]), b.prefill([tok]))
     a.reset(), b.reset()
     before = model.experts.stats.snapshot()
-    list(a.stream(PROMPT, p, max_tokens=12, eos_ids=()))
-    list(b.stream(PROMPT, p, max_tokens=12, eos_ids=()))
-    assert a.summary.token_ids == b.summary.token_ids
+    assert (
+        a.run(PROMPT, p, max_tokens=12, eos_ids=()).token_ids
+        == b.run(PROMPT, p, max_tokens=12, eos_ids=()).token_ids
+    )
     t = model.experts.stats.since(before).total()
     assert t.misses > 0 and t.hits + t.misses >= 11 * layers * resident.config.num_experts_per_tok
     assert t.bytes_copied == t.misses * model.experts.layout.nbytes

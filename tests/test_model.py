@@ -70,8 +70,10 @@ def test_32_greedy_tokens(pair):
         out = ref.generate(PROMPT, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     expected = out[0, PROMPT.shape[1] :].tolist()
     gen = Generator(ours, ctx_size=64, prefill_chunk=5)
-    list(gen.stream(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=32, eos_ids=()))
-    assert gen.summary.token_ids == expected
+    assert (
+        gen.run(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=32, eos_ids=()).token_ids
+        == expected
+    )
     assert len(expected) == 32
 
 

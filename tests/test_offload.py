@@ -35,8 +35,7 @@ def qckpt(checkpoint_factory):
 
 def greedy(model, n=12):
     gen = Generator(model, ctx_size=64, prefill_chunk=8)
-    list(gen.stream(PROMPT, SamplingParams(temperature=0), max_tokens=n, eos_ids=()))
-    return gen.summary.token_ids
+    return gen.run(PROMPT, SamplingParams(temperature=0), max_tokens=n, eos_ids=()).token_ids
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +169,17 @@ def test_record_routing(qckpt, tmp_path):
 
 
 def test_server_reports_expert_cache(qckpt):
-    from qwenlocal.server import expert_cache_stats
+    from qwenlocal.engine import Stats, expert_cache_stats
+
+    def served(model):  # the server's counters, summed from the generations' last records
+        stats = Stats()
+        gen = Generator(model, ctx_size=64, prefill_chunk=8)
+        stats.record(gen.run(PROMPT, SamplingParams(temperature=0), max_tokens=4, eos_ids=()))
+        return stats
 
     resident = load_model(qckpt, dtype=torch.float32)
-    assert expert_cache_stats(resident) is None
+    assert expert_cache_stats(served(resident), resident) is None
     model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS)
-    greedy(model, n=4)
-    d = expert_cache_stats(model)
+    d = expert_cache_stats(served(model), model)
     assert d["hits"] + d["misses"] == model.experts.uses and 0 <= d["hit_rate"] <= 1
     assert d["slots_per_layer"] == 3 and d["bytes_copied"] > 0
