@@ -19,10 +19,9 @@ import torch
 from common import greedy_run, machine, markdown_table
 
 from qwenlocal import load_model
-from qwenlocal.memory import CUDA_CONTEXT_BYTES, estimate, plan_for
+from qwenlocal.memory import CUDA_CONTEXT_BYTES, GIB, estimate, model_plan
 from qwenlocal.random_checkpoint import TINY, write_random_quantized_checkpoint
 
-GIB = 1024**3
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
@@ -100,7 +99,7 @@ def run(folder: Path, args, budget: int | None, moe: str, n_decode: int, prompt:
     )
     load_s = time.perf_counter() - t
     r = greedy_run(model, prompt, n_decode, args.ctx)
-    est = estimate(model.config, plan_for(model, args.ctx))
+    est = estimate(model.config, model_plan(model, args.ctx))
     row = {
         "moe": moe,
         "budget_gib": None if budget is None else budget / GIB,

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .formats import NESTED_BLOCKSIZE, PARTS
+
 # Tokens up to which the grouped kernels are used; a longer prefill reads each expert once per token
 # here, so the caller runs it expert by expert instead.
 MAX_GROUPED_TOKENS = 16
-PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
-NESTED_BLOCKSIZE = 256
 INT8_SCALE = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
 FMT_IDS = {"dense": 0, "nf4": 1, "fp4": 1, "int8": 2}
 # (rows per program, input columns per step) of each stage: small row tiles give the down stage
@@ -155,59 +155,6 @@ def _down_op(
 @_down_op.register_fake
 def _(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down):
     return h.new_empty(rows.shape[0], hidden)
-
-
-def qmatmul(x: Tensor, q, bias: Tensor | None = None) -> Tensor:
-    """x [..., in] @ dequantize(q).T (+ bias) through one torch op: on CUDA a few tokens take the
-    Triton GEMV (no dequantized copy of the matrix per token); otherwise quant.linear.qlinear."""
-    parts = [getattr(q, name) for name in PARTS]
-    return torch.ops.qwenlocal.qmatmul(x, *parts, bias, q.fmt, list(q.shape), q.dtype, q.blocksize)
-
-
-@torch.library.custom_op("qwenlocal::qmatmul", mutates_args=())
-def _qmatmul_op(
-    x: Tensor,
-    weight: Tensor,
-    absmax: Tensor,
-    quant_map: Tensor | None,
-    nested_absmax: Tensor | None,
-    nested_quant_map: Tensor | None,
-    offset: Tensor | None,
-    bias: Tensor | None,
-    fmt: str,
-    shape: list[int],
-    dtype: torch.dtype,
-    blocksize: int,
-) -> Tensor:
-    from .formats import QTensor
-    from .linear import qlinear
-
-    q = QTensor(
-        fmt,
-        tuple(shape),
-        dtype,
-        blocksize,
-        weight,
-        absmax,
-        quant_map,
-        nested_absmax,
-        nested_quant_map,
-        offset,
-    )
-    flat = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and flat.shape[0] <= MAX_GROUPED_TOKENS and use_triton(x) and shape[1] % 2 == 0:
-        y = triton_qgemv(flat, q)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.view(*x.shape[:-1], shape[0])
-    return qlinear(x, q, bias)
-
-
-@_qmatmul_op.register_fake
-def _(
-    x, weight, absmax, quant_map, nested_absmax, nested_quant_map, offset, bias, fmt, shape, dtype, blocksize
-):
-    return x.new_empty(*x.shape[:-1], shape[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ def test_qlinear_on_gpu(fmt, rows):
 
 @pytest.fixture(scope="module")
 def qckpt(checkpoint_factory):
-    from quant.convert import quantize_checkpoint
     from quant.recipe import Recipe
+    from qwenlocal.quantize import quantize_checkpoint
 
     src = checkpoint_factory("cuda-src", {**TINY, "num_hidden_layers": 3}, dtype=torch.bfloat16)
     out = src.parent / "cuda-q"
@@ -149,7 +149,7 @@ def test_model_equals_transformers_on_gpu(checkpoint_factory, moe):
 
 @cuda
 def test_memory_estimate_against_the_allocator(qckpt):
-    from qwenlocal.memory import CUDA_CONTEXT_BYTES, estimate, plan_for
+    from qwenlocal.memory import CUDA_CONTEXT_BYTES, estimate, model_plan
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -159,7 +159,7 @@ def test_memory_estimate_against_the_allocator(qckpt):
         Generator(model, ctx_size=256).stream(PROMPT, SamplingParams(temperature=0), max_tokens=8, eos_ids=())
     )
     peak = torch.cuda.max_memory_allocated() - base
-    est = estimate(model.config, plan_for(model, 256)).gpu_total - CUDA_CONTEXT_BYTES
+    est = estimate(model.config, model_plan(model, 256)).gpu_total - CUDA_CONTEXT_BYTES
     # the allocator rounds blocks up to 512 bytes and keeps the graph's pool: a tiny model's
     # figures are small, so allow a fixed slack beside the ratio
     assert peak <= est * 1.25 + 16 * 1024**2, (peak, est)
@@ -194,7 +194,7 @@ def test_grouped_triton_equals_torch_on_gpu(fmt, dq, n, k):
 @pytest.mark.parametrize("rows", [1, 16, 40])
 def test_qmatmul_on_gpu(fmt, rows):
     """Attention's quantized matmul: the Triton GEMV up to 16 tokens, qlinear beyond."""
-    from quant.moe_kernels import qmatmul
+    from quant.linear import qmatmul
 
     w = torch.randn(4096, 2048, dtype=torch.bfloat16, device="cuda")
     q = quantize(w, fmt, 64, fmt == "nf4")

@@ -21,8 +21,8 @@ MAX_ATEN_PER_LAYER = 100
 
 @pytest.fixture(scope="module", params=["nf4", "mixed"])
 def qckpt(request, checkpoint_factory):
-    from quant.convert import quantize_checkpoint
     from quant.recipe import Recipe
+    from qwenlocal.quantize import quantize_checkpoint
 
     src = checkpoint_factory("step-src", {**TINY, "num_hidden_layers": 3}, dtype=torch.bfloat16)
     out = src.parent / f"step-{request.param}"
