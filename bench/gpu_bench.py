@@ -116,7 +116,10 @@ def run(folder: Path, args, budget: int | None, moe: str, n_decode: int, prompt:
         free1, _ = torch.cuda.mem_get_info()
         row["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         row["process_gpu_bytes"] = free0 - free1 + CUDA_CONTEXT_BYTES  # driver's view, context estimated
-    row.update(profile_decode(model, prompt, args.ctx, steps=16 if cuda else 2))
+    try:
+        row.update(profile_decode(model, prompt, args.ctx, steps=16 if cuda else 2))
+    except Exception as e:  # a profiler failure must not lose the row's speed
+        row["profile_error"] = f"{type(e).__name__}: {e}"
     if "hit" in r:
         row.update(hit_rate=r["hit"], copy_gbs=r["gb"] / r["wall"], wait_share=r["wait"])
     try:
@@ -215,6 +218,9 @@ def main() -> None:
         f"prompt {args.prompt} tokens; greedy decode; grouped and loop agree on the first 16 tokens: {same}"
     )
     print(markdown_table(HEADERS, [fmt_row(r) for r in rows]))
+    for r in rows:
+        if "profile_error" in r:
+            print(f"profiler ({r['moe']}, budget {r['budget_gib']}): {r['profile_error']}")
 
 
 if __name__ == "__main__":

@@ -222,14 +222,7 @@ class OffloadedExperts(QuantExperts):
     def _load_batch(self, layer: int, needed: list[int]) -> None:
         """Give every needed expert a slot; copy the misses host -> staging -> slots as one batch."""
         policy, stats = self.policies[layer], self.stats.layers[layer]
-        self.uses += len(needed)
-        self._guess.pop(layer, None)
-        hits = [e for e in needed if e in policy]
-        misses = [e for e in needed if e not in policy]
-        for e in hits:
-            policy.touch(e)
-        stats.hits += len(hits)
-        stats.misses += len(misses)
+        _, misses = self._lookup(layer, needed, decode=True)
         if not misses:
             return
         protect = set(needed)
@@ -258,26 +251,30 @@ class OffloadedExperts(QuantExperts):
             if i + k < len(misses) and dev.type == "cuda":
                 torch.cuda.current_stream(dev).synchronize()  # before the staging buffer is refilled
 
+    def _lookup(self, layer: int, needed: list[int], decode: bool) -> tuple[list[int], list[int]]:
+        """The layer's hits (touched) and misses among `needed`, counted with the prefetch figures."""
+        if self._waits:
+            self.settle_waits()
+        policy, stats = self.policies[layer], self.stats.layers[layer]
+        stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(needed))
+        guess = self._guess.pop(layer, None)
+        if guess is not None and decode:
+            stats.predicted += len(guess & set(needed))
+            stats.actual += len(needed)
+        hits = [e for e in needed if e in policy]
+        for e in hits:
+            policy.touch(e)
+        misses = [e for e in needed if e not in policy]
+        stats.hits += len(hits)
+        stats.misses += len(misses)
+        return hits, misses
+
     def _forward_loop(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         self.record(layer, ids)
-        if self._waits:
-            self.settle_waits()
-        policy, stats = self.policies[layer], self.stats.layers[layer]
         groups = list(group_by_expert(ids, weights))
-        needed = [g[0] for g in groups]
-        stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(needed))
-        guess = self._guess.pop(layer, None)
-        if guess is not None:
-            stats.predicted += len(guess & set(needed)) if x.shape[0] == 1 else 0
-            stats.actual += len(needed) if x.shape[0] == 1 else 0
-        hits = [e for e in needed if e in policy]
-        for e in hits:
-            policy.touch(e)
-        stats.hits += len(hits)
-        misses = [e for e in needed if e not in policy]
-        stats.misses += len(misses)
+        hits, misses = self._lookup(layer, [g[0] for g in groups], x.shape[0] == 1)
         # a prefill: keep the experts of the last tokens resident at the end (loaded last)
         if len(misses) > 1 and x.shape[0] > 1:
             last_use = {e: int(t.max()) for e, t, _ in groups}

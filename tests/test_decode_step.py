@@ -110,7 +110,7 @@ def test_bad_moe_value_is_a_user_error(small_ckpt):
         load_model(small_ckpt, moe="fast")
 
 
-@pytest.mark.parametrize("per_layer", [2, 3, 5])
+@pytest.mark.parametrize("per_layer", [2, 5])
 def test_offloaded_grouped_equals_resident(qckpt, per_layer):
     """Misses copied as one batch into slots, all k picks computed through the slot table: the same
     logits and tokens as the resident grouped model, bit for bit."""
