@@ -95,7 +95,13 @@ def run(folder: Path, args, budget: int | None, moe: str, n_decode: int, prompt:
         free0, _ = torch.cuda.mem_get_info()
     t = time.perf_counter()
     model = load_model(
-        folder, device=args.device, dtype=torch.bfloat16, ctx_size=args.ctx, vram_budget=budget, moe=moe
+        folder,
+        device=args.device,
+        dtype=torch.bfloat16,
+        ctx_size=args.ctx,
+        vram_budget=budget,
+        moe=moe,
+        cold_experts="copy",  # every miss copied in: the grouped offload path (bench/cold_gpu.py: the rest)
     )
     load_s = time.perf_counter() - t
     r = greedy_run(model, prompt, n_decode, args.ctx)

@@ -101,6 +101,7 @@ def loaded(
             prefetch=load.prefetch,
             kv_dtype=load.kv_dtype,
             moe=load.moe,
+            cold_experts=load.cold_experts,
         )
     if load.record_routing is not None:
         from .experts import RoutingRecorder

@@ -23,6 +23,7 @@ import torch
 import typer
 
 from .cache_policy import DEFAULT_CACHE_POLICY
+from .cold import DEFAULT_COLD_EXPERTS, parse_cold_experts
 from .errors import UserError
 from .offload import DEFAULT_PREFETCH
 
@@ -109,6 +110,7 @@ class LoadOptions:
     kv_dtype: str | None = None
     record_routing: Path | None = None
     moe: str = "auto"
+    cold_experts: str = DEFAULT_COLD_EXPERTS
 
     def validate(self) -> LoadOptions:
         """Bad values fail here, before a long load."""
@@ -128,6 +130,7 @@ class LoadOptions:
 
         if self.moe not in MOE_MODES:
             raise UserError(f"Unknown --moe {self.moe!r}; choose one of {', '.join(MOE_MODES)}.")
+        parse_cold_experts(self.cold_experts)
         self.budget()
         return self
 
@@ -225,6 +228,12 @@ LOAD_FLAGS = (
         ("--moe",),
         "Expert compute: grouped (two kernel launches a layer; decode as a CUDA graph), loop, "
         "or auto (grouped on a GPU, loop on the CPU).",
+    ),
+    Flag(
+        "cold_experts",
+        str,
+        ("--cold-experts",),
+        "An expert without a GPU slot: copy it in (copy), compute it on the CPU (cpu), or pick by measured times (auto).",
     ),
 )
 SAMPLING_FLAGS = (

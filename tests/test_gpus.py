@@ -14,12 +14,11 @@ from qwenlocal.cache_sim import lru_hit_rate
 from qwenlocal.cli import app
 from qwenlocal.config import Qwen3MoeConfig
 from qwenlocal.gpus import Gpu, decode_speed, expected_hit_rate, find_gpu, fit_card, gpu_table
-from qwenlocal.memory import fit_expert_slots
+from qwenlocal.memory import GIB, fit_expert_slots
 from qwenlocal.synthetic_trace import synthetic_trace
 from qwenlocal.vram import plan_from_flags
 
 runner = CliRunner()
-GIB = 1024**3
 CONFIG = Qwen3MoeConfig.builtin()
 REQUIRED = (
     "RTX 3060 12GB",
