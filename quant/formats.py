@@ -1,4 +1,5 @@
-"""Quantized tensor formats: NF4 / FP4 (bitsandbytes 4-bit, optional double quant) and int8 row-wise.
+"""Quantized tensor formats: NF4 / FP4 (bitsandbytes 4-bit, optional double quant), int8 row-wise,
+and int4 group-wise affine (torch's int4pack convention; layout in quant/int4.py).
 
 A `QTensor` holds exactly the tensors bitsandbytes' own functions produce, so either side can
 read the other's output:
@@ -11,6 +12,8 @@ read the other's output:
                 offset            fp32 []                   double quant only: mean of the absmax
     int8        weight            int8, the weight's shape  round(w * 127 / row absmax)
                 absmax            fp32 [rows]               row absmax (bnb calls it SCB / row_stats)
+    int4        weight            uint8 [N, K / 2]          see quant/int4.py
+                scale_zero        bf16 [K / G, N, 2]        G: the group size, kept in `blocksize`
 
 `quantize` is bit-for-bit identical to `bitsandbytes.functional.quantize_4bit` (quant_storage uint8)
 and `int8_vectorwise_quant`. On CUDA it calls those kernels; on the CPU it reproduces, op for op, the
@@ -42,10 +45,14 @@ from torch import Tensor
 
 from qwenlocal.errors import UserError
 
+from .int4 import GROUP_SIZES, dequantize_int4, quantize_int4
+from .scratch import scratch
+
 logger = logging.getLogger(__name__)
 
-FORMATS = ("nf4", "fp4", "int8")
-FOUR_BIT_FORMATS = ("nf4", "fp4")
+FORMATS = ("nf4", "fp4", "int8", "int4")
+FOUR_BIT_FORMATS = ("nf4", "fp4", "int4")
+BNB_4BIT_FORMATS = ("nf4", "fp4")
 DEFAULT_BLOCKSIZE = 64
 # The block sizes bitsandbytes' quantize_4bit accepts.
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -58,7 +65,7 @@ PACK_ALIGN = 64
 CPU_CHUNK_ELEMS = 1 << 18
 
 # Part names, in storage order. `to_tensors(prefix)` writes f"{prefix}.{part}".
-PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")
 
 _DTYPE_NAMES = {
     torch.bfloat16: "bfloat16",
@@ -98,13 +105,17 @@ def check_format(fmt: str, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: boo
     """Raise `QuantFormatError` (a UserError and a ValueError) unless the recipe is valid."""
     if fmt not in FORMATS:
         raise QuantFormatError(f"Unknown quantization format {fmt!r}; expected one of {', '.join(FORMATS)}.")
-    if fmt in FOUR_BIT_FORMATS and blocksize not in VALID_BLOCKSIZES:
+    if fmt in BNB_4BIT_FORMATS and blocksize not in VALID_BLOCKSIZES:
         raise QuantFormatError(
             f"Block size {blocksize!r} is not supported for {fmt}; use one of {', '.join(map(str, VALID_BLOCKSIZES))}."
         )
-    if fmt == "int8" and double_quant:
+    if fmt == "int4" and blocksize not in GROUP_SIZES:
         raise QuantFormatError(
-            "Double quantization applies to nf4/fp4 only, not to int8 (one scale per row)."
+            f"Group size {blocksize!r} is not supported for int4; use one of {', '.join(map(str, GROUP_SIZES))}."
+        )
+    if fmt in ("int8", "int4") and double_quant:
+        raise QuantFormatError(
+            f"Double quantization applies to nf4/fp4 only, not to {fmt} (its scales stay 16-bit)."
         )
 
 
@@ -121,10 +132,16 @@ class QSpec:
     blocksize: int = DEFAULT_BLOCKSIZE
     double_quant: bool = False
     dtype: torch.dtype = torch.bfloat16  # the original (dequantized) dtype
+    packing: str = "plain"  # int4 only: "plain" as stored, or a CPU kernel layout (quant/int4.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         check_format(self.fmt, self.blocksize, self.double_quant)
+        if self.fmt == "int4" and (len(self.shape) != 2 or self.shape[1] % self.blocksize):
+            raise QuantFormatError(
+                f"int4 needs a 2-D weight whose width divides into groups of {self.blocksize}, "
+                f"not {list(self.shape)}; choose a smaller --group-size or another format."
+            )
         if self.fmt == "int8":
             if len(self.shape) == 0:
                 raise QuantFormatError(
@@ -134,13 +151,14 @@ class QSpec:
 
     def meta(self) -> dict[str, Any]:
         """The JSON-able form (spec_from_meta reads it back)."""
-        return {
+        out = {
             "format": self.fmt,
             "shape": list(self.shape),
             "dtype": dtype_name(self.dtype),
             "blocksize": self.blocksize,
             "double_quant": self.double_quant,
         }
+        return out if self.packing == "plain" else {**out, "packing": self.packing}
 
     @property
     def numel(self) -> int:
@@ -152,6 +170,12 @@ class QSpec:
         if self.fmt == "int8":
             rows = n // self.shape[-1] if self.shape[-1] else 0
             return [("weight", torch.int8, self.shape), ("absmax", torch.float32, (rows,))]
+        if self.fmt == "int4":
+            out_f, in_f = self.shape
+            return [
+                ("weight", torch.uint8, (out_f, in_f // 2)),
+                ("scale_zero", torch.bfloat16, (in_f // self.blocksize, out_f, 2)),
+            ]
         blocks = -(-n // self.blocksize)
         out = [("weight", torch.uint8, ((n + 1) // 2, 1))]
         if self.double_quant:
@@ -196,14 +220,18 @@ class QTensor:
     fmt: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    blocksize: int  # 4-bit: elements per absmax; int8: the row length
+    blocksize: int  # nf4/fp4: elements per absmax; int4: the group size; int8: the row length
     weight: Tensor
-    absmax: Tensor
+    absmax: Tensor | None = None
     quant_map: Tensor | None = None
     nested_absmax: Tensor | None = None
     nested_quant_map: Tensor | None = None
     offset: Tensor | None = None
+    scale_zero: Tensor | None = None
+    packing: str = "plain"
     _bnb_state: Any = field(default=None, init=False, repr=False, compare=False)
+    # what a kernel derives from the tensors once (quant/kernels.py), e.g. int8 scales in bf16
+    kernel_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def double_quant(self) -> bool:
@@ -211,7 +239,7 @@ class QTensor:
 
     @property
     def spec(self) -> QSpec:
-        return QSpec(self.shape, self.fmt, self.blocksize, self.double_quant, self.dtype)
+        return QSpec(self.shape, self.fmt, self.blocksize, self.double_quant, self.dtype, self.packing)
 
     @property
     def device(self) -> torch.device:
@@ -234,8 +262,10 @@ class QTensor:
         return 8 * self.nbytes / self.numel
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QTensor:
+        if self.packing != "plain" and torch.device(device).type != "cpu":
+            raise ValueError(f"An int4 tensor in the {self.packing} kernel layout cannot leave the CPU.")
         moved = {k: t.to(device, non_blocking=non_blocking) for k, t in self.parts().items()}
-        return QTensor(self.fmt, self.shape, self.dtype, self.blocksize, **moved)
+        return QTensor(self.fmt, self.shape, self.dtype, self.blocksize, **moved, packing=self.packing)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize(self, dtype)
@@ -271,7 +301,7 @@ class QTensor:
                     f"{key!r} is {t.dtype} {list(t.shape)}, expected {dt} {list(shape)} for {spec.fmt} {list(spec.shape)}."
                 )
             found[name] = t
-        return cls(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **found)
+        return cls(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **found, packing=spec.packing)
 
 
 def spec_from_meta(meta: Mapping[str, Any]) -> QSpec:
@@ -281,6 +311,7 @@ def spec_from_meta(meta: Mapping[str, Any]) -> QSpec:
         int(meta.get("blocksize", DEFAULT_BLOCKSIZE)),
         bool(meta.get("double_quant", False)),
         dtype_from_name(meta.get("dtype", "bfloat16")),
+        meta.get("packing", "plain"),
     )
 
 
@@ -448,7 +479,8 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
 def quantize(
     weight: Tensor, fmt: str, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = False
 ) -> QTensor:
-    """Quantize `weight` (bf16/fp16/fp32) to nf4, fp4 or int8; identical to bitsandbytes' output.
+    """Quantize `weight` (bf16/fp16/fp32) to nf4, fp4 or int8 (identical to bitsandbytes' output),
+    or int4 (groups of `blocksize`, quant/int4.py).
 
     int8 is row-wise over the last dimension and ignores `blocksize`.
     """
@@ -458,6 +490,10 @@ def quantize(
     if weight.numel() == 0:
         raise QuantFormatError("Cannot quantize an empty tensor.")
     shape = tuple(weight.shape)
+    if fmt == "int4":
+        QSpec(shape, fmt, blocksize)  # checks the shape
+        packed, scale_zero = quantize_int4(weight, blocksize)
+        return QTensor(fmt, shape, weight.dtype, blocksize, packed, scale_zero=scale_zero)
     if fmt == "int8":
         if weight.dim() == 0:
             raise QuantFormatError("int8 row-wise quantization needs a tensor with at least one dimension.")
@@ -679,12 +715,16 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None, out: Tensor | None 
     elif out.numel() != q.numel or not out.is_contiguous():
         raise ValueError(f"dequantize: out must be contiguous with {q.numel} elements")
     res = out.view(q.shape)
+    if q.fmt == "int4":
+        assert q.scale_zero is not None
+        return dequantize_int4(q.weight, q.scale_zero, q.shape, q.blocksize, q.packing, res)
     if q.fmt == "int8":
         # bnb: A * stats.view(-1, 1) * 7.874015718698502e-3, in fp32
         w = q.weight.reshape(-1, q.shape[-1])
         tmp = res if dtype == torch.float32 else scratch("dq_int8", q.numel, torch.float32, q.device)
-        torch.mul(w, q.absmax.view(-1, 1), out=tmp.view(w.shape))
-        torch.mul(tmp.view(w.shape), 7.874015718698502e-3, out=res.view(w.shape))
+        tmp = tmp.view(w.shape).copy_(w)  # int8 -> fp32 first: the mixed-dtype multiply is 3x slower
+        tmp.mul_(q.absmax.view(-1, 1))
+        torch.mul(tmp, 7.874015718698502e-3, out=res.view(w.shape))
         return res
     if q.device.type == "cuda":
         from bitsandbytes.functional import dequantize_4bit
@@ -727,23 +767,6 @@ def _code_pairs(code: Tensor | None, fmt: str) -> Tensor:
     return cached[key]
 
 
-# Scratch tensors up to this size are kept per thread and reused (fresh pages are slow to fault in).
-SCRATCH_KEEP_BYTES = 64 << 20
-
-
-def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
-    """A per-thread reusable buffer of at least `numel` elements (its first `numel` are returned)."""
-    cache: dict[tuple, Tensor] = _local.__dict__.setdefault("scratch", {})
-    # a buffer made inside inference mode cannot be written outside it (and the other way round)
-    key = (name, dtype, str(device), torch.is_inference_mode_enabled())
-    buf = cache.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        if numel * dtype.itemsize <= SCRATCH_KEEP_BYTES:
-            cache[key] = buf
-    return buf[:numel]
-
-
 def block_absmax(q: QTensor) -> Tensor:
     """The fp32 absmax per 4-bit block, undoing double quantization as bnb does:
     code[qabsmax[i]] * nested_absmax[i // 256], then + offset."""
@@ -772,7 +795,7 @@ def to_bnb_quant_state(q: QTensor):  # -> bitsandbytes.functional.QuantState
     """A bitsandbytes QuantState over this QTensor's tensors (no copies), for 4-bit formats."""
     from bitsandbytes.functional import QuantState
 
-    if q.fmt not in FOUR_BIT_FORMATS:
+    if q.fmt not in BNB_4BIT_FORMATS:
         raise QuantFormatError(f"Only nf4/fp4 have a bitsandbytes QuantState, not {q.fmt}.")
     state2 = None
     if q.double_quant:
@@ -905,6 +928,6 @@ def unpack(blob: Tensor, layout: PackLayout) -> dict[str, QTensor]:
         raw = blob[slot.offset : slot.offset + slot.nbytes]
         parts[slot.name][slot.part] = raw.view(slot.dtype).view(slot.shape)
     return {
-        name: QTensor(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **parts[name])
+        name: QTensor(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **parts[name], packing=spec.packing)
         for name, spec in layout.specs.items()
     }

@@ -163,6 +163,14 @@ class QuantExperts(Experts):
     def set_blob(self, layer: int, expert: int, blob: torch.Tensor) -> None:
         self.blobs[layer][expert].copy_(blob)
 
+    def use_kernel_layout(self) -> None:
+        """Once every blob is loaded: repack them in place for the kernels of their device (int4 on
+        the CPU: quant/int4.py); the layout then says so. A no-op for other formats."""
+        from quant.kernels import kernel_pack_layout
+
+        self.layout = kernel_pack_layout(self.layout, list(self.blobs.values()))
+        self._views.clear()
+
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self.blobs.values())
@@ -187,6 +195,6 @@ class QuantExperts(Experts):
 
 
 def quant_swiglu(x: torch.Tensor, q: dict) -> torch.Tensor:
-    from quant.linear import qlinear
+    from quant.kernels import qlinear
 
     return qlinear(F.silu(qlinear(x, q["gate_proj"])) * qlinear(x, q["up_proj"]), q["down_proj"])

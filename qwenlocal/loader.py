@@ -306,11 +306,24 @@ def _load_quantized(
         if progress:
             progress(done, max(total, done))
     model.tie_weights()
+    if device.type == "cpu" and slots_per_layer is None:
+        _use_kernel_layouts(model)
     if slots_per_layer is not None:
         from .offload import expert_router
 
         experts.attach_router(expert_router(model))
     return model
+
+
+def _use_kernel_layouts(model: nn.Module) -> None:
+    """Repack quantized weights computed on the CPU into its kernels' layout (int4), once."""
+    from quant.linear import QuantLinear
+
+    if isinstance(model.experts, QuantExperts):
+        model.experts.use_kernel_layout()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.use_kernel_layout()
 
 
 def _swap(model: nn.Module, prefix: str, module: nn.Module) -> None:

@@ -61,11 +61,11 @@ def dequantized_reference(src, recipe: Recipe):
             w = ckpt.get(name + ".weight")
             q = quantize(w, spec.fmt, spec.blocksize, spec.double_quant)
             module.weight.data = dequantize(q, torch.float32)
-    spec = recipe.spec("experts", (1, 1))
     for layer in model.config.moe_layers:
         for e in range(model.config.num_experts):
             for proj in EXPERT_PROJS:
                 w = ckpt.get(expert_tensor_name(layer, e, proj))
+                spec = recipe.spec("experts", tuple(w.shape))
                 q = quantize(w, spec.fmt, spec.blocksize, spec.double_quant)
                 model.experts.set_expert(layer, e, proj, dequantize(q, torch.float32))
     return model
@@ -79,7 +79,7 @@ def test_folder_layout_and_recipe(quantized, preset):
     assert qc["quant_method"] == "qwenlocal" and qc["format_version"] == 1
     recipe = Recipe.from_config(qc)
     assert recipe.preset == ("int8+custom" if preset == "int8" else preset)
-    assert qc["classes"]["experts"]["format"] == ("int8" if preset == "int8" else "nf4")
+    assert qc["classes"]["experts"]["format"] == {"int8": "int8", "nf4": "nf4", "mixed": "int4"}[preset]
     assert qc["classes"]["attention"]["format"] == ("nf4" if preset == "nf4" else "int8")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "quant_report.json"):
         assert (out / name).is_file()
@@ -126,7 +126,7 @@ def test_close_to_original(src, quantized):
 
 def test_stored_tensors_equal_bitsandbytes(src, quantized):
     bnb = pytest.importorskip("bitsandbytes")
-    out = Checkpoint(quantized["mixed"])
+    out = Checkpoint(quantized["nf4"])
     layout = PackLayout.from_dict(out.config.quantization_config["expert_layout"])
     q = unpack(out.get(expert_blob_name(0, 3)), layout)
     w = Checkpoint(src).get(expert_tensor_name(0, 3, "down_proj"))
@@ -135,6 +135,7 @@ def test_stored_tensors_equal_bitsandbytes(src, quantized):
     assert torch.equal(q["down_proj"].absmax, state.absmax)
     assert torch.equal(q["down_proj"].nested_absmax, state.state2.absmax)
     # int8 attention: bitsandbytes' row-wise absmax quantization
+    out = Checkpoint(quantized["mixed"])
     w = Checkpoint(src).get("model.layers.0.self_attn.q_proj.weight")
     codes, row_stats, _ = bnb.functional.int8_vectorwise_quant(w)
     assert torch.equal(out.get("model.layers.0.self_attn.q_proj.weight"), codes)
@@ -212,7 +213,8 @@ def test_truncated_input_shard(src, tmp_path):
         (["--attn-bits", "5"], "--attn-bits must be one of 4, 8, 16"),
         (["--expert-bits", "16"], "--expert-bits must be 4 or 8"),
         (["--blocksize", "100"], "--blocksize must be one of"),
-        (["--format4", "int4"], "nf4 or fp4"),
+        (["--format4", "q4_k"], "--format4 must be one of nf4, fp4, int4"),
+        (["--format4", "int4", "--group-size", "48"], "--group-size must be one of 32, 64, 128"),
         (["--shard-size", "big"], "Cannot read 'big' as a size"),
     ],
 )
