@@ -20,8 +20,8 @@ and `int8_vectorwise_quant`. On CUDA it calls those kernels; on the CPU it repro
 float32 arithmetic bitsandbytes 0.50 does there (its torch `quantize_4bit` and its C++ 8-bit
 blockwise quantizer for the nested absmax), but several times faster: the nearest-code search is a
 table lookup on the float's top 12 bits plus one comparison instead of a binary search, over
-cache-sized chunks, on one thread. A self-check against the installed bitsandbytes (once per format)
-falls back to bnb's own code if a future bnb rounds differently.
+cache-sized chunks, on one thread. The CPU path never imports bitsandbytes (its 0.50 import prints
+a warning on CPU-only machines); tests/test_quant_formats.py holds it to the installed bnb's bytes.
 
 Storage can be sized without quantizing anything (`storage_nbytes`, `QSpec`), and several QTensors
 (an expert's gate, up and down) pack into one aligned uint8 blob (`pack` / `unpack`), so one
@@ -30,7 +30,6 @@ Storage can be sized without quantizing anything (`storage_nbytes`, `QSpec`), an
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import threading
@@ -47,8 +46,6 @@ from qwenlocal.errors import UserError
 
 from .int4 import GROUP_SIZES, dequantize_int4, quantize_int4
 from .scratch import scratch
-
-logger = logging.getLogger(__name__)
 
 FORMATS = ("nf4", "fp4", "int8", "int4")
 FOUR_BIT_FORMATS = ("nf4", "fp4", "int4")
@@ -319,20 +316,39 @@ def spec_from_meta(meta: Mapping[str, Any]) -> QSpec:
 # Code books and the tables that reproduce bitsandbytes' rounding
 
 
+# bitsandbytes' 16-entry code books (its get_4bit_type, as fp32). FP4 lists +0.0 twice (0 and 8).
+_CODES_4BIT = {
+    "nf4": [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    "fp4": [
+        0.0, 0.0052083334885537624, 0.6666666865348816, 1.0,
+        0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+        0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+        -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+    ],
+}  # fmt: skip
+
+
 @cache
 def _code_4bit(fmt: str) -> Tensor:
-    """bitsandbytes' 16-entry code book (fp32, CPU). FP4 lists +0.0 twice (indices 0 and 8)."""
-    from bitsandbytes.functional import get_4bit_type
-
-    return get_4bit_type(fmt, device="cpu").float().contiguous()
+    """bitsandbytes' code book for fmt (fp32 [16], CPU), without importing bitsandbytes."""
+    return torch.tensor(_CODES_4BIT[fmt], dtype=torch.float32)
 
 
 @cache
 def _dynamic_map() -> Tensor:
-    """bitsandbytes' signed dynamic 8-bit map used for the nested absmax (fp32 [256], CPU)."""
-    from bitsandbytes.functional import create_dynamic_map
-
-    return create_dynamic_map().float().contiguous()
+    """bitsandbytes' signed dynamic 8-bit map (its create_dynamic_map(), same fp32 arithmetic):
+    the code of the nested absmax. Per decade 10**-6 .. 10**0, 2**i midpoints of a linspace, +-."""
+    data = []
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
+    return torch.tensor(sorted([*data, 0, 1.0]), dtype=torch.float32)
 
 
 @cache
@@ -401,44 +417,6 @@ def _lut_dynamic() -> Tensor:
 # Quantize
 
 
-@cache
-def _fast_path_matches_bnb(fmt: str, double_quant: bool) -> bool:
-    """The CPU fast path reproduces bitsandbytes 0.50's arithmetic; check the installed bnb once.
-
-    On a mismatch (a bnb that rounds differently) quantize falls back to bnb's own CPU code, so
-    the output stays identical to bnb's, only slower.
-    """
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(300 * 64 + 37, generator=g)
-    w[:64] = 0  # a zero block
-    w[64:128] *= 1e-39  # a block below bnb's 1e-38 absmax clamp
-    if fmt != "int8":
-        w[128:192] = _bounds_4bit(fmt)[0].repeat(5)[:64]  # values on the rounding midpoints
-        w[128] = 1.0
-    ok = True
-    for dtype in INPUT_DTYPES:
-        x = w.to(dtype)
-        if fmt == "int8":
-            from bitsandbytes.functional import int8_vectorwise_quant
-
-            x = x[: 300 * 64].view(300, 64)
-            ours, ref = _quantize_int8(x), int8_vectorwise_quant(x.clone())[:2]
-        else:
-            q, r = _quantize_4bit_fast(x, fmt, 64, double_quant), _quantize_4bit_bnb(x, fmt, 64, double_quant)
-            ours, ref = tuple(q.parts().values()), tuple(r.parts().values())
-        ok &= len(ours) == len(ref) and all(_same_bits(a, b) for a, b in zip(ours, ref, strict=True))
-    if not ok:
-        import bitsandbytes
-
-        logger.warning(
-            "bitsandbytes %s quantizes %s differently from the version quant.formats mirrors; "
-            "using its own (slower) CPU quantizer.",
-            bitsandbytes.__version__,
-            fmt + (" with double quant" if double_quant else ""),
-        )
-    return ok
-
-
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run the CPU quantizer's many short ops on this thread alone.
@@ -465,16 +443,6 @@ def _openmp_backend() -> bool:
     return "OpenMP" in torch.__config__.parallel_info()
 
 
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(
-            a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8)
-        )
-    )
-
-
 @torch.no_grad()
 def quantize(
     weight: Tensor, fmt: str, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = False
@@ -499,16 +467,12 @@ def quantize(
             raise QuantFormatError("int8 row-wise quantization needs a tensor with at least one dimension.")
         if weight.is_cuda:
             data, row_absmax = _quantize_int8(weight)
-        elif _fast_path_matches_bnb("int8", False):
+        else:
             with _one_thread():
                 data, row_absmax = _quantize_int8(weight)
-        else:
-            from bitsandbytes.functional import int8_vectorwise_quant
-
-            data, row_absmax, _ = int8_vectorwise_quant(weight.reshape(-1, shape[-1]).contiguous())
         return QTensor("int8", shape, weight.dtype, shape[-1], data.reshape(shape), row_absmax)
 
-    if weight.is_cuda or not _fast_path_matches_bnb(fmt, double_quant):
+    if weight.is_cuda:
         return _quantize_4bit_bnb(weight, fmt, blocksize, double_quant)
     return _quantize_4bit_fast(weight, fmt, blocksize, double_quant)
 

@@ -3,6 +3,11 @@ dequantizer written here from int4's documented layout, and torch's own int4pack
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +23,8 @@ from quant.kernels import (
     plain,
 )
 from quant.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def weights(shape, dist="gauss", seed=0) -> torch.Tensor:
@@ -164,3 +171,25 @@ def test_recipe_int4_group_sizes_and_narrow_tensors():
     assert "group size 64" in r.describe()
     r128 = Recipe.from_preset("nf4", fmt4="int4", group_size=128)
     assert r128.spec("attention", (512, 2048)).blocksize == 128
+
+
+@pytest.mark.parametrize("quant", ["mixed", "nf4"])
+def test_cpu_generate_never_imports_bitsandbytes(tiny_ckpt, quant):
+    """bitsandbytes 0.50 prints a warning at import on CPU-only machines; the CPU path (quantize
+    while loading, dequantize, every kernel) must not need it."""
+    code = (
+        "import sys\n"
+        "from qwenlocal.cli import app\n"
+        "try:\n"
+        f"    app(['generate', {str(tiny_ckpt)!r}, 'Hello', '-n', '3', '--device', 'cpu',"
+        f" '--quant', {quant!r}, '--temp', '0'])\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
+        "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "bitsandbytes imported: False" in r.stderr
+    assert "kernels-community" not in r.stderr and "Failed to load" not in r.stderr
