@@ -981,11 +981,11 @@ def chat(
         console = Console(highlight=False)
         if device == "auto" and dev.type == "cpu":
             console.print("No CUDA GPU found: running on the CPU.", style="yellow", highlight=False)
-        folder, lm, tok = cli.load_for_cli(model, device, dtype, ctx, memory=memory)
-        settings = ChatSettings(think, max_tokens, overrides, Path(folder))
-        session = ChatSession(lm, tok, ctx, settings, system)
-        history = History(history_file or default_history_file())
-        label = model if Path(model).exists() else f"{model} ({folder})"
-        ChatApp(console, session, history, label, verbose).run()
+        with cli.loaded(model, device, dtype, ctx, memory=memory) as (folder, lm, tok):
+            settings = ChatSettings(think, max_tokens, overrides, Path(folder))
+            session = ChatSession(lm, tok, ctx, settings, system)
+            history = History(history_file or default_history_file())
+            label = model if Path(model).exists() else f"{model} ({folder})"
+            ChatApp(console, session, history, label, verbose).run()
 
     cli.run(body)

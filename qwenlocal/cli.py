@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from . import options as opt
-from .cli_util import STATE, byte_progress, err, load_for_cli, parse_bytes, parse_tokens, run
+from .cli_util import STATE, byte_progress, err, loaded, parse_bytes, parse_tokens, run
 from .errors import UserError
 from .options import MemoryOptions
 
@@ -77,7 +77,6 @@ def generate(
     """Generate a reply to one prompt and print it as it streams."""
 
     def body():
-        from .generate import Generator, SamplingParams
         from .loader import parse_device, parse_dtype
 
         text = sys.stdin.read() if prompt == "-" else prompt
@@ -88,7 +87,12 @@ def generate(
         ).validate()
         if max_tokens <= 0:
             raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
-        folder, lm, tok = load_for_cli(model, device, dtype, ctx, quiet=as_json, memory=memory)
+        with loaded(model, device, dtype, ctx, quiet=as_json, memory=memory) as (folder, lm, tok):
+            run_generate(folder, lm, tok, text)
+
+    def run_generate(folder, lm, tok, text):
+        from .generate import Generator, SamplingParams
+
         if raw:
             ids = tok.encode(text)
         else:
@@ -108,14 +112,12 @@ def generate(
             presence_penalty=presence_penalty,
             seed=seed,
         )
-        gen = Generator(lm, tok, ctx_size=ctx)
+        gen = Generator(lm, tok, ctx_size=parse_tokens(ctx_size))
         for record in gen.stream(ids, params, max_tokens=max_tokens):
             if not as_json:
                 sys.stdout.write(record.text)
                 sys.stdout.flush()
         s = gen.summary
-        if lm.experts.recorder is not None:
-            lm.experts.recorder.close()
         cache = getattr(lm.experts, "stats", None)
         if as_json:
             print(

@@ -94,6 +94,25 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[
         yield update
 
 
+@contextlib.contextmanager
+def loaded(
+    model: str,
+    device: str,
+    dtype: str,
+    ctx_size: int | None,
+    quiet: bool = False,
+    memory: MemoryOptions | None = None,
+) -> Iterator[tuple[Path, torch.nn.Module, object]]:
+    """`load_for_cli` for the length of a command: a routing trace is closed (and so written)
+    however the command ends, Ctrl-C and errors included."""
+    folder, lm, tok = load_for_cli(model, device, dtype, ctx_size, quiet, memory=memory)
+    try:
+        yield folder, lm, tok
+    finally:
+        if lm.experts.recorder is not None:
+            lm.experts.recorder.close()
+
+
 def load_for_cli(
     model: str,
     device: str,

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -541,3 +542,26 @@ def test_chat_context_full_and_history_across_sessions(tiny_ckpt, tmp_path):
         log = child.logfile_read.getvalue()
     assert child.exitstatus == 0, log
     assert "Traceback" not in log
+
+
+def test_chat_record_routing_writes_one_line_per_token(tiny_ckpt, tmp_path):
+    """As a user would pipe it: the trace holds one line per token the model ran."""
+    trace = tmp_path / "t.jsonl"
+    args = ["chat", str(tiny_ckpt), "--quant", "nf4", "--record-routing", str(trace), "--max-tokens", "3",
+            "--temp", "0", "--no-think", "--verbose", "--history-file", str(tmp_path / "h")]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "qwenlocal.cli", *args],
+        input="Hello\n/bye\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1", NO_COLOR="1", COLUMNS="200"),
+    )
+    assert r.returncode == 0, r.stderr
+    prompt = int(re.search(r"prompt ([\d,]+) tokens: 0 reused", r.stdout).group(1))
+    tokens = int(REPLY_LINE.search(r.stdout).group(1))
+    # every prompt token and every generated token but a last one cut by the limit runs the model
+    ran = prompt + tokens - ("token limit" in r.stdout)
+    lines = trace.read_text().splitlines()
+    assert len(lines) == ran
+    assert all(len(json.loads(line)["experts"]) == 2 for line in lines)
