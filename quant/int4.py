@@ -51,7 +51,7 @@ CHUNK_ELEMS = 1 << 18
 
 
 @torch.no_grad()
-def quantize_int4(weight: Tensor, group: int, refit_iters: int = REFIT_ITERS) -> tuple[Tensor, Tensor]:
+def quantize_int4(weight: Tensor, group: int, refit_iters: int | None = None) -> tuple[Tensor, Tensor]:
     """weight [N, K] (bf16/fp16/fp32) -> (weight uint8 [N, K/2], scale_zero bf16 [K/G, N, 2]).
 
     Per group: start from min/max (scale = range / 15), then alternate the best codes for the
@@ -60,6 +60,7 @@ def quantize_int4(weight: Tensor, group: int, refit_iters: int = REFIT_ITERS) ->
     Each step can only lower the group's squared error; on Gaussian weights it takes the error from
     min/max's 0.090 to 0.085 at G = 64 (NF4 with double quant: 0.092).
     """
+    refit_iters = REFIT_ITERS if refit_iters is None else refit_iters
     n, k = weight.shape
     packed = torch.empty(n, k // 2, dtype=torch.uint8, device=weight.device)
     scale_zero = torch.empty(k // group, n, 2, dtype=torch.bfloat16, device=weight.device)
@@ -76,28 +77,37 @@ def quantize_int4(weight: Tensor, group: int, refit_iters: int = REFIT_ITERS) ->
 
 
 def _fit_groups(g: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    """g [groups, G] fp32 -> bf16 (scale, zero) [groups]."""
+    """g [groups, G] fp32 -> bf16-exact (scale, zero) [groups], fp32."""
     lo, hi = g.aminmax(dim=1)
     scale = ((hi - lo) / 15).clamp(min=1e-30)
     zero = lo + 8 * scale
+    size = g.shape[1]
     mean_w = g.mean(dim=1)
+    u = torch.empty_like(g)
     for _ in range(iters):
-        u = _codes_for(g, scale, zero).float().sub_(8)
+        _signed_codes(g, scale, zero, out=u)
         mean_u = u.mean(dim=1)
-        u.sub_(mean_u.unsqueeze(1))
-        var = u.square().mean(dim=1)
-        cov = (u * g).mean(dim=1)
-        fit = cov / var.clamp(min=1e-30)
+        # per-group dot products as batched matmuls: one read of u (and g), no temporaries
+        uu = torch.bmm(u.unsqueeze(1), u.unsqueeze(2)).view(-1) / size
+        ug = torch.bmm(u.unsqueeze(1), g.unsqueeze(2)).view(-1) / size
+        var = uu - mean_u * mean_u
+        fit = (ug - mean_u * mean_w) / var.clamp(min=1e-30)
         # a group whose codes are all equal (var 0) keeps its scale; a fit scale is never <= 0
-        scale = torch.where((var > 0) & (fit > 0), fit, scale)
+        scale = torch.where((var > 1e-12) & (fit > 0), fit, scale)
         zero = mean_w - scale * mean_u
     return scale.bfloat16().float(), zero.bfloat16().float()
 
 
+def _signed_codes(g: Tensor, scale: Tensor, zero: Tensor, out: Tensor) -> Tensor:
+    """code - 8 (in -8..7, as fp32) of the nearest code for each element under (scale, zero)."""
+    inv = (1 / scale).unsqueeze(1)
+    torch.addcmul((-zero).unsqueeze(1) * inv, g, inv, out=out)
+    return out.round_().clamp_(-8, 7)
+
+
 def _codes_for(g: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """The nearest code 0..15 for each element of g [groups, G] under (scale, zero) [groups]."""
-    t = (g - zero.unsqueeze(1)).div_(scale.unsqueeze(1)).add_(8)
-    return t.round_().clamp_(0, 15).to(torch.uint8)
+    return _signed_codes(g, scale, zero, torch.empty_like(g)).add_(8).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from .int4 import cpu_packable, cpu_packing, dequantize_int4_t, int4_mm_cpu, rep
 INT8_KERNEL_MAX_ROWS = 16
 INT4_KERNEL_MAX_ROWS = 8
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# The plain path dequantizes a large int8 weight (the lm_head) this many elements at a time.
+PLAIN_CHUNK_ELEMS = 1 << 22
 
 
 def qlinear(x: Tensor, q: QTensor, bias: Tensor | None = None) -> Tensor:
@@ -65,10 +67,19 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
     """Dequantize (into a reused scratch on the CPU), then one GEMM; the reference path."""
     if x.is_cuda:
         return F.linear(x, dequantize(q, x.dtype))
+    n, k = q.shape
+    if q.fmt == "int8" and q.numel > PLAIN_CHUNK_ELEMS:  # e.g. the lm_head: rows in slices
+        assert q.absmax is not None
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        step = PLAIN_CHUNK_ELEMS // k
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            part = QTensor("int8", (r1 - r0, k), q.dtype, k, q.weight[r0:r1], q.absmax[r0:r1])
+            out[:, r0:r1] = plain(x, part)
+        return out
     dt = gemm_dtype_cpu(x.dtype)
     if q.fmt == "int4":  # unpacked as W.T, which the GEMM reads as well as W
         assert q.scale_zero is not None
-        n, k = q.shape
         wt = scratch("qlinear_w", q.numel, torch.float32)
         wt = dequantize_int4_t(q.weight, q.scale_zero, (n, k), q.blocksize, q.packing, wt)
         return torch.matmul(x.to(dt), wt.to(dt)).to(x.dtype)

@@ -131,8 +131,10 @@ def load_for_cli(
     with byte_progress("download", enabled=not quiet) as cb:
         folder = resolve_model(model, on_bytes=cb)
     tokenizer = Tokenizer.from_dir(folder)
-    if m.quant is None:
-        folder = quantized_once(folder, quiet)
+    quant, choice = m.quant or "auto", None
+    if quant == "auto":
+        folder, choice = auto_quantized(folder, device, dtype, ctx_size, m.budget_bytes(), quiet)
+        quant = None  # load the folder as it is: 16-bit, or quantized (now or before)
     budget = m.budget_bytes()
     if budget is None and m.gpu_experts is None and parse_device(device).type == "cuda":
         budget = "auto"  # fit the free GPU memory, as llama.cpp's --fit does
@@ -143,13 +145,14 @@ def load_for_cli(
             dtype=dtype,
             progress=cb,
             ctx_size=ctx_size,
-            quant=m.quant,
+            quant=quant,
             gpu_experts=m.gpu_experts,
             vram_budget=budget,
             policy=m.cache_policy,
             prefetch=m.prefetch,
             kv_dtype=m.kv_dtype,
         )
+    lm.quant_choice = choice
     if m.record_routing is not None:
         from .experts import RoutingRecorder
 
@@ -164,6 +167,27 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "qwenlocal"
+
+
+def auto_quantized(
+    folder: Path, device: str, dtype: str, ctx_size: int | None, budget, quiet: bool
+) -> tuple[Path, str | None]:
+    """`--quant auto` (the default): the folder to load and why (None for a quantized folder).
+    A 16-bit model that does not fit the device is quantized once into the cache; the choice is
+    printed once on stderr (the chat panel shows it too)."""
+    from .config import Qwen3MoeConfig
+    from .loader import choose_quant, parse_device, parse_dtype
+
+    config = Qwen3MoeConfig.from_file(folder / "config.json")
+    if config.quantization_config:
+        return folder, None
+    budget = budget if isinstance(budget, int) else None
+    choice = choose_quant(config, parse_device(device), parse_dtype(dtype), ctx_size or 4096, budget)
+    if not quiet:
+        err.print(f"--quant auto: {choice.reason}", highlight=False)
+    if choice.recipe is not None:
+        folder = quantized_once(folder, quiet)
+    return folder, choice.reason
 
 
 def quantized_once(folder: Path, quiet: bool = False) -> Path:

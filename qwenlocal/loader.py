@@ -5,6 +5,7 @@ while loading, go through the same assembly."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,8 +88,9 @@ def _place(name: str, config, device: torch.device) -> torch.device:
     return embed_device(config, device) if name == "model.embed_tokens.weight" else device
 
 
-def resolve_recipe(quant, config):
-    """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit)."""
+def resolve_recipe(quant, config, auto: QuantChoice | None = None):
+    """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit).
+    "auto" takes `auto`'s choice (`choose_quant`)."""
     from quant.recipe import Recipe
 
     if config.quantization_config:
@@ -96,10 +98,58 @@ def resolve_recipe(quant, config):
         if isinstance(quant, str) and quant not in (own.preset, "auto"):
             raise UserError(f"This checkpoint is already quantized ({own.preset}); drop --quant {quant}.")
         return own, True
+    if quant == "auto" and auto is not None:
+        return auto.recipe, False
     if quant is None or quant in ("bf16", "none", "auto"):
         return None, False
     recipe = quant if isinstance(quant, Recipe) else Recipe.from_preset(quant)
     return (recipe if recipe.quantizes_anything else None), False
+
+
+# RAM kept free for the OS and the rest of the process when --quant auto sizes a CPU load.
+HOST_RESERVE = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    """What `--quant auto` decided for a checkpoint: its recipe (None: 16-bit weights as they are)
+    and one line saying why, for the panel and stderr."""
+
+    recipe: object | None
+    reason: str
+
+
+def host_free_bytes() -> int:
+    """RAM a CPU load may use: what the OS reports as available, minus a reserve."""
+    import psutil
+
+    return psutil.virtual_memory().available - HOST_RESERVE
+
+
+def choose_quant(
+    config, device: torch.device, dtype: torch.dtype, ctx_size: int, budget: int | None = None
+) -> QuantChoice:
+    """`--quant auto`: a 16-bit checkpoint that fits the device (`budget`, default: the free GPU
+    memory, or on the CPU the free RAM) loads as it is; one that does not is quantized with the
+    default recipe. A quantized checkpoint keeps its own recipe."""
+    from quant.recipe import DEFAULT_PRESET, Recipe
+
+    from .memory import Plan, estimate
+
+    if config.quantization_config:
+        own = Recipe.from_config(config.quantization_config)
+        return QuantChoice(own, f"quantized checkpoint ({own.preset})")
+    if budget is None:
+        budget = auto_budget(device) if device.type == "cuda" else host_free_bytes()
+    est = estimate(config, Plan(recipe=None, ctx_size=ctx_size, dtype=dtype, device=device.type))
+    need = est.gpu_total + est.host_total
+    where = "GPU memory" if device.type == "cuda" else "RAM"
+    sizes = f"{need / 1024**3:.2f} GiB, {max(budget, 0) / 1024**3:.2f} GiB of {where} free"
+    if need <= budget:
+        return QuantChoice(None, f"16-bit weights fit ({sizes})")
+    return QuantChoice(
+        Recipe.from_preset(DEFAULT_PRESET), f"16-bit weights do not fit ({sizes}): {DEFAULT_PRESET}"
+    )
 
 
 def _checkpoint_items(ckpt: Checkpoint, names) -> Iterator[tuple[str, torch.Tensor]]:
@@ -165,14 +215,16 @@ def load_model(
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
-    `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading; a quantized
-    checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
+    `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading, or "auto"
+    (quantize with the default recipe only if the 16-bit weights do not fit: `choose_quant`); a
+    quantized checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
     all experts in host RAM and only a cache of them on the device.
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
     ckpt = Checkpoint(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
-    recipe, prequantized = resolve_recipe(quant, config)
+    auto = choose_quant(config, device, dtype, ctx_size or 4096) if quant == "auto" else None
+    recipe, prequantized = resolve_recipe(quant, config, auto)
     slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
     if recipe is None:
         if slots is not None and slots < config.num_experts * len(config.moe_layers):

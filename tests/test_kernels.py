@@ -193,3 +193,28 @@ def test_cpu_generate_never_imports_bitsandbytes(tiny_ckpt, quant):
     assert r.returncode == 0, r.stderr
     assert "bitsandbytes imported: False" in r.stderr
     assert "kernels-community" not in r.stderr and "Failed to load" not in r.stderr
+
+
+def test_int8_plain_path_in_row_slices_for_a_large_weight(monkeypatch):
+    import quant.kernels
+
+    monkeypatch.setattr(quant.kernels, "PLAIN_CHUNK_ELEMS", 256 * 10)
+    w = weights((96, 256))
+    q = quantize(w, "int8")
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    ref = F.linear(x.double(), dequantize(q, torch.float64))
+    bf16_close(plain(x, q), ref)
+
+
+def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckpt):
+    """The same quantized model: bf16 decode-sized inputs take torch's int8/int4 kernels, fp32
+    inputs the plain path; the logits agree within bf16 rounding."""
+    from qwenlocal import load_model
+
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.inference_mode():
+        fast = load_model(small_ckpt, dtype=torch.bfloat16, quant="mixed")
+        assert fast.experts.layout.specs["down_proj"].packing == cpu_packing()
+        plain_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
+        a, b = fast(ids).float(), plain_model(ids)
+    assert ((a - b).norm() / b.norm()).item() < 0.03

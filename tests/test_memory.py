@@ -71,7 +71,7 @@ def test_builtin_qwen3_30b_figures():
         est = estimate(c, Plan(recipe=recipe, ctx_size=4096))
         assert est.experts_total == 6144
         assert est.bytes_of("experts") / GIB == pytest.approx(gib, abs=0.01), preset
-    nodq = Recipe.from_preset("nf4").__class__(attn_bits=4, expert_bits=4, double_quant=False, preset="nf4")
+    nodq = Recipe(attn_bits=4, expert_bits=4, fmt4="nf4", double_quant=False, preset="nf4")
     est = estimate(c, Plan(recipe=nodq, ctx_size=4096))
     assert est.bytes_of("experts") / GIB == pytest.approx(15.19, abs=0.01)
     bf16 = estimate(c, Plan(recipe=None, ctx_size=4096))

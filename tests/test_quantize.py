@@ -41,7 +41,7 @@ def quantized(src, tmp_path_factory):
     made = {}
     for preset in ("mixed", "nf4", "int8"):
         out = tmp_path_factory.mktemp("q") / f"out-{preset}"
-        extra = ["--lm-head-bits", "8"] if preset == "int8" else []
+        extra = ["--lm-head-bits", "16"] if preset == "int8" else []
         r = invoke(
             "quantize", src, out, "--preset", preset, "--shard-size", "3MB", "--probe-tokens", 64, *extra
         )
