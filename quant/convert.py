@@ -27,6 +27,7 @@ from qwenlocal.checkpoint import (
 from qwenlocal.config import Qwen3MoeConfig
 from qwenlocal.errors import UserError
 from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
+from qwenlocal.sources import open_source
 
 from .formats import PackLayout, QSpec, dequantize, pack, pack_layout, quantize
 from .recipe import Recipe
@@ -161,6 +162,17 @@ def _measure(stats: ClassStats, w: torch.Tensor, q) -> None:
     stats.ref_sq += float(ref.pow(2).sum())
 
 
+def _quantized(ckpt, name: str, spec: QSpec, device: torch.device, measure: bool):
+    """(QTensor, the 16-bit weight or None). A source that stores `name` quantized already (a GPTQ
+    checkpoint) hands it over repacked, with no float step; the 16-bit weight is read only to
+    quantize it or to `measure` the error."""
+    q = ckpt.repacked(name, spec)
+    w = ckpt.get(name) if q is None or measure else None
+    if q is None:
+        q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
+    return q, w
+
+
 def quantized_stream(
     ckpt: Checkpoint,
     recipe: Recipe,
@@ -197,22 +209,22 @@ def quantized_stream(
     pending: dict[tuple[int, int], dict] = {}  # an expert's projections until all three are read
     for shard, names in sorted(by_shard.items()):
         for name in names:
-            w = ckpt.get(name)
-            done += ckpt.nbytes(name)
+            nbytes = ckpt.nbytes(name)
+            done += nbytes
             if name in experts:
                 layer, e, proj = experts[name]
-                specs = specs or expert_specs(config, recipe, w.dtype)
+                specs = specs or expert_specs(config, recipe, ckpt.dtype_of(name))
                 spec = specs[proj]
                 if spec is None:
                     raise UserError(
                         "Experts must be quantized (4 or 8 bits) to be packed; use --expert-bits 4 or 8."
                     )
-                q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
-                if e % error_sample == 0:
+                q, w = _quantized(ckpt, name, spec, device, measure=e % error_sample == 0)
+                if w is not None and e % error_sample == 0:
                     _measure(stats.classes.setdefault("experts", ClassStats()), w, q)
                 got = pending.setdefault((layer, e), {"bytes": 0})
                 got[proj] = q
-                got["bytes"] += _nbytes(w)
+                got["bytes"] += nbytes
                 if all(p in got for p in EXPERT_PROJS):
                     del pending[(layer, e)]
                     qs = {p: got[p] for p in EXPERT_PROJS}
@@ -224,15 +236,16 @@ def quantized_stream(
                     yield expert_blob_name(layer, e), blob
             else:
                 cls = tensor_class(name)
-                spec = recipe.spec(cls, tuple(w.shape)) if cls else None
+                spec = recipe.spec(cls, ckpt.shape(name)) if cls else None
                 if spec is None:
+                    w = ckpt.get(name)
                     dt = str(w.dtype).removeprefix("torch.")
                     stats.add(cls or "16-bit", dt, w.numel(), _nbytes(w), _nbytes(w))
                     yield name, w
                 else:
-                    q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
+                    q, w = _quantized(ckpt, name, spec, device, measure=True)
                     fmt = spec.fmt + ("+dq" if spec.double_quant else "")
-                    _measure(stats.add(cls, fmt, w.numel(), _nbytes(w), q.nbytes), w, q)
+                    _measure(stats.add(cls, fmt, q.numel, nbytes, q.nbytes), w, q)
                     yield from q.to_tensors(name.removesuffix(".weight")).items()
             if progress:
                 progress(done, total)
@@ -267,7 +280,7 @@ def quantize_checkpoint(
     folder = resolve_model(src, on_bytes=on_bytes)
     if out.resolve() == folder.resolve():
         raise UserError("OUT must be a different folder from SRC.")
-    ckpt = Checkpoint(folder)
+    ckpt = open_source(folder)  # FP8 and GPTQ folders read as 16-bit sources
     if ckpt.config.quantization_config:
         raise UserError(f"{folder} is already quantized ({ckpt.config.quantization_config.get('preset')}).")
     ckpt.check({**dense_tensor_shapes(ckpt.config), **expert_tensor_shapes(ckpt.config)})

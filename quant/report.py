@@ -14,6 +14,7 @@ from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.experts import EXPERT_PROJS, Experts, expert_tensor_name, swiglu
 from qwenlocal.loader import load_model
 from qwenlocal.model import Qwen3MoeForCausalLM
+from qwenlocal.sources import open_source
 
 PROBE_TOKENS = 256
 REPORT_NAME = "quant_report.json"
@@ -55,7 +56,7 @@ class MmapExperts(Experts):
 def reference_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
     from qwenlocal.loader import load_dense
 
-    ckpt = Checkpoint(folder)
+    ckpt = open_source(folder, dtype)  # an FP8 or GPTQ source: its weights dequantized
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(ckpt.config, MmapExperts(ckpt, device, dtype))
     load_dense(model, ckpt, device, dtype)

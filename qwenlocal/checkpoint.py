@@ -247,6 +247,14 @@ class Checkpoint:
         start, end = self.info(name)["data_offsets"]
         return end - start
 
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return SAFETENSORS_DTYPES.get(self.info(name)["dtype"])
+
+    def repacked(self, name: str, spec) -> object | None:
+        """`name` in the storage of `spec` (a quant QSpec) when this checkpoint holds it quantized
+        already and can move it there without a float step (GPTQ into int4); None otherwise."""
+        return None
+
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Every expected tensor present with its shape, before anything is loaded."""
         for name, shape in expected.items():

@@ -4,6 +4,7 @@ bars and model loading for the CLI. Its own module so chat.py and server.py impo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -177,10 +178,13 @@ def auto_quantized(
     printed once on stderr (the chat panel shows it too)."""
     from .config import Qwen3MoeConfig
     from .loader import choose_quant, parse_device, parse_dtype
+    from .sources import DEQUANTIZED_METHODS, quant_method
 
     config = Qwen3MoeConfig.from_file(folder / "config.json")
     if config.quantization_config:
-        return folder, None
+        if quant_method(config) not in DEQUANTIZED_METHODS:
+            return folder, None  # quantized already: loads with its own recipe
+        config = dataclasses.replace(config, quantization_config=None)  # FP8: sized as 16-bit
     budget = budget if isinstance(budget, int) else None
     choice = choose_quant(config, parse_device(device), parse_dtype(dtype), ctx_size or 4096, budget)
     if not quiet:
@@ -197,9 +201,11 @@ def quantized_once(folder: Path, quiet: bool = False) -> Path:
     from quant.recipe import DEFAULT_PRESET, Recipe
 
     from .config import Qwen3MoeConfig
+    from .sources import DEQUANTIZED_METHODS, quant_method
 
-    if Qwen3MoeConfig.from_file(folder / "config.json").quantization_config:
-        return folder
+    config = Qwen3MoeConfig.from_file(folder / "config.json")
+    if config.quantization_config and quant_method(config) not in DEQUANTIZED_METHODS:
+        return folder  # quantized already, by us or as a GPTQ release that loads as it is
     resolved = folder.resolve()
     parts = resolved.parts
     if "snapshots" in parts:  # a hub snapshot: models--Org--Name/snapshots/<revision>

@@ -24,6 +24,7 @@ from .errors import UserError
 from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
 from .model import Qwen3MoeForCausalLM
 from .offload import DEFAULT_PREFETCH
+from .sources import DequantizingCheckpoint, open_source
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -221,10 +222,12 @@ def load_model(
     all experts in host RAM and only a cache of them on the device.
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
-    ckpt = Checkpoint(resolve_model(path))
+    ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     auto = choose_quant(config, device, dtype, ctx_size or 4096) if quant == "auto" else None
     recipe, prequantized = resolve_recipe(quant, config, auto)
+    if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
+        ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
     slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
     if recipe is None:
         if slots is not None and slots < config.num_experts * len(config.moe_layers):

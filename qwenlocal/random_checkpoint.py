@@ -124,6 +124,15 @@ class RandomSource:
     def release(self, shard: str) -> None:
         pass
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.shapes[name])
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.dtype
+
+    def repacked(self, name: str, spec) -> None:
+        return None
+
 
 def write_random_quantized_checkpoint(
     out: str | Path,
