@@ -67,9 +67,8 @@ def greedy_run(model, prompt: list[int], n_decode: int, ctx_size: int) -> dict:
     before = stats.snapshot() if stats else None
     gen.reset()
     t = time.perf_counter()
-    list(gen.stream(prompt, greedy, max_tokens=n_decode, eos_ids=()))
+    s = gen.run(prompt, greedy, max_tokens=n_decode, eos_ids=())
     wall = time.perf_counter() - t
-    s = gen.summary
     row = {"tokens": s.token_ids, "prompt_tps": s.prompt_tps, "gen_tps": s.gen_tps, "wall": wall}
     if stats:
         delta = stats.since(before)

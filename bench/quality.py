@@ -23,9 +23,9 @@ from common import machine, markdown_table
 import qwenlocal.random_checkpoint as rc
 from quant import dequantize, int4, quantize
 from quant.recipe import Recipe
-from quant.report import compare_logits, probe_ids
 from qwenlocal import load_model
 from qwenlocal.checkpoint import Checkpoint
+from qwenlocal.quality import compare_logits, probe_ids
 
 CONFIG = {
     "hidden_size": 512,

@@ -39,8 +39,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qwenlocal.errors import UserError
-
 from .bnb_cpu import (
     code_4bit,
     dynamic_map,
@@ -49,6 +47,7 @@ from .bnb_cpu import (
     quantize_dynamic_cpu,
     quantize_int8,
 )
+from .errors import UserError
 from .int4 import GROUP_SIZES, dequantize_int4, quantize_int4
 from .scratch import scratch
 

@@ -12,9 +12,11 @@ from typing import Annotated
 import typer
 
 from . import options as opt
-from .cli_util import STATE, byte_progress, err, loaded, parse_bytes, parse_tokens, run
+from .cli_util import STATE, byte_progress, err, loaded, run
 from .errors import UserError
-from .options import MemoryOptions
+from .options import LoadOptions, SamplingOptions, parse_bytes, parse_device, parse_tokens  # noqa: F401
+
+DEFAULT_GENERATE_TOKENS = 512
 
 app = typer.Typer(
     name="qwenlocal",
@@ -47,51 +49,27 @@ def main() -> None:
 
 # -- generate --------------------------------------------------------------------------------
 @app.command()
+@opt.load_command(ctx_size="4096", max_tokens=DEFAULT_GENERATE_TOKENS)
 def generate(
     model: Annotated[str, typer.Argument(help="Model folder or Hugging Face repo id.")],
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 512,
-    temp: Annotated[float | None, typer.Option("--temp", help="Temperature; 0 is greedy.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    min_p: Annotated[float | None, typer.Option("--min-p")] = None,
-    presence_penalty: Annotated[float, typer.Option("--presence-penalty")] = 0.0,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    ctx_size: Annotated[
-        str, typer.Option("--ctx-size", "-c", help="Context size in tokens (4096, 32k).")
-    ] = "4096",
-    think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode.")] = True,
+    load: LoadOptions,
+    sampling: SamplingOptions,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
-    quant: opt.Quant = None,
-    gpu_experts: opt.GpuExperts = None,
-    vram_budget: opt.VramBudget = None,
-    prefetch: opt.Prefetch = opt.DEFAULT_PREFETCH,
-    cache_policy: opt.CachePolicy = opt.DEFAULT_CACHE_POLICY,
-    record_routing: opt.RecordRouting = None,
-    kv_dtype: opt.KvDtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ):
     """Generate a reply to one prompt and print it as it streams."""
 
     def body():
-        from .loader import parse_device, parse_dtype
-
+        load.validate()  # bad values fail before a long load
+        sampling.validate()
         text = sys.stdin.read() if prompt == "-" else prompt
-        ctx = parse_tokens(ctx_size)
-        parse_device(device), parse_dtype(dtype)  # bad values fail before a long load
-        memory = MemoryOptions(
-            quant, gpu_experts, vram_budget, prefetch, cache_policy, record_routing, kv_dtype
-        ).validate()
-        if max_tokens <= 0:
-            raise UserError(f"--max-tokens must be positive, got {max_tokens}.")
-        with loaded(model, device, dtype, ctx, quiet=as_json, memory=memory) as (folder, lm, tok):
+        with loaded(model, load, quiet=as_json) as (folder, lm, tok):
             run_generate(folder, lm, tok, text)
 
     def run_generate(folder, lm, tok, text):
-        from .generate import Generator, SamplingParams
+        from .generate import Generator, Summary
 
         if raw:
             ids = tok.encode(text)
@@ -100,54 +78,48 @@ def generate(
                 {"role": "user", "content": text}
             ]
             ids = tok.encode(
-                tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think)
+                tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=sampling.think)
             )
-        params = SamplingParams.for_mode(
-            think,
-            folder,
-            temperature=temp,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            presence_penalty=presence_penalty,
-            seed=seed,
-        )
-        gen = Generator(lm, tok, ctx_size=parse_tokens(ctx_size))
-        for record in gen.stream(ids, params, max_tokens=max_tokens):
-            if not as_json:
+        params = sampling.params(folder)
+        for record in Generator(lm, tok, ctx_size=load.ctx).stream(
+            ids, params, max_tokens=sampling.max_tokens
+        ):
+            if isinstance(record, Summary):
+                render_summary(record, as_json)
+            elif not as_json:
                 sys.stdout.write(record.text)
                 sys.stdout.flush()
-        s = gen.summary
-        cache = getattr(lm.experts, "stats", None)
-        if as_json:
-            print(
-                json.dumps(
-                    {
-                        "text": s.text,
-                        "token_ids": s.token_ids,
-                        "prompt_tokens": s.prompt_tokens,
-                        "generated_tokens": s.generated_tokens,
-                        "finish_reason": s.finish_reason,
-                        "prompt_tps": round(s.prompt_tps, 3),
-                        "gen_tps": round(s.gen_tps, 3),
-                        "peak_memory_bytes": s.peak_memory_bytes,
-                        **({"expert_hit_rate": round(cache.hit_rate, 4)} if cache is not None else {}),
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        else:
-            sys.stdout.write("\n")
-            err.print(
-                f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
-                f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
-                f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}"
-                + (f" · expert cache {100 * cache.hit_rate:.1f} % hits" if cache is not None else "")
-                + "[/]",
-                highlight=False,
-            )
 
     run(body)
+
+
+def render_summary(s, as_json: bool) -> None:
+    """The end of `generate`: one JSON object on stdout, or a plain line on stderr."""
+    rate = s.expert_hit_rate
+    if as_json:
+        d = {
+            "text": s.text,
+            "token_ids": s.token_ids,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.generated_tokens,
+            "finish_reason": s.finish_reason,
+            "prompt_tps": round(s.prompt_tps, 3),
+            "gen_tps": round(s.gen_tps, 3),
+            "peak_memory_bytes": s.peak_memory_bytes,
+        }
+        if s.expert_cache is not None:
+            d["expert_hit_rate"] = None if rate is None else round(rate, 4)
+        print(json.dumps(d, ensure_ascii=False))
+        return
+    sys.stdout.write("\n")
+    err.print(
+        f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
+        f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
+        f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}"
+        + (f" · expert cache {100 * rate:.1f} % hits" if rate is not None else "")
+        + "[/]",
+        highlight=False,
+    )
 
 
 # -- quantize -------------------------------------------------------------------------------
@@ -180,10 +152,9 @@ def quantize(
     """Quantize a checkpoint: experts and attention to 4/8 bits, the recipe written into config.json."""
 
     def body():
-        from quant.convert import quantize_checkpoint
         from quant.recipe import Recipe
 
-        from .loader import parse_device
+        from .quantize import quantize_checkpoint
 
         recipe = Recipe.from_preset(
             preset,
@@ -216,9 +187,8 @@ def quantize(
             )
         render_quant_stats(stats.as_dict())
         if report:
-            from quant.report import quality_report
-
             from .checkpoint import resolve_model
+            from .quality import quality_report
 
             with err.status("comparing with the original on the probe text"):
                 rep = quality_report(resolve_model(src), path, stats.as_dict(), probe_tokens, dev)

@@ -1,13 +1,10 @@
-"""What every command shares: consoles, the error wrapper (exit code 2), size parsing, progress
-bars and model loading for the CLI. Its own module so chat.py and server.py import it directly."""
+"""What every command shares: consoles, the error wrapper (exit code 2), progress bars and model
+loading for the CLI. Its own module so chat.py and server.py import it directly."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import os
-import re
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +21,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from . import quant_cache
 from .errors import UserError
-from .options import MemoryOptions
+from .options import LoadOptions, parse_bytes, parse_device, parse_dtype, parse_tokens  # noqa: F401 - the commands' parsers
+from .tokenizer import Tokenizer
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -51,28 +50,7 @@ def run(fn: Callable[[], None]) -> None:
         raise typer.Exit(2) from None
 
 
-# -- shared parsing and rendering ------------------------------------------------------------
-def parse_tokens(value: str | int) -> int:
-    """'32768', '32k', '128K' -> tokens (k = 1024)."""
-    s = str(value).strip().lower().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"(\d+)(k?)", s)
-    if not m:
-        raise UserError(f"Cannot read {value!r} as a token count; write e.g. 8192 or 32k.")
-    return int(m.group(1)) * (1024 if m.group(2) else 1)
-
-
-def parse_bytes(value: str | int) -> int:
-    """'8GiB', '5GB', '500MB', '1.5G' or a plain number of bytes -> bytes (G = GiB-style 1024**3)."""
-    s = str(value).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", s, flags=re.IGNORECASE)
-    if not m:
-        raise UserError(f"Cannot read {value!r} as a size; write e.g. 8GiB, 5GB or 500MB.")
-    number, unit, binary, _ = m.groups()
-    power = " kmgt".index(unit.lower() or " ")
-    base = 1024 if (binary or not m.group(4)) and unit else 1000
-    return int(float(number) * base**power)
-
-
+# -- shared rendering -----------------------------------------------------------------------
 @contextlib.contextmanager
 def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr fed by (done, total) byte callbacks."""
@@ -97,96 +75,61 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[
 
 @contextlib.contextmanager
 def loaded(
-    model: str,
-    device: str,
-    dtype: str,
-    ctx_size: int | None,
-    quiet: bool = False,
-    memory: MemoryOptions | None = None,
-) -> Iterator[tuple[Path, torch.nn.Module, object]]:
-    """`load_for_cli` for the length of a command: a routing trace is closed (and so written)
-    however the command ends, Ctrl-C and errors included."""
-    folder, lm, tok = load_for_cli(model, device, dtype, ctx_size, quiet, memory=memory)
+    model: str, load: LoadOptions, quiet: bool = False
+) -> Iterator[tuple[Path, torch.nn.Module, Tokenizer]]:
+    """The model for the length of a command: resolved (downloaded with a progress bar), a 16-bit
+    one quantized once into the cache, loaded (progress bar). A routing trace is closed, and so
+    written, however the command ends, Ctrl-C and errors included. Yields folder, model, tokenizer."""
+    from .checkpoint import resolve_model
+    from .loader import load_model
+
+    with byte_progress("download", enabled=not quiet) as cb:
+        folder = resolve_model(model, on_bytes=cb)
+    tokenizer = Tokenizer.from_dir(folder)
+    quant, choice = load.quant or "auto", None
+    if quant == "auto":
+        folder, choice = auto_quantized(folder, load, quiet)
+        quant = None  # load the folder as it is: 16-bit, or quantized (now or before)
+    with byte_progress("load", enabled=not quiet) as cb:
+        lm = load_model(
+            folder,
+            device=load.device,
+            dtype=load.dtype,
+            progress=cb,
+            ctx_size=load.ctx,
+            quant=quant,
+            gpu_experts=load.gpu_experts,
+            vram_budget=load.budget(),
+            policy=load.cache_policy,
+            prefetch=load.prefetch,
+            kv_dtype=load.kv_dtype,
+        )
+    lm.quant_choice = choice
+    if load.record_routing is not None:
+        from .experts import RoutingRecorder
+
+        lm.experts.recorder = RoutingRecorder(load.record_routing, lm.config)
     try:
-        yield folder, lm, tok
+        yield folder, lm, tokenizer
     finally:
         if lm.experts.recorder is not None:
             lm.experts.recorder.close()
 
 
-def load_for_cli(
-    model: str,
-    device: str,
-    dtype: str,
-    ctx_size: int | None,
-    quiet: bool = False,
-    quant: str | None = None,
-    memory: MemoryOptions | None = None,
-):
-    """Resolve (download with a progress bar), load (progress bar); returns folder, model, tokenizer."""
-    from .checkpoint import resolve_model
-    from .loader import load_model, parse_device
-    from .tokenizer import Tokenizer
-
-    m = memory or MemoryOptions(quant=quant)
-    with byte_progress("download", enabled=not quiet) as cb:
-        folder = resolve_model(model, on_bytes=cb)
-    tokenizer = Tokenizer.from_dir(folder)
-    quant, choice = m.quant or "auto", None
-    if quant == "auto":
-        folder, choice = auto_quantized(folder, device, dtype, ctx_size, m.budget_bytes(), quiet)
-        quant = None  # load the folder as it is: 16-bit, or quantized (now or before)
-    budget = m.budget_bytes()
-    if budget is None and m.gpu_experts is None and parse_device(device).type == "cuda":
-        budget = "auto"  # fit the free GPU memory, as llama.cpp's --fit does
-    with byte_progress("load", enabled=not quiet) as cb:
-        lm = load_model(
-            folder,
-            device=device,
-            dtype=dtype,
-            progress=cb,
-            ctx_size=ctx_size,
-            quant=quant,
-            gpu_experts=m.gpu_experts,
-            vram_budget=budget,
-            policy=m.cache_policy,
-            prefetch=m.prefetch,
-            kv_dtype=m.kv_dtype,
-        )
-    lm.quant_choice = choice
-    if m.record_routing is not None:
-        from .experts import RoutingRecorder
-
-        lm.experts.recorder = RoutingRecorder(m.record_routing, lm.config)
-    return folder, lm, tokenizer
-
-
-def cache_dir() -> Path:
-    """Where quantized copies of models live: $QWENLOCAL_CACHE_DIR, else the user's cache folder."""
-    env = os.environ.get("QWENLOCAL_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "qwenlocal"
-
-
-def auto_quantized(
-    folder: Path, device: str, dtype: str, ctx_size: int | None, budget, quiet: bool
-) -> tuple[Path, str | None]:
-    """`--quant auto` (the default): the folder to load and why (None for a quantized folder).
-    A 16-bit model that does not fit the device is quantized once into the cache; the choice is
-    printed once on stderr (the chat panel shows it too)."""
+def auto_quantized(folder: Path, load: LoadOptions, quiet: bool) -> tuple[Path, str | None]:
+    """`--quant auto` (the default): the folder to load and why (None for a folder that loads as
+    it is). A 16-bit (or FP8) model that does not fit the device is quantized once into the cache;
+    the choice is printed once on stderr (the chat panel shows it too)."""
     from .config import Qwen3MoeConfig
-    from .loader import choose_quant, parse_device, parse_dtype
-    from .sources import DEQUANTIZED_METHODS, quant_method
+    from .loader import choose_quant
 
-    config = Qwen3MoeConfig.from_file(folder / "config.json")
-    if config.quantization_config:
-        if quant_method(config) not in DEQUANTIZED_METHODS:
-            return folder, None  # quantized already: loads with its own recipe
-        config = dataclasses.replace(config, quantization_config=None)  # FP8: sized as 16-bit
+    if quant_cache.loads_as_is(folder):
+        return folder, None
+    # an FP8 release is sized as the 16-bit model it dequantizes to
+    config = dataclasses.replace(Qwen3MoeConfig.from_file(folder / "config.json"), quantization_config=None)
+    budget = load.budget()
     budget = budget if isinstance(budget, int) else None
-    choice = choose_quant(config, parse_device(device), parse_dtype(dtype), ctx_size or 4096, budget)
+    choice = choose_quant(config, parse_device(load.device), parse_dtype(load.dtype), load.ctx, budget)
     if not quiet:
         err.print(f"--quant auto: {choice.reason}", highlight=False)
     if choice.recipe is not None:
@@ -195,32 +138,14 @@ def auto_quantized(
 
 
 def quantized_once(folder: Path, quiet: bool = False) -> Path:
-    """A 16-bit folder is quantized once with the default recipe into the cache; later runs load
-    the cached result. A folder that is already quantized is used as it is."""
-    from quant.convert import quantize_checkpoint
-    from quant.recipe import DEFAULT_PRESET, Recipe
-
-    from .config import Qwen3MoeConfig
-    from .sources import DEQUANTIZED_METHODS, quant_method
-
-    config = Qwen3MoeConfig.from_file(folder / "config.json")
-    if config.quantization_config and quant_method(config) not in DEQUANTIZED_METHODS:
-        return folder  # quantized already, by us or as a GPTQ release that loads as it is
-    resolved = folder.resolve()
-    parts = resolved.parts
-    if "snapshots" in parts:  # a hub snapshot: models--Org--Name/snapshots/<revision>
-        i = parts.index("snapshots")
-        name = f"{parts[i - 1].removeprefix('models--')}-{parts[i + 1][:10]}"
-    else:
-        name = f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
-    target = cache_dir() / f"{name}-{DEFAULT_PRESET}"
+    """A 16-bit (or FP8) folder is quantized once with the default recipe into the cache (saying
+    so); later runs load the cached copy. A folder that loads as it is is used as it is."""
+    if quant_cache.loads_as_is(folder):
+        return folder
+    target = quant_cache.cached_copy(folder)
     if (target / "config.json").is_file():
         return target
     if not quiet:
-        err.print(
-            f"quantizing {folder} once ({DEFAULT_PRESET}) into {target}; later runs load it", highlight=False
-        )
+        err.print(f"quantizing {folder} once into {target}; later runs load it", highlight=False)
     with byte_progress("quantize", enabled=not quiet) as cb:
-        device = torch.device("cuda") if torch.cuda.is_available() else None  # the GPU when there is one
-        quantize_checkpoint(folder, target, Recipe.from_preset(DEFAULT_PRESET), device=device, progress=cb)
-    return target
+        return quant_cache.quantize_into_cache(folder, progress=cb)

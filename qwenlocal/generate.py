@@ -1,4 +1,6 @@
-"""Generation: chunked prefill, decode, sampling, and one record per token for any front end."""
+"""Generation: chunked prefill, decode, sampling, and records for any front end: one per token,
+then a last one, the Summary, with the totals and the expert cache's counters (as mlx-lm's
+GenerationResponse carries its stats)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import dataclasses
 import json
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 
 from .errors import UserError
 from .model import Qwen3MoeForCausalLM
+from .offload import CacheStats, LayerStats
 
 PREFILL_CHUNK = 512
 DEFAULT_MAX_TOKENS = 4096
@@ -97,6 +100,8 @@ class TokenRecord:
 
 @dataclass
 class Summary:
+    """The last record of a generation."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache (not prefilled again)
     generated_tokens: int = 0
@@ -106,6 +111,7 @@ class Summary:
     peak_memory_bytes: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    expert_cache: CacheStats | None = None  # offloaded experts: the counters of this generation
 
     @property
     def prompt_tps(self) -> float:
@@ -116,6 +122,14 @@ class Summary:
     def gen_tps(self) -> float:
         decoded = max(self.generated_tokens - 1, 0)  # the first token comes from the prefill
         return decoded / self.gen_s if self.gen_s > 0 else 0.0
+
+    @property
+    def expert_hit_rate(self) -> float | None:
+        """Share of expert uses served from the cache; None without offload or without uses."""
+        if self.expert_cache is None:
+            return None
+        t = self.expert_cache.total()
+        return t.hits / (t.hits + t.misses) if t.hits + t.misses else None
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -137,6 +151,7 @@ class Totals:
     prompt_s: float = 0.0
     gen_s: float = 0.0
     peak_memory_bytes: int = 0
+    expert_cache: CacheStats | None = None
 
     def add(self, s: Summary) -> None:
         self.turns += 1
@@ -148,6 +163,10 @@ class Totals:
         self.prompt_s += s.prompt_s
         self.gen_s += s.gen_s
         self.peak_memory_bytes = max(self.peak_memory_bytes, s.peak_memory_bytes)
+        if s.expert_cache is not None:
+            self.expert_cache = self.expert_cache or CacheStats()
+            for layer, counts in s.expert_cache.layers.items():
+                self.expert_cache.layers.setdefault(layer, LayerStats()).add(counts)
 
     @property
     def prompt_tps(self) -> float:
@@ -181,7 +200,6 @@ class Generator:
         self.cache = model.new_cache(ctx_size)
         model.rope_tables(ctx_size)  # allocated once, before generation
         self.cached: list[int] = []  # the tokens whose keys/values the cache holds
-        self.summary = Summary()
 
     def reset(self) -> None:
         self.cache.reset()
@@ -198,15 +216,23 @@ class Generator:
         self.cached = self.cached[:n]
         return n
 
-    def prefill(self, tokens: list[int]) -> torch.Tensor:
-        """Run tokens after what the cache holds; return the last position's logits [V]."""
+    def prefill(self, tokens: list[int], cancel: Callable[[], bool] | None = None) -> torch.Tensor | None:
+        """Run tokens after what the cache holds; return the last position's logits [V], or None
+        when `cancel()` turned true between chunks."""
         device = self.model.device
         logits = None
         for i in range(0, len(tokens), self.prefill_chunk):
-            chunk = torch.tensor([tokens[i : i + self.prefill_chunk]], device=device)
-            logits = self.model(chunk, cache=self.cache, last_only=True)
-        self.cached.extend(tokens)
+            if cancel is not None and i and cancel():
+                return None
+            chunk = tokens[i : i + self.prefill_chunk]
+            logits = self.model(torch.tensor([chunk], device=device), cache=self.cache, last_only=True)
+            self.cached.extend(chunk)
         return logits[0, -1]
+
+    def run(self, prompt: list[int], params: SamplingParams, **kw) -> Summary:
+        """Generate the whole reply; return its Summary."""
+        *_, summary = self.stream(prompt, params, **kw)
+        return summary
 
     def stream(
         self,
@@ -215,8 +241,11 @@ class Generator:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         eos_ids: tuple[int, ...] | None = None,
         stop: list[str] | None = None,
-    ) -> Iterator[TokenRecord]:
-        """Yield one record per generated token; `self.summary` holds the totals afterwards."""
+        cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[TokenRecord | Summary]:
+        """Yield one TokenRecord per generated token, then the Summary. `cancel()` turning true
+        ends the reply after the current step (or prefill chunk) with finish_reason "cancelled".
+        Closing the iterator early also stops it, without a Summary."""
         if not prompt:
             raise UserError("The prompt is empty.")
         if len(prompt) >= self.ctx_size:
@@ -232,13 +261,15 @@ class Generator:
             )
         device = self.model.device
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        s = self.summary = Summary(prompt_tokens=len(prompt))
+        s = Summary(prompt_tokens=len(prompt))
+        counters: CacheStats | None = getattr(self.model.experts, "stats", None)
+        before = counters.snapshot() if counters is not None else None
         decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of this request, not the process
         t0 = time.perf_counter()
         s.cached_tokens = self._reuse_prefix(prompt)
-        logits = self.prefill(prompt[s.cached_tokens :])
+        logits = self.prefill(prompt[s.cached_tokens :], cancel)
         _sync(device)
         t_prefill = time.perf_counter()
         s.prompt_s = t_prefill - t0
@@ -246,6 +277,9 @@ class Generator:
         text = ""
         try:
             while True:
+                if logits is None or (cancel is not None and cancel()):
+                    s.finish_reason = "cancelled"
+                    break
                 seen = torch.tensor(generated, dtype=torch.long) if params.presence_penalty else None
                 token = sample(logits.cpu(), params, gen, seen)
                 if token in eos_ids:
@@ -263,18 +297,18 @@ class Generator:
                     s.finish_reason = "length"
                     break
                 logits = self.prefill([token])
-        except GeneratorExit:
-            s.finish_reason = "cancelled"
-            raise
         finally:
             _sync(device)
             s.gen_s = time.perf_counter() - t_prefill
-            s.generated_tokens = len(generated)
-            s.token_ids = generated
-            if decoder is not None:
-                text += decoder.flush()
-            s.text = _cut_at_stop(text, stop)
-            s.peak_memory_bytes = peak_memory_bytes(device)
+        s.generated_tokens = len(generated)
+        s.token_ids = generated
+        if decoder is not None:
+            text += decoder.flush()
+        s.text = _cut_at_stop(text, stop)
+        s.peak_memory_bytes = peak_memory_bytes(device)
+        if counters is not None:
+            s.expert_cache = counters.since(before)
+        yield s
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:

@@ -11,64 +11,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant.formats import PackLayout, QTensor
+from quant.linear import QuantLinear
+from quant.recipe import DEFAULT_PRESET, Recipe
+
 from .cache_policy import DEFAULT_CACHE_POLICY
 from .checkpoint import (
     SAFETENSORS_DTYPES,
     Checkpoint,
+    DequantizingCheckpoint,
     ProgressFn,
     dense_tensor_shapes,
     expert_tensor_shapes,
     resolve_model,
 )
 from .errors import UserError
-from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
+from .experts import QuantExperts
+from .memory import estimate, fit_expert_slots, make_plan
 from .model import Qwen3MoeForCausalLM
-from .offload import DEFAULT_PREFETCH
-from .sources import DequantizingCheckpoint, open_source
-
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise UserError(f"Unknown dtype {name!r}; choose one of bf16, fp16, fp32.")
-    return DTYPES[name]
-
-
-def parse_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """None keeps the model's dtype; fp8 (e4m3) halves the KV cache."""
-    from .memory import KV_DTYPES
-
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in KV_DTYPES:
-        raise UserError(f"Unknown --kv-dtype {name!r}; choose one of {', '.join(KV_DTYPES)}.")
-    return KV_DTYPES[name]
-
-
-def parse_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available.")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"Unsupported device {name!r}; use cpu, cuda, cuda:N or auto.")
-    return device
+from .names import EXPERT_PROJS, blob_layer_expert, expert_tensor_name, is_blob_name, tensor_class
+from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
+from .options import parse_device, parse_dtype, parse_kv_dtype
+from .quantize import expert_layout, quantized_shapes, quantized_stream
+from .sources import open_source
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -92,8 +57,6 @@ def _place(name: str, config, device: torch.device) -> torch.device:
 def resolve_recipe(quant, config, auto: QuantChoice | None = None):
     """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit).
     "auto" takes `auto`'s choice (`choose_quant`)."""
-    from quant.recipe import Recipe
-
     if config.quantization_config:
         own = Recipe.from_config(config.quantization_config)
         if isinstance(quant, str) and quant not in (own.preset, "auto"):
@@ -133,16 +96,14 @@ def choose_quant(
     """`--quant auto`: a 16-bit checkpoint that fits the device (`budget`, default: the free GPU
     memory, or on the CPU the free RAM) loads as it is; one that does not is quantized with the
     default recipe. A quantized checkpoint keeps its own recipe."""
-    from quant.recipe import DEFAULT_PRESET, Recipe
-
-    from .memory import Plan, estimate
-
     if config.quantization_config:
         own = Recipe.from_config(config.quantization_config)
         return QuantChoice(own, f"quantized checkpoint ({own.preset})")
     if budget is None:
         budget = auto_budget(device) if device.type == "cuda" else host_free_bytes()
-    est = estimate(config, Plan(recipe=None, ctx_size=ctx_size, dtype=dtype, device=device.type))
+    est = estimate(
+        config, make_plan(recipe=None, ctx_size=ctx_size, dtype=dtype, kv_dtype=None, device=device)
+    )
     need = est.gpu_total + est.host_total
     where = "GPU memory" if device.type == "cuda" else "RAM"
     sizes = f"{need / 1024**3:.2f} GiB, {max(budget, 0) / 1024**3:.2f} GiB of {where} free"
@@ -166,10 +127,10 @@ def expert_slots(
     ctx_size: int,
     gpu_experts: int | None,
     vram_budget: int | str | None,
+    kv_dtype: torch.dtype | None,
 ) -> int | None:
-    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident."""
-    from .memory import Plan, fit_expert_slots
-
+    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident.
+    `kv_dtype` None: the KV cache is kept in `dtype`."""
     if gpu_experts is None and vram_budget is None:
         return None
     if vram_budget == "auto" and device.type != "cuda":
@@ -186,7 +147,7 @@ def expert_slots(
             )
         return min(gpu_experts, total)
     budget = auto_budget(device) if vram_budget == "auto" else int(vram_budget)
-    plan = Plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, device=device.type)
+    plan = make_plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, kv_dtype=kv_dtype, device=device)
     return fit_expert_slots(config, plan, budget).expert_slots
 
 
@@ -221,14 +182,15 @@ def load_model(
     quantized checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
     all experts in host RAM and only a cache of them on the device.
     """
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     auto = choose_quant(config, device, dtype, ctx_size or 4096) if quant == "auto" else None
     recipe, prequantized = resolve_recipe(quant, config, auto)
     if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
         ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
-    slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
+    ctx = ctx_size or 4096
+    slots = expert_slots(config, recipe, device, dtype, ctx, gpu_experts, vram_budget, kv_dtype)
     if recipe is None:
         if slots is not None and slots < config.num_experts * len(config.moe_layers):
             raise UserError("Expert offload needs quantized experts: add --quant mixed (or nf4, int8).")
@@ -242,7 +204,7 @@ def load_model(
         )
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
-    model.kv_dtype = parse_kv_dtype(kv_dtype)
+    model.kv_dtype = kv_dtype
     model.eval()
     return model
 
@@ -293,14 +255,10 @@ def _load_quantized(
     device,
     dtype,
     progress,
-    slots_per_layer=None,
-    policy=DEFAULT_CACHE_POLICY,
-    prefetch=True,
+    slots_per_layer: int | None,
+    policy: str,
+    prefetch: bool,
 ) -> Qwen3MoeForCausalLM:
-    from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class
-    from quant.formats import PackLayout, QTensor
-    from quant.linear import QuantLinear
-
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
         shapes = quantized_shapes(config, recipe, layout.specs["gate_proj"].dtype)
@@ -326,8 +284,6 @@ def _load_quantized(
         if slots_per_layer is None:
             experts = QuantExperts(config, layout)
         else:
-            from .offload import OffloadedExperts
-
             experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
@@ -342,9 +298,8 @@ def _load_quantized(
     done = 0
     for name, tensor in items:
         done += tensor.numel() * tensor.element_size()
-        if name.endswith(".blob"):
-            parts = name.split(".")
-            model.experts.set_blob(int(parts[2]), int(parts[5]), tensor)
+        if is_blob_name(name):
+            model.experts.set_blob(*blob_layer_expert(name), tensor)
         elif name in dense and name.removesuffix(".weight") not in specs:
             assign(model, name, tensor.to(device=_place(name, config, device), dtype=dtype))
         else:
@@ -364,16 +319,12 @@ def _load_quantized(
     if device.type == "cpu" and slots_per_layer is None:
         _use_kernel_layouts(model)
     if slots_per_layer is not None:
-        from .offload import expert_router
-
         experts.attach_router(expert_router(model))
     return model
 
 
 def _use_kernel_layouts(model: nn.Module) -> None:
     """Repack quantized weights computed on the CPU into its kernels' layout (int4), once."""
-    from quant.linear import QuantLinear
-
     if isinstance(model.experts, QuantExperts):
         model.experts.use_kernel_layout()
     for module in model.modules():

@@ -1,67 +1,120 @@
-"""Flags shared by the commands that load a model (generate, chat, serve): memory and offload.
+"""The flags of the commands that load a model (generate, chat, serve), declared once.
 
-Kept apart from cli.py so that chat.py and server.py can use them in their signatures without
-importing the CLI module."""
+`@load_command(...)` adds them to a Typer command, which receives two records: `LoadOptions`
+(where and how to load the model) and `SamplingOptions` (how to sample), to `validate()` before
+a long load. A new flag is one `Flag` in a table here and one field in its record.
+
+This module parses values and raises UserError; it imports nothing of the CLI (cli_util imports
+it), and the loader takes its device and dtype parsers from here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import torch
 import typer
 
 from .cache_policy import DEFAULT_CACHE_POLICY
+from .errors import UserError
 from .offload import DEFAULT_PREFETCH
 
-Quant = Annotated[
-    str | None,
-    typer.Option(
-        "--quant",
-        help="auto (default): a 16-bit model that fits the device loads as it is, one that does not is "
-        "quantized once (mixed); mixed, int4, nf4, int8: quantize while loading; bf16: as it is. "
-        "A quantized folder keeps its own.",
-    ),
-]
-GpuExperts = Annotated[
-    int | None, typer.Option("--gpu-experts", help="Expert slots on the GPU, in all layers.")
-]
-VramBudget = Annotated[
-    str | None,
-    typer.Option(
-        "--vram-budget", help="Size the expert cache to fit, e.g. 8GiB; default on a GPU: auto (free memory)."
-    ),
-]
-Prefetch = Annotated[
-    bool, typer.Option("--prefetch/--no-prefetch", help="Guess the next layer's experts and copy them early.")
-]
-CachePolicy = Annotated[
-    str, typer.Option("--cache-policy", help="Expert cache policy: lfu (frequency with decay) or lru.")
-]
-KvDtype = Annotated[
-    str | None,
-    typer.Option("--kv-dtype", help="KV cache storage: bf16, fp16, fp8 (half the memory) or fp32."),
-]
-RecordRouting = Annotated[
-    Path | None,
-    typer.Option("--record-routing", help="Write the experts picked per layer per token (JSON lines)."),
-]
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
+# -- values ---------------------------------------------------------------------------------------
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"Unknown dtype {name!r}; choose one of bf16, fp16, fp32.")
+    return DTYPES[name]
+
+
+def parse_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """None keeps the model's dtype; fp8 (e4m3) halves the KV cache."""
+    from .memory import KV_DTYPES
+
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in KV_DTYPES:
+        raise UserError(f"Unknown --kv-dtype {name!r}; choose one of {', '.join(KV_DTYPES)}.")
+    return KV_DTYPES[name]
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"Unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available.")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"Unsupported device {name!r}; use cpu, cuda, cuda:N or auto.")
+    return device
+
+
+def parse_tokens(value: str | int) -> int:
+    """'32768', '32k', '128K' -> tokens (k = 1024)."""
+    s = str(value).strip().lower().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"(\d+)(k?)", s)
+    if not m:
+        raise UserError(f"Cannot read {value!r} as a token count; write e.g. 8192 or 32k.")
+    return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+def parse_bytes(value: str | int) -> int:
+    """'8GiB', '5GB', '500MB', '1.5G' or a plain number of bytes -> bytes (G = GiB-style 1024**3)."""
+    s = str(value).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", s, flags=re.IGNORECASE)
+    if not m:
+        raise UserError(f"Cannot read {value!r} as a size; write e.g. 8GiB, 5GB or 500MB.")
+    number, unit, binary, _ = m.groups()
+    power = " kmgt".index(unit.lower() or " ")
+    base = 1024 if (binary or not m.group(4)) and unit else 1000
+    return int(float(number) * base**power)
+
+
+# -- the records ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MemoryOptions:
+class LoadOptions:
+    """Where and how to load the model, as typed on the command line."""
+
+    device: str = "auto"
+    dtype: str = "bf16"
+    ctx_size: str | int = 4096
     quant: str | None = None
     gpu_experts: int | None = None
     vram_budget: str | None = None
     prefetch: bool = DEFAULT_PREFETCH
     cache_policy: str = DEFAULT_CACHE_POLICY
-    record_routing: Path | None = None
     kv_dtype: str | None = None
+    record_routing: Path | None = None
 
-    def validate(self) -> MemoryOptions:
-        """Bad values fail before a long load."""
-        from .errors import UserError
-
+    def validate(self) -> LoadOptions:
+        """Bad values fail here, before a long load."""
+        parse_tokens(self.ctx_size)
+        parse_device(self.device)
+        parse_dtype(self.dtype)
+        parse_kv_dtype(self.kv_dtype)
         if self.quant is not None and self.quant not in ("bf16", "none", "auto"):
             from quant.recipe import Recipe
 
@@ -70,15 +123,154 @@ class MemoryOptions:
             raise UserError(f"Unknown --cache-policy {self.cache_policy!r}; choose lru or lfu.")
         if self.gpu_experts is not None and self.vram_budget is not None:
             raise UserError("Give --gpu-experts or --vram-budget, not both.")
-        self.budget_bytes()
-        from .loader import parse_kv_dtype
-
-        parse_kv_dtype(self.kv_dtype)
+        self.budget()
         return self
 
-    def budget_bytes(self) -> int | str | None:
-        if self.vram_budget is None or self.vram_budget == "auto":
-            return self.vram_budget
-        from .cli_util import parse_bytes  # noqa: PLC0415 - cli_util imports this module
+    @property
+    def ctx(self) -> int:
+        return parse_tokens(self.ctx_size)
 
-        return parse_bytes(self.vram_budget)
+    def budget(self) -> int | str | None:
+        """--vram-budget in bytes; "auto" (fit the free GPU memory, as llama.cpp's --fit does) on
+        a GPU when neither it nor --gpu-experts is given."""
+        if self.vram_budget is not None:
+            return self.vram_budget if self.vram_budget == "auto" else parse_bytes(self.vram_budget)
+        if self.gpu_experts is None and parse_device(self.device).type == "cuda":
+            return "auto"
+        return None
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Mode and sampling as typed; None means the mode's default (Qwen's recommended values)."""
+
+    think: bool = True
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+
+    def overrides(self) -> dict[str, float | int]:
+        """The values given, by SamplingParams' names."""
+        names = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "seed")
+        return {k: v for k in names if (v := getattr(self, k)) is not None}
+
+    def params(self, model_dir: Path | None = None, thinking: bool | None = None):
+        """SamplingParams for the mode (`thinking` overrides `think`), these values winning."""
+        from .generate import SamplingParams
+
+        mode = self.think if thinking is None else thinking
+        return SamplingParams.for_mode(mode, model_dir, **self.overrides())
+
+    def validate(self) -> SamplingOptions:
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise UserError(f"--max-tokens must be positive, got {self.max_tokens}.")
+        self.params()
+        return self
+
+
+# -- the flags ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Flag:
+    name: str  # the record's field
+    type: Any
+    decls: tuple[str, ...]
+    help: str
+
+
+LOAD_FLAGS = (
+    Flag("device", str, ("--device",), "auto, cpu, cuda, cuda:N."),
+    Flag("dtype", str, ("--dtype",), "bf16, fp16 or fp32."),
+    Flag("ctx_size", str, ("--ctx-size", "-c"), "Context size in tokens (8192, 32k)."),
+    Flag(
+        "quant",
+        str | None,
+        ("--quant",),
+        "auto (default): a 16-bit model that fits the device loads as it is, one that does not is "
+        "quantized once (mixed); mixed, int4, nf4, int8: quantize while loading; bf16: as it is. "
+        "A quantized folder keeps its own.",
+    ),
+    Flag("gpu_experts", int | None, ("--gpu-experts",), "Expert slots on the GPU, in all layers."),
+    Flag(
+        "vram_budget",
+        str | None,
+        ("--vram-budget",),
+        "Size the expert cache to fit, e.g. 8GiB; default on a GPU: auto (free memory).",
+    ),
+    Flag(
+        "prefetch", bool, ("--prefetch/--no-prefetch",), "Guess the next layer's experts and copy them early."
+    ),
+    Flag("cache_policy", str, ("--cache-policy",), "Expert cache policy: lfu (frequency with decay) or lru."),
+    Flag(
+        "kv_dtype",
+        str | None,
+        ("--kv-dtype",),
+        "KV cache storage: bf16, fp16, fp8 (half the memory) or fp32.",
+    ),
+    Flag(
+        "record_routing",
+        Path | None,
+        ("--record-routing",),
+        "Write the experts picked per layer per token (JSON lines).",
+    ),
+)
+SAMPLING_FLAGS = (
+    Flag("think", bool, ("--think/--no-think",), "Thinking mode."),
+    Flag(
+        "temperature", float | None, ("--temp",), "Temperature; 0 is greedy (default: Qwen's for the mode)."
+    ),
+    Flag("top_k", int | None, ("--top-k",), "Sample from the k likeliest tokens; 0 turns it off."),
+    Flag("top_p", float | None, ("--top-p",), "Sample from the likeliest tokens holding this mass."),
+    Flag("min_p", float | None, ("--min-p",), "Drop tokens below this share of the likeliest one."),
+    Flag(
+        "presence_penalty", float | None, ("--presence-penalty",), "Subtract from tokens already generated."
+    ),
+    Flag("seed", int | None, ("--seed",), "Random seed (chat: reply n samples with seed + n)."),
+    Flag("max_tokens", int | None, ("--max-tokens", "-n"), "Most tokens per reply."),
+)
+
+
+def load_command(**defaults: Any) -> Callable[[Callable], Callable]:
+    """Give a Typer command the load and sampling flags. The command declares its own arguments
+    and flags plus `load: LoadOptions` and `sampling: SamplingOptions`; `defaults` sets a
+    command's own default for a flag (e.g. ctx_size="8192")."""
+    records = {"load": (LoadOptions, LOAD_FLAGS), "sampling": (SamplingOptions, SAMPLING_FLAGS)}
+    fields = {f.name: (f, cls) for cls, flags in records.values() for f in flags}
+    unknown = set(defaults) - set(fields)
+    if unknown:
+        raise TypeError(f"no such flags: {sorted(unknown)}")
+
+    def wrap(fn: Callable) -> Callable:
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for name, p in signature.parameters.items() if name not in records]
+        added = [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=defaults.get(f.name, _field_default(cls, f.name)),
+                annotation=Annotated[f.type, typer.Option(*f.decls, help=f.help)],
+            )
+            for f, cls in fields.values()
+        ]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            built = {
+                key: cls(**{f.name: kwargs.pop(f.name) for f in flags})
+                for key, (cls, flags) in records.items()
+            }
+            return fn(**kwargs, **built)
+
+        params = [*own, *added]
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
+
+def _field_default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)

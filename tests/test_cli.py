@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -43,9 +44,9 @@ def test_generate_greedy_matches_library(tiny_ckpt):
     tok = Tokenizer.from_dir(tiny_ckpt)
     gen = Generator(load_model(tiny_ckpt, dtype="bf16"), tok, ctx_size=4096)
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}], enable_thinking=False)
-    list(gen.stream(ids, SamplingParams(temperature=0), max_tokens=6))
+    expected = gen.run(ids, SamplingParams(temperature=0), max_tokens=6).token_ids
     r = invoke("generate", tiny_ckpt, "Hi", "-n", 6, "--temp", 0, "--no-think", "--json", "--quant", "bf16")
-    assert json.loads(r.stdout.strip().splitlines()[-1])["token_ids"] == gen.summary.token_ids
+    assert json.loads(r.stdout.strip().splitlines()[-1])["token_ids"] == expected
 
 
 def test_generate_stdin_raw_and_stream(tiny_ckpt):
@@ -163,3 +164,14 @@ def test_offload_flags(tiny_ckpt, tmp_path):
     assert bad.exit_code == 2 and "Unknown --cache-policy" in bad.stderr
     bad = invoke("generate", tiny_ckpt, "Hi", "--quant", "mixed", "--gpu-experts", 1)
     assert bad.exit_code == 2 and "too few" in bad.stderr
+
+
+def test_options_import_nothing_of_the_cli():
+    """cli_util imports options; the other way round would be a cycle."""
+    import ast
+
+    import qwenlocal.options
+
+    tree = ast.parse(Path(qwenlocal.options.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"cli", "cli_util", "chat", "server"}, imported

@@ -66,8 +66,8 @@ def test_logits_and_greedy_tokens_equal_transformers(fp8):
         out = ref.generate(PROMPT, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert (ours(PROMPT) - expected).abs().max().item() < 1e-3
     gen = Generator(ours, ctx_size=64)
-    list(gen.stream(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=16, eos_ids=()))
-    assert gen.summary.token_ids == out[0, PROMPT.shape[1] :].tolist()
+    tokens = gen.run(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=16, eos_ids=()).token_ids
+    assert tokens == out[0, PROMPT.shape[1] :].tolist()
 
 
 def test_partial_blocks_and_one_scale_per_tensor():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qwenlocal import UserError, load_model
-from qwenlocal.generate import Generator, SamplingParams, sample
+from qwenlocal.generate import Generator, SamplingParams, Summary, TokenRecord, sample
 from qwenlocal.tokenizer import Tokenizer
 
 
@@ -68,13 +68,14 @@ def test_records_and_summary(tiny):
     model, tok = tiny
     gen = Generator(model, tok, ctx_size=128)
     prompt = tok.encode_chat([{"role": "user", "content": "Grüß dich! 你好"}])
-    records = list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=10, eos_ids=()))
-    s = gen.summary
+    *records, s = gen.stream(prompt, SamplingParams(temperature=0), max_tokens=10, eos_ids=())
+    assert isinstance(s, Summary) and all(isinstance(r, TokenRecord) for r in records)
     assert [r.index for r in records] == list(range(10))
     assert [r.token_id for r in records] == s.token_ids
     assert "".join(r.text for r in records) == s.text == tok.decode(s.token_ids)
     assert s.finish_reason == "length" and s.generated_tokens == 10 and s.prompt_tokens == len(prompt)
     assert s.prompt_tps > 0 and s.gen_tps > 0 and s.peak_memory_bytes > 0
+    assert s.expert_cache is None and s.expert_hit_rate is None  # resident experts: no cache
     assert all(b.elapsed_s >= a.elapsed_s for a, b in zip(records, records[1:], strict=False))
 
 
@@ -82,43 +83,63 @@ def test_stops_at_eos(tiny):
     model, tok = tiny
     gen = Generator(model, tok, ctx_size=128)
     prompt = tok.encode("hello there")
-    first = list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=5, eos_ids=()))
+    first = gen.run(prompt, SamplingParams(temperature=0), max_tokens=5, eos_ids=()).token_ids
     gen.reset()
-    stopped = list(
-        gen.stream(prompt, SamplingParams(temperature=0), max_tokens=5, eos_ids=(first[2].token_id,))
-    )
-    assert [r.token_id for r in stopped] == [r.token_id for r in first[:2]]
-    assert gen.summary.finish_reason == "stop"
+    stopped = gen.run(prompt, SamplingParams(temperature=0), max_tokens=5, eos_ids=(first[2],))
+    assert stopped.token_ids == first[:2] and stopped.finish_reason == "stop"
 
 
 def test_stop_string_cuts_text(tiny):
     model, tok = tiny
     gen = Generator(model, tok, ctx_size=128)
     prompt = tok.encode("hello there")
-    full = list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=6, eos_ids=()))
-    marker = full[3].text
-    if not marker.strip():
-        pytest.skip("the random model produced an empty piece")
+    full = gen.run(prompt, SamplingParams(temperature=0), max_tokens=6, eos_ids=()).text
+    assert len(full) >= 4  # six tokens of a byte-level vocabulary, special ones spelled out
+    marker = full[len(full) // 2 : len(full) // 2 + 2]
     gen.reset()
-    list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=6, eos_ids=(), stop=[marker]))
-    assert gen.summary.finish_reason == "stop"
-    assert marker not in gen.summary.text
+    cut = gen.run(prompt, SamplingParams(temperature=0), max_tokens=6, eos_ids=(), stop=[marker])
+    assert cut.finish_reason == "stop" and cut.text == full[: full.find(marker)]
+
+
+def test_cancel_ends_with_a_cancelled_summary(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok, ctx_size=128, prefill_chunk=2)
+    prompt = tok.encode("one two three four five six seven")
+    seen: list[TokenRecord] = []
+    records = gen.stream(
+        prompt, SamplingParams(temperature=0), max_tokens=50, eos_ids=(), cancel=lambda: len(seen) == 3
+    )
+    for r in records:
+        if isinstance(r, Summary):
+            break
+        seen.append(r)
+    assert (
+        r.finish_reason == "cancelled"
+        and r.generated_tokens == 3
+        and r.token_ids == [x.token_id for x in seen]
+    )
+    # cancelled during the prefill: no token, and the cache holds the chunks that ran
+    gen.reset()
+    calls = []
+    s = gen.run(
+        prompt, SamplingParams(temperature=0), eos_ids=(), cancel=lambda: calls.append(1) or len(calls) == 2
+    )
+    assert (s.finish_reason, s.generated_tokens) == ("cancelled", 0) and gen.cached == prompt[:4]
 
 
 def test_context_full_stops_with_length(tiny):
     model, tok = tiny
     gen = Generator(model, tok, ctx_size=12)
     prompt = tok.encode("one two three four five")
-    list(gen.stream(prompt, SamplingParams(temperature=0), max_tokens=100, eos_ids=()))
-    assert gen.summary.finish_reason == "length"
-    assert len(prompt) + gen.summary.generated_tokens <= 13
+    s = gen.run(prompt, SamplingParams(temperature=0), max_tokens=100, eos_ids=())
+    assert s.finish_reason == "length" and len(prompt) + s.generated_tokens == 13
 
 
 def test_prompt_longer_than_context(tiny):
     model, tok = tiny
     gen = Generator(model, tok, ctx_size=4)
     with pytest.raises(UserError, match="the context holds 4"):
-        list(gen.stream(tok.encode("one two three four five six"), SamplingParams(temperature=0)))
+        gen.run(tok.encode("one two three four five six"), SamplingParams(temperature=0))
 
 
 def test_cache_reuse_equals_fresh_prefill(tiny):
@@ -127,8 +148,7 @@ def test_cache_reuse_equals_fresh_prefill(tiny):
     p = SamplingParams(temperature=0)
     gen = Generator(model, tok, ctx_size=256)
     turn1 = tok.encode_chat([{"role": "user", "content": "first question"}])
-    list(gen.stream(turn1, p, max_tokens=6, eos_ids=()))
-    reply = gen.summary.text
+    reply = gen.run(turn1, p, max_tokens=6, eos_ids=()).text
     turn2 = tok.encode_chat(
         [
             {"role": "user", "content": "first question"},
@@ -136,13 +156,11 @@ def test_cache_reuse_equals_fresh_prefill(tiny):
             {"role": "user", "content": "second"},
         ]
     )
-    list(gen.stream(turn2, p, max_tokens=6, eos_ids=()))
-    reused = gen.summary
+    reused = gen.run(turn2, p, max_tokens=6, eos_ids=())
     assert reused.cached_tokens >= len(turn1) - 1
-    fresh = Generator(model, tok, ctx_size=256)
-    list(fresh.stream(turn2, p, max_tokens=6, eos_ids=()))
-    assert fresh.summary.cached_tokens == 0
-    assert reused.token_ids == fresh.summary.token_ids
+    fresh = Generator(model, tok, ctx_size=256).run(turn2, p, max_tokens=6, eos_ids=())
+    assert fresh.cached_tokens == 0
+    assert reused.token_ids == fresh.token_ids
 
 
 def test_fp8_kv_cache_stores_rounded_keys_at_half_the_size(tiny_ckpt):

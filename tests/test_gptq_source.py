@@ -71,8 +71,8 @@ def test_greedy_tokens_equal_transformers(gptq):
     with torch.no_grad():
         out = ref.generate(PROMPT, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     gen = Generator(load_model(folder, dtype=torch.float32, quant="bf16"), ctx_size=64)
-    list(gen.stream(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=16, eos_ids=()))
-    assert gen.summary.token_ids == out[0, PROMPT.shape[1] :].tolist()
+    tokens = gen.run(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=16, eos_ids=()).token_ids
+    assert tokens == out[0, PROMPT.shape[1] :].tolist()
 
 
 def _broken(gptq, tmp_path, change):

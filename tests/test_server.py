@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from qwenlocal.cli import app
-from qwenlocal.server import ReasoningSplitter, StopBuffer, split_reasoning
+from qwenlocal.openai_api import StopBuffer
+from qwenlocal.reasoning import ReasoningSplitter, split_reasoning
 from qwenlocal.tokenizer import Tokenizer
 
 HOST = "127.0.0.1"
