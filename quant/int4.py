@@ -166,7 +166,8 @@ def dequantize_int4_t(
             u4[..., 1].copy_(hi.permute(1, 0, 2))
     wt.copy_(u)
     sz = scale_zero.float()
-    scale = sz[..., 0].unsqueeze(1)  # [K/G, 1, N]
+    # contiguous [K/G, 1, N]: a strided operand would take the slow broadcast path (10x)
+    scale = sz[..., 0].contiguous().unsqueeze(1)
     offset = torch.addcmul(sz[..., 1], sz[..., 0], torch.tensor(-8.0)).unsqueeze(1)
     groups = wt.view(k // group, group, n)
     return torch.addcmul(offset, groups, scale, out=groups).view(k, n)

@@ -19,7 +19,6 @@ bench/kernels.py (BENCHMARKS.md). On the CPU the GEMM runs in bf16 where the CPU
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import replace
 from functools import cache
 
 import torch
@@ -140,7 +139,7 @@ def to_kernel_layout(q: QTensor) -> QTensor:
         return q
     assert packing is not None
     repack_for_cpu(q.weight, (q.shape[0], q.shape[1]), packing)
-    return replace(q, packing=packing)
+    return dataclasses.replace(q, packing=packing)
 
 
 def kernel_pack_layout(layout: PackLayout, blobs: list[Tensor]) -> PackLayout:
