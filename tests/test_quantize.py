@@ -156,13 +156,14 @@ def test_bits_per_weight_in_stats(quantized):
     """Worked by hand for the tiny shapes: 2 MoE layers of 8 experts (32 x 64, 32 x 64, 64 x 32)
     and the dense MLP of layer 1 (96 x 64, 96 x 64, 64 x 96), both in the "experts" class."""
     stats = json.loads((quantized["mixed"] / "quant_stats.json").read_text())
-    # A routed expert's NF4 matrix of 2,048 weights, blocks of 64, double quantization, each part
-    # starting on a 64-byte boundary of the packed blob: codes 1,024 B; 32 uint8 absmax (-> 64 B);
-    # the 16-entry code book 64 B; one fp32 nested absmax (-> 64 B); the 256-entry nested code
-    # book 1,024 B; the fp32 offset (-> 64 B): 2,304 B, so 6,912 B an expert of 6,144 weights.
-    routed_bytes, routed_weights = 2 * 8 * 6912, 2 * 8 * 6144
-    # A dense matrix of 6,144 weights, stored unpacked: 3,072 + 96 + 64 + 4 + 1,024 + 4 = 4,264 B
-    dense_bytes, dense_weights = 3 * 4264, 3 * 6144
+    # int4, groups of 64 where 64 divides the width, else 32 (quant.recipe), each part starting on a
+    # 64-byte boundary of the packed blob. gate/up 32 x 64: codes 1,024 B + bf16 (scale, zero) for
+    # 32 groups 128 B; down 64 x 32 (groups of 32): codes 1,024 B + 64 groups 256 B: 3,584 B an
+    # expert of 6,144 weights.
+    routed_bytes, routed_weights = 2 * 8 * 3584, 2 * 8 * 6144
+    # The dense MLP, stored unpacked: gate/up 96 x 64: 3,072 + 96 groups 384 B; down 64 x 96
+    # (groups of 32): 3,072 + 192 groups 768 B
+    dense_bytes, dense_weights = 2 * 3456 + 3840, 3 * 6144
     expected = 8 * (routed_bytes + dense_bytes) / (routed_weights + dense_weights)
     assert stats["classes"]["experts"]["bits_per_weight"] == pytest.approx(expected, rel=1e-12)
     # int8 attention: one byte a weight plus an fp32 scale per row of 64 weights
@@ -218,10 +219,10 @@ def test_a_recipe_that_quantizes_nothing_is_refused(src, tmp_path):
 FLAG_RUNS = {
     # flags -> (experts: bnb quant_type, blocksize, double quant; attention: bits)
     "fp4": (["--format4", "fp4"], ("fp4", 64, True), 8),
-    "no-double-quant": (["--no-double-quant"], ("nf4", 64, False), 8),
-    "blocksize-128": (["--blocksize", "128"], ("nf4", 128, True), 8),
-    "attn-4": (["--attn-bits", "4"], ("nf4", 64, True), 4),
-    "attn-16": (["--attn-bits", "16"], ("nf4", 64, True), 16),
+    "no-double-quant": (["--format4", "nf4", "--no-double-quant"], ("nf4", 64, False), 8),
+    "blocksize-128": (["--format4", "nf4", "--blocksize", "128"], ("nf4", 128, True), 8),
+    "attn-4": (["--format4", "nf4", "--attn-bits", "4"], ("nf4", 64, True), 4),
+    "attn-16": (["--format4", "nf4", "--attn-bits", "16"], ("nf4", 64, True), 16),
 }
 
 
