@@ -103,6 +103,8 @@ def loaded(
             policy=load.cache_policy,
             prefetch=load.prefetch,
             kv_dtype=load.kv_dtype,
+            moe=load.moe,
+            cold_experts=load.cold_experts,
         )
     lm.quant_choice = choice
     if load.record_routing is not None:

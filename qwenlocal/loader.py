@@ -25,6 +25,7 @@ from .checkpoint import (
     expert_tensor_shapes,
     resolve_model,
 )
+from .cold import DEFAULT_COLD_EXPERTS, ColdExperts, parse_cold_experts
 from .errors import UserError
 from .experts import QuantExperts
 from .memory import estimate, fit_expert_slots, make_plan
@@ -34,6 +35,18 @@ from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
 from .options import parse_device, parse_dtype, parse_kv_dtype
 from .quantize import expert_layout, quantized_shapes, quantized_stream
 from .sources import open_source
+
+
+def resolve_moe(moe: str, device: torch.device) -> str:
+    """ "auto": grouped on CUDA (no host sync, one launch per projection); on the CPU the loop,
+    which measured faster there (BENCHMARKS.md, bench/moe_cpu.py)."""
+    from .experts import MOE_MODES
+
+    if moe not in MOE_MODES:
+        raise UserError(f"Unknown --moe {moe!r}; choose one of {', '.join(MOE_MODES)}.")
+    if moe == "auto":
+        return "grouped" if device.type == "cuda" else "loop"
+    return moe
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -174,15 +187,23 @@ def load_model(
     policy: str = DEFAULT_CACHE_POLICY,
     prefetch: bool = DEFAULT_PREFETCH,
     kv_dtype: str | torch.dtype | None = None,
+    moe: str = "auto",
+    cold_experts: str = DEFAULT_COLD_EXPERTS,
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
     `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading, or "auto"
     (quantize with the default recipe only if the 16-bit weights do not fit: `choose_quant`); a
-    quantized checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
-    all experts in host RAM and only a cache of them on the device.
+    quantized checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or
+    "auto") keep all experts in host RAM and only a cache of them on the device; `cold_experts`
+    says what happens to an expert without a slot: copied in ("copy"), computed on the CPU ("cpu"),
+    or either by measured times ("auto"; cold.py). `moe`: how a decode token's experts are computed,
+    "grouped" (two kernel launches, ids on the device), "loop" (one expert at a time) or "auto"
+    (see resolve_moe).
     """
     device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
+    parse_cold_experts(cold_experts)
+    moe = resolve_moe(moe, device)
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     auto = choose_quant(config, device, dtype, ctx_size or 4096) if quant == "auto" else None
@@ -200,11 +221,24 @@ def load_model(
         if per_layer is not None and per_layer >= config.num_experts:
             per_layer = None  # everything fits: a cache that never misses is no cache at all
         model = _load_quantized(
-            ckpt, config, recipe, prequantized, device, dtype, progress, per_layer, policy, prefetch
+            ckpt,
+            config,
+            recipe,
+            prequantized,
+            device,
+            dtype,
+            progress,
+            per_layer,
+            policy,
+            prefetch,
+            cold_experts,
         )
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
     model.kv_dtype = kv_dtype
+    # the grouped kernels (quant/moe_kernels.py) read nf4/fp4/int8/16-bit experts, not int4 yet
+    int4_experts = recipe is not None and recipe.format_for("experts") == "int4"
+    model.experts.moe = "loop" if int4_experts else moe
     model.eval()
     return model
 
@@ -258,6 +292,7 @@ def _load_quantized(
     slots_per_layer: int | None,
     policy: str,
     prefetch: bool,
+    cold_experts: str = DEFAULT_COLD_EXPERTS,
 ) -> Qwen3MoeForCausalLM:
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
@@ -283,8 +318,12 @@ def _load_quantized(
     with torch.device("meta"):  # no memory until allocate(): the store and slots are sized once
         if slots_per_layer is None:
             experts = QuantExperts(config, layout)
-        else:
+        elif cold_experts == "copy":
             experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
+        else:
+            experts = ColdExperts(
+                config, layout, slots_per_layer, device, policy, prefetch, mode=cold_experts
+            )
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
     dense = dense_tensor_shapes(config)
