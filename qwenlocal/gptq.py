@@ -211,12 +211,9 @@ def gptq_recipe(config, qc: dict):
     GPTQ's size (or the largest of 128, 64, 32 that splits it and every input width); 8-bit ones
     become int8 row-wise, requantized from the dequantized weights (int8 keeps one scale per row,
     GPTQ one per group: this is the one float step). What GPTQ left 16-bit stays 16-bit."""
-    from quant.recipe import DEFAULT_PRESET, Recipe
+    from quant.int4 import GROUP_SIZES
+    from quant.recipe import Recipe
 
-    try:
-        from quant.int4 import GROUP_SIZES
-    except ImportError:  # TODO(issue 12 landing): remove; until then GPTQ is requantized, a float step
-        return Recipe.from_preset(DEFAULT_PRESET)
     h, d = config.hidden_size, config.head_dim
     widths = (h, config.moe_intermediate_size, config.num_attention_heads * d)
     group = int(qc.get("group_size", 128))

@@ -18,12 +18,6 @@ from .test_fp8_source import FP8_SHAPES
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
-try:
-    import quant.int4  # noqa: F401
-except ImportError:  # the int4 format (issue 12) is not in this build yet
-    needs_int4 = pytest.mark.skip(reason="needs the int4 format (issue 12)")
-else:
-    needs_int4 = pytest.mark.usefixtures()
 PROMPT = torch.tensor([[17, 923, 4, 511, 77, 1000, 3, 250, 64, 9, 800, 12]])
 # name -> write_gptq arguments
 VARIANTS = {
@@ -136,7 +130,6 @@ def int4_reference(gptq, tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", INT4_VARIANTS)
-@needs_int4
 def test_loads_as_int4_equal_to_transformers(gptq, int4_reference, variant):
     folder, _, _ = gptq(variant)
     model = load_model(folder, dtype=torch.float32)
@@ -147,7 +140,6 @@ def test_loads_as_int4_equal_to_transformers(gptq, int4_reference, variant):
     assert (model(PROMPT) - expected).abs().max().item() < 1e-3
 
 
-@needs_int4
 def test_int4_greedy_tokens_and_offload(gptq, int4_reference):
     folder, _, _ = gptq("int4-g128-sym-v1")
     with torch.no_grad():
@@ -166,7 +158,6 @@ def test_int4_greedy_tokens_and_offload(gptq, int4_reference):
     assert torch.equal(offloaded(PROMPT), resident(PROMPT))
 
 
-@needs_int4
 def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
     """The int4 codes are GPTQ's codes, and nothing is quantized while loading."""
     import qwenlocal.quantize
@@ -184,7 +175,6 @@ def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
     assert torch.equal(int4_codes(q.weight, q.shape, q.packing), codes)
 
 
-@needs_int4
 def test_memory_model_and_vram_equal_what_loads(gptq):
     from qwenlocal.memory import estimate, make_plan, measure
 
@@ -201,7 +191,6 @@ def test_memory_model_and_vram_equal_what_loads(gptq):
     assert d["quant"] == "gptq" and d["components"]["experts"]["bytes"] == est.bytes_of("experts")
 
 
-@needs_int4
 def test_act_order_is_refused_for_int4_and_loads_dequantized(gptq):
     folder, plain, _ = gptq("int4-act-order")
     r = runner.invoke(app, ["generate", str(folder), "hi", "-n", "2", "--device", "cpu"])
@@ -212,7 +201,6 @@ def test_act_order_is_refused_for_int4_and_loads_dequantized(gptq):
     assert load_model(folder, dtype=torch.float32, quant="int8").recipe.format_for("experts") == "int8"
 
 
-@needs_int4
 def test_quantize_a_gptq_folder_and_its_report(gptq, tmp_path):
     folder, _, _ = gptq("int4-g128-sym-v1")
     out = tmp_path / "int4"
@@ -232,7 +220,6 @@ def test_quantize_a_gptq_folder_and_its_report(gptq, tmp_path):
     assert torch.equal(got, load_model(folder, dtype=torch.float32)(PROMPT))
 
 
-@needs_int4
 def test_quality_report_compares_with_the_dequantized_gptq_weights(tiny_ckpt, tmp_path):
     folder, _, _ = write_gptq(tiny_ckpt, tmp_path / "gptq", group_size=32, sym=False)
     out = tmp_path / "int4"
