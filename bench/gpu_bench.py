@@ -17,10 +17,9 @@ import torch
 from common import greedy_run, machine, markdown_table
 
 from qwenlocal import load_model
-from qwenlocal.memory import device_memory, estimate, plan_for
+from qwenlocal.memory import GIB, device_memory, estimate, model_plan
 from qwenlocal.random_checkpoint import write_random_quantized_checkpoint
 
-GIB = 1024**3
 CONTEXT = {"bytes": 0}  # the CUDA context, measured once before anything is allocated
 
 
@@ -45,7 +44,7 @@ def run(folder: Path, budget: int | None, ctx: int, prompt: list[int], n_decode:
     model = load_model(folder, device="cuda", dtype=torch.bfloat16, ctx_size=ctx, vram_budget=budget)
     load_s = time.perf_counter() - t
     r = greedy_run(model, prompt, n_decode, ctx)
-    est = estimate(model.config, plan_for(model, ctx))
+    est = estimate(model.config, model_plan(model, ctx))
     mem = device_memory(torch.device("cuda"))
     free1, _ = torch.cuda.mem_get_info()
     row = {

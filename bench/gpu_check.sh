@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared run for a lent GPU (the device tool): CUDA tests, then the full-size benchmark.
-# bitsandbytes is not installed there: carry its manylinux wheel in .wheels/ (see DESIGN.md):
+# bitsandbytes is not installed there: carry its manylinux wheel in .wheels/ (it fits the 64 MiB carry):
 #   pip download --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 \
 #       --python-version 3.12 -d .wheels bitsandbytes==0.50.2
 # and call the device tool with carry [".wheels"] and: bash bench/gpu_check.sh

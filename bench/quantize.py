@@ -20,7 +20,7 @@ from common import CACHE, ROOT, machine, markdown_table, real_shape_checkpoint
 REFERENCE = r"""
 import sys, time, torch, bitsandbytes.functional as F
 from qwenlocal.checkpoint import Checkpoint
-from quant.convert import tensor_class
+from qwenlocal.names import tensor_class
 from quant.formats import PackLayout, unpack
 src, out = Checkpoint(sys.argv[1]), Checkpoint(sys.argv[2])
 names = [n for n in src.weight_map if tensor_class(n) in ("attention", "experts")]

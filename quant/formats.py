@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qwenlocal.errors import UserError
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from qwenlocal.errors import UserError
-
+from .errors import UserError
 from .formats import DEFAULT_BLOCKSIZE, FOUR_BIT_FORMATS, VALID_BLOCKSIZES, QSpec
 
 QUANT_METHOD = "qwenlocal"

@@ -4,6 +4,7 @@ tensors lazily from the safetensors memory map, and writing folders atomically."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from safetensors import safe_open
 
 from .config import Qwen3MoeConfig
 from .errors import UserError
-from .experts import EXPERT_PROJS, expert_tensor_name
+from .names import EXPERT_PROJS, expert_tensor_name
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -83,9 +84,14 @@ def dense_tensor_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expert_tensor_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
+def expert_proj_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, int]]:
+    """One expert's projections, HF layout [out, in]."""
     h, i = config.hidden_size, config.moe_intermediate_size
-    proj_shape = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def expert_tensor_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
+    proj_shape = expert_proj_shapes(config)
     return {
         expert_tensor_name(layer, e, proj): proj_shape[proj]
         for layer in config.moe_layers
@@ -287,6 +293,44 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+# A dequantizing reader (sources.py: FP8; gptq.py: GPTQ) is defined here, below both, so that
+# neither imports the other.
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class DequantizingCheckpoint(Checkpoint):
+    """A checkpoint whose quantized tensors are dequantized as they are read. It reads like a 16-bit
+    checkpoint of `dtype`: `config` carries no quantization_config (the source's is in
+    `source_quantization`), and every floating tensor comes back in `dtype`."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None):
+        self.__dict__.update(ckpt.__dict__)  # the same folder, headers and open handles
+        self.source_quantization = dict(ckpt.config.quantization_config)
+        declared = TORCH_DTYPES.get(ckpt.config.torch_dtype, torch.bfloat16)
+        self.dtype = dtype or declared
+        self.config = dataclasses.replace(
+            ckpt.config, quantization_config=None, torch_dtype=_name(self.dtype)
+        )
+
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return self.dtype
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A tensor as stored, not dequantized."""
+        return super().get(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.dequantized(name)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -147,8 +147,9 @@ def quantize(
     """Quantize a checkpoint: experts and attention to 4/8 bits, the recipe written into config.json."""
 
     def body():
-        from quant.convert import quantize_checkpoint
         from quant.recipe import Recipe
+
+        from .quantize import quantize_checkpoint
 
         recipe = Recipe.from_preset(
             preset,
@@ -176,9 +177,8 @@ def quantize(
             )
         render_quant_stats(stats.as_dict())
         if report:
-            from quant.report import quality_report
-
             from .checkpoint import resolve_model
+            from .quality import quality_report
 
             with err.status("comparing with the original on the probe text"):
                 rep = quality_report(resolve_model(src), path, stats.as_dict(), probe_tokens, dev)

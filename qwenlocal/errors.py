@@ -1,7 +1,8 @@
-"""User-facing errors: one clear sentence, exit code 2 in the CLI, never a traceback."""
+"""User-facing errors: one clear sentence, exit code 2 in the CLI, never a traceback.
 
+The class lives in quant.errors (quant imports nothing from qwenlocal); this is its home for the
+application."""
 
-class UserError(Exception):
-    """Bad input from the user (path, flag, file). The CLI prints the message and exits 2."""
+from quant.errors import UserError
 
-    exit_code = 2
+__all__ = ["UserError"]

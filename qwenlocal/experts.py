@@ -13,13 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.formats import unpack
+from quant.linear import qlinear
+
 from .config import Qwen3MoeConfig
-
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-def expert_tensor_name(layer: int, expert: int, proj: str) -> str:
-    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
 
 
 def group_by_expert(
@@ -87,7 +84,7 @@ class RoutingRecorder:
     JSON line per token, for offline cache-policy studies (bench/cache_sim.py reads it)."""
 
     def __init__(self, path, config: Qwen3MoeConfig):
-        from .cache_policy import TraceWriter
+        from .routing_trace import TraceWriter
 
         self.writer = TraceWriter(path)
         self.layers = config.moe_layers
@@ -168,8 +165,6 @@ class QuantExperts(Experts):
         return sum(b.numel() for b in self.blobs.values())
 
     def qtensors(self, layer: int, expert: int) -> dict:
-        from quant.formats import unpack
-
         key = (layer, expert)
         views = self._views.get(key)
         if views is None:
@@ -187,6 +182,4 @@ class QuantExperts(Experts):
 
 
 def quant_swiglu(x: torch.Tensor, q: dict) -> torch.Tensor:
-    from quant.linear import qlinear
-
     return qlinear(F.silu(qlinear(x, q["gate_proj"])) * qlinear(x, q["up_proj"]), q["down_proj"])

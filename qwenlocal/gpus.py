@@ -1,7 +1,7 @@
 """Which GPUs a plan fits, and how fast to expect it there.
 
 The card table (`data/gpus.json`) holds the makers' figures: memory, peak bandwidth, PCIe link.
-`plan_for` sizes the expert cache for a card with the one memory model (`fit_expert_slots`) and
+`fit_card` sizes the expert cache for a card with the one memory model (`fit_expert_slots`) and
 `decode_speed` turns the plan into a tok/s range: every token reads the resident part at the
 card's bandwidth, and the experts the cache misses, at the hit rate the LRU simulator gives for
 that residency (`data/hit_rates.json`), cross PCIe. Both ends of the range are bounds from
@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from .cache_sim import HIT_RATE_TABLE
 from .config import Qwen3MoeConfig
 from .errors import UserError
-from .memory import Estimate, Plan, fit_expert_slots
+from .memory import GIB, Estimate, Plan, fit_expert_slots
 
 DATA = Path(__file__).parent / "data"
 GPU_TABLE = DATA / "gpus.json"
-HIT_RATE_TABLE = DATA / "hit_rates.json"
-GIB = 1024**3
 
 # Kept free on a table card: a desktop's display and the driver's own reservation (an H100 80 GB
 # reports 0.35 GiB less than 80 GiB; a desktop takes 0.3-1 GiB). The CUDA context is in the
@@ -32,23 +31,21 @@ GIB = 1024**3
 DESKTOP_RESERVE_BYTES = 512 * 1024**2
 ECC_SHARE = 1 / 16  # GDDR with ECC on keeps 6.25 % for ECC bits (CUDA C++ Best Practices Guide)
 # Pinned host-to-device copy rate of an x16 link, GB/s: what cudaMemcpy reaches, not the link's
-# nominal 16/32/64 GB/s (DESIGN.md: ≈25 GB/s pinned on PCIe 4.0 x16). Scaled by lanes / 16.
+# nominal 16/32/64 GB/s (kekzl/imp's Qwen3-30B-A3B expert cache, GitHub PRs #1359/#1365/#1374,
+# measured 25.6 GB/s pinned on PCIe 4.0 x16). Scaled by lanes / 16.
 PINNED_COPY_GBS_X16 = {3: 12.0, 4: 25.0, 5: 50.0}
 # Low end of the range: decode kernels at batch 1 reach about half of peak bandwidth (small
 # matrices, dequantization, launch gaps), and each missed expert costs a fixed copy, launch and
-# synchronisation overhead on top of its bytes. kekzl/imp (DESIGN.md) ran 25 tok/s at 88.7 %
+# synchronisation overhead on top of its bytes. kekzl/imp (the PRs above) ran 25 tok/s at 88.7 %
 # hits against 311 all-resident: (1/25 - 1/311) s over ~43 misses is ~0.85 ms a miss, of which
 # ~0.15 ms moving the bytes.
 # A decoder layer also costs kernel launches and synchronisation whatever it reads: llama.cpp's
-# 219 tok/s on an RTX 5090 (DESIGN.md) is 4.6 ms a token, where its ~2 GB read takes 1.1 ms.
+# published 219 tok/s (GGUF Q4_K_M, every expert on an RTX 5090) is 4.6 ms a token, where its
+# ~2 GB read takes 1.1 ms.
 BANDWIDTH_EFFICIENCY_LOW = 0.55
 MISS_OVERHEAD_S = 0.7e-3
 LAYER_OVERHEAD_S = 50e-6
 BANDWIDTH_EFFICIENCY_HIGH = 1.0  # high end: peak bandwidth and the pinned copy rate, nothing else
-
-# The synthetic trace behind data/hit_rates.json (Qwen3-30B-A3B: 128 experts, top-8).
-HIT_TRACE = {"tokens": 4000, "layers": 8, "experts": 128, "k": 8, "seed": 0, "warmup": 256}
-HIT_CAPACITIES = (8, 9, 10, 12, 14, 16, 20, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120)
 
 
 @dataclass(frozen=True)
@@ -181,63 +178,13 @@ def cuda_present() -> bool:
 # ---------------------------------------------------------------- hit rates
 
 
-def lru_hit_rate(
-    capacity: int,
-    tokens: int = HIT_TRACE["tokens"],
-    layers: int = HIT_TRACE["layers"],
-    experts: int = HIT_TRACE["experts"],
-    k: int = HIT_TRACE["k"],
-    seed: int = HIT_TRACE["seed"],
-    warmup: int = HIT_TRACE["warmup"],
-    trace=None,
-) -> float:
-    """Steady-state hit rate of a per-layer LRU of `capacity` slots on a synthetic trace: hits
-    after the first `warmup` tokens (the cache starts full of experts, not empty)."""
-    from .cache_policy import simulate, synthetic_trace
-
-    if trace is None:
-        trace = synthetic_trace(tokens, layers, experts, k, seed)
-    full = simulate(trace, "lru", capacity)
-    head = simulate(trace[:warmup], "lru", capacity)
-    return (full.hits - head.hits) / (full.accesses - head.accesses)
-
-
-def hit_rate_table(capacities=HIT_CAPACITIES, **trace_args) -> dict:
-    """What data/hit_rates.json holds: residency fraction -> per-layer LRU hit rate."""
-    from .cache_policy import synthetic_trace
-
-    args = {**HIT_TRACE, **trace_args}
-    trace = synthetic_trace(args["tokens"], args["layers"], args["experts"], args["k"], args["seed"])
-    points = [
-        [round(c / args["experts"], 6), round(lru_hit_rate(c, warmup=args["warmup"], trace=trace), 4)]
-        for c in capacities
-    ]
-    return {
-        "about": "Per-layer LRU hit rate by share of each layer's experts resident, on "
-        "cache_policy.synthetic_trace (published Qwen3-30B-A3B routing locality), counted after "
-        "a warm-up. All resident: no misses. Written by qwenlocal.gpus.write_hit_rate_table().",
-        "trace": args,
-        "policy": "lru",
-        "points": [*points, [1.0, 1.0]],
-    }
-
-
-def write_hit_rate_table(path: str | Path = HIT_RATE_TABLE) -> dict:
-    table = hit_rate_table()
-    text = json.dumps(table, indent=1)
-    text = re.sub(r"\[\s+([0-9.]+),\s+([0-9.]+)\s+\]", r"[\1, \2]", text)  # a point per line
-    Path(path).write_text(text + "\n", encoding="utf-8")
-    _hit_points.cache_clear()
-    return table
-
-
 @cache
 def _hit_points() -> tuple[tuple[float, float], ...]:
     with open(HIT_RATE_TABLE, encoding="utf-8") as f:
         return tuple((float(x), float(y)) for x, y in json.load(f)["points"])
 
 
-def hit_rate(resident: float) -> float:
+def expected_hit_rate(resident: float) -> float:
     """Expected LRU hit rate at a residency fraction, interpolated in the table (clamped)."""
     points = _hit_points()
     if resident >= 1.0:
@@ -290,7 +237,7 @@ def decode_speed(est: Estimate, bandwidth_gbs: float, pcie_gbs: float) -> Speed:
     rate; the low end at BANDWIDTH_EFFICIENCY_LOW, plus MISS_OVERHEAD_S a miss and LAYER_OVERHEAD_S
     a layer."""
     resident = est.expert_slots / est.experts_total if est.experts_total else 1.0
-    hits = hit_rate(resident)
+    hits = expected_hit_rate(resident)
     misses = len(est.config.moe_layers) * active_experts(est.config, est.plan.batch) * (1 - hits)
     read = bytes_per_step(est)
     copy = misses * est.expert_bytes / (pcie_gbs * 1e9)
@@ -378,11 +325,11 @@ class CardPlan:
         }
 
 
-def plan_for(config: Qwen3MoeConfig, plan: Plan, gpu: Gpu, budget: int | None = None) -> CardPlan:
+def fit_card(config: Qwen3MoeConfig, plan: Plan, gpu: Gpu, budget: int | None = None) -> CardPlan:
     """The largest expert cache that fits the card (all experts when they all fit), and its speed."""
     budget = gpu.budget if budget is None else budget
     try:
-        est = fit_expert_slots(config, Plan(**{**plan.__dict__, "expert_slots": None}), budget)
+        est = fit_expert_slots(config, plan.replace(expert_slots=None), budget)
     except UserError as e:
         return CardPlan(gpu, budget, None, None, str(e))
     speed = None
@@ -402,7 +349,7 @@ def recommendations(config: Qwen3MoeConfig, plan: Plan) -> list[CardPlan]:
             return (0, cp.gpu.memory_gib, -(cp.speed.tok_s_high if cp.speed else 0))
         return (1, -cp.resident_fraction, -(cp.speed.tok_s_high if cp.speed else 0))
 
-    return sorted((plan_for(config, plan, g) for g in gpu_table()), key=order)
+    return sorted((fit_card(config, plan, g) for g in gpu_table()), key=order)
 
 
 def speed_range(speed: Speed | None) -> str:

@@ -10,21 +10,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant.formats import PackLayout, QTensor
+from quant.linear import QuantLinear
+from quant.recipe import Recipe
+
 from .cache_policy import DEFAULT_CACHE_POLICY
 from .checkpoint import (
     SAFETENSORS_DTYPES,
     Checkpoint,
+    DequantizingCheckpoint,
     ProgressFn,
     dense_tensor_shapes,
     expert_tensor_shapes,
     resolve_model,
 )
 from .errors import UserError
-from .experts import EXPERT_PROJS, QuantExperts, expert_tensor_name
+from .experts import QuantExperts
+from .memory import fit_expert_slots, make_plan
 from .model import Qwen3MoeForCausalLM
-from .offload import DEFAULT_PREFETCH
+from .names import EXPERT_PROJS, blob_layer_expert, expert_tensor_name, is_blob_name, tensor_class
+from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
 from .options import parse_device, parse_dtype, parse_kv_dtype
-from .sources import DequantizingCheckpoint, open_source
+from .quantize import expert_layout, quantized_shapes, quantized_stream
+from .sources import open_source
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -47,8 +55,6 @@ def _place(name: str, config, device: torch.device) -> torch.device:
 
 def resolve_recipe(quant, config):
     """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit)."""
-    from quant.recipe import Recipe
-
     if config.quantization_config:
         own = Recipe.from_config(config.quantization_config)
         if isinstance(quant, str) and quant not in (own.preset, "auto"):
@@ -73,10 +79,10 @@ def expert_slots(
     ctx_size: int,
     gpu_experts: int | None,
     vram_budget: int | str | None,
+    kv_dtype: torch.dtype | None,
 ) -> int | None:
-    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident."""
-    from .memory import Plan, fit_expert_slots
-
+    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident.
+    `kv_dtype` None: the KV cache is kept in `dtype`."""
     if gpu_experts is None and vram_budget is None:
         return None
     if vram_budget == "auto" and device.type != "cuda":
@@ -93,7 +99,7 @@ def expert_slots(
             )
         return min(gpu_experts, total)
     budget = auto_budget(device) if vram_budget == "auto" else int(vram_budget)
-    plan = Plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, device=device.type)
+    plan = make_plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, kv_dtype=kv_dtype, device=device)
     return fit_expert_slots(config, plan, budget).expert_slots
 
 
@@ -127,13 +133,14 @@ def load_model(
     checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
     all experts in host RAM and only a cache of them on the device.
     """
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
     if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
         ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
-    slots = expert_slots(config, recipe, device, dtype, ctx_size or 4096, gpu_experts, vram_budget)
+    ctx = ctx_size or 4096
+    slots = expert_slots(config, recipe, device, dtype, ctx, gpu_experts, vram_budget, kv_dtype)
     if recipe is None:
         if slots is not None and slots < config.num_experts * len(config.moe_layers):
             raise UserError("Expert offload needs quantized experts: add --quant mixed (or nf4, int8).")
@@ -147,7 +154,7 @@ def load_model(
         )
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
-    model.kv_dtype = parse_kv_dtype(kv_dtype)
+    model.kv_dtype = kv_dtype
     model.eval()
     return model
 
@@ -198,14 +205,10 @@ def _load_quantized(
     device,
     dtype,
     progress,
-    slots_per_layer=None,
-    policy=DEFAULT_CACHE_POLICY,
-    prefetch=True,
+    slots_per_layer: int | None,
+    policy: str,
+    prefetch: bool,
 ) -> Qwen3MoeForCausalLM:
-    from quant.convert import expert_layout, quantized_shapes, quantized_stream, tensor_class
-    from quant.formats import PackLayout, QTensor
-    from quant.linear import QuantLinear
-
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
         shapes = quantized_shapes(config, recipe, layout.specs["gate_proj"].dtype)
@@ -231,8 +234,6 @@ def _load_quantized(
         if slots_per_layer is None:
             experts = QuantExperts(config, layout)
         else:
-            from .offload import OffloadedExperts
-
             experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
@@ -247,9 +248,8 @@ def _load_quantized(
     done = 0
     for name, tensor in items:
         done += tensor.numel() * tensor.element_size()
-        if name.endswith(".blob"):
-            parts = name.split(".")
-            model.experts.set_blob(int(parts[2]), int(parts[5]), tensor)
+        if is_blob_name(name):
+            model.experts.set_blob(*blob_layer_expert(name), tensor)
         elif name in dense and name.removesuffix(".weight") not in specs:
             assign(model, name, tensor.to(device=_place(name, config, device), dtype=dtype))
         else:
@@ -267,8 +267,6 @@ def _load_quantized(
             progress(done, max(total, done))
     model.tie_weights()
     if slots_per_layer is not None:
-        from .offload import expert_router
-
         experts.attach_router(expert_router(model))
     return model
 

@@ -4,6 +4,7 @@ cache with it; `measure` reports the same components from the tensors really all
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -12,10 +13,13 @@ import torch
 from .checkpoint import dense_tensor_shapes
 from .config import Qwen3MoeConfig
 from .errors import UserError
+from .generate import PREFILL_CHUNK
+from .names import tensor_class
+from .quantize import expert_layout
 
+GIB = 1024**3
 # The CUDA context, cuBLAS workspace and allocator slack that no tensor accounts for.
 CUDA_CONTEXT_BYTES = 512 * 1024**2
-PREFILL_CHUNK = 512
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
 COMPONENTS = (
     "embed_tokens",
@@ -53,21 +57,52 @@ def component_of(name: str) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """What will be loaded, and how: everything the memory depends on besides the config."""
+    """What will be loaded, and how: everything the memory depends on besides the config.
 
-    recipe: object | None = None  # quant.recipe.Recipe, or None for 16-bit weights
-    ctx_size: int = 4096
-    batch: int = 1
-    dtype: torch.dtype = torch.bfloat16  # 16-bit weights and activations
-    kv_dtype: torch.dtype = torch.bfloat16
-    device: str = "cuda"
-    expert_slots: int | None = None  # experts on the device; None = all of them
-    prefill_chunk: int = PREFILL_CHUNK
+    Made by `make_plan` only, and changed by `replace`: no field has a default that a caller
+    could forget to set (the loader once sized the cache for a bf16 KV cache whatever it used).
+    """
+
+    recipe: object | None  # quant.recipe.Recipe, or None for 16-bit weights
+    ctx_size: int
+    batch: int
+    dtype: torch.dtype  # 16-bit weights and activations
+    kv_dtype: torch.dtype
+    device: str  # "cuda" or "cpu"
+    expert_slots: int | None  # experts on the device; None = all of them
+    prefill_chunk: int
 
     @property
     def embed_on_device(self) -> bool:
         # Only the looked-up rows are copied; a CPU run keeps everything in one place anyway.
         return self.device == "cpu"
+
+    def replace(self, **changes) -> Plan:
+        return dataclasses.replace(self, **changes)
+
+
+def make_plan(
+    *,
+    recipe,
+    ctx_size: int,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype | None,
+    device: str | torch.device,
+    batch: int = 1,
+    expert_slots: int | None = None,
+) -> Plan:
+    """The one way to build a Plan. `kv_dtype` None keeps the KV cache in `dtype`, as the model
+    does; `recipe` None means 16-bit weights."""
+    return Plan(
+        recipe=recipe,
+        ctx_size=ctx_size,
+        batch=batch,
+        dtype=dtype,
+        kv_dtype=dtype if kv_dtype is None else kv_dtype,
+        device=torch.device(device).type,
+        expert_slots=expert_slots,
+        prefill_chunk=PREFILL_CHUNK,
+    )
 
 
 @dataclass
@@ -124,8 +159,6 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
 
 def weight_bytes(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
     """Bytes of every non-expert weight component, exactly as the loader stores them."""
-    from quant.convert import tensor_class
-
     out = dict.fromkeys(("embed_tokens", "attention", "norms", "routers", "dense_mlp", "lm_head"), 0)
     for name, shape in dense_tensor_shapes(config).items():
         cls = tensor_class(name)
@@ -137,8 +170,6 @@ def weight_bytes(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
 def expert_nbytes(config: Qwen3MoeConfig, plan: Plan) -> int:
     """One expert's bytes: its packed blob when quantized, gate + up + down in 16-bit otherwise."""
     if plan.recipe is not None and plan.recipe.expert_bits < 16:
-        from quant.convert import expert_layout
-
         return expert_layout(config, plan.recipe, plan.dtype).nbytes
     return 3 * config.hidden_size * config.moe_intermediate_size * plan.dtype.itemsize
 
@@ -154,9 +185,15 @@ def rope_bytes(config: Qwen3MoeConfig, ctx_size: int) -> int:
 
 
 def activation_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
-    """Peak working memory of one prefill chunk: hidden states, q/k/v, the widest MLP
-    intermediate, attention scores for the chunk against the whole context, last-position logits,
-    and one dequantized weight when quantized weights are multiplied by dequantizing."""
+    """Peak working memory of one prefill chunk (the sum of `activation_terms`)."""
+    return sum(activation_terms(config, plan).values())
+
+
+def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
+    """The working memory of one prefill chunk, term by term: hidden states, q/k/v, the widest MLP
+    intermediate, attention scores for the chunk against the whole context (what the math
+    attention kernel materializes), last-position logits, and one dequantized weight when
+    quantized weights are multiplied by dequantizing."""
     t, h, it = plan.prefill_chunk * plan.batch, config.hidden_size, plan.dtype.itemsize
     heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     hidden = 4 * t * h * it  # residual, normed input, attention output, MLP output
@@ -168,7 +205,7 @@ def activation_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
     dequant = 0
     if plan.recipe is not None:
         dequant = max(config.vocab_size if plan.recipe.lm_head_bits < 16 else 0, heads * d, h) * h * it
-    return hidden + qkv + mlp + scores + logits + dequant
+    return {"hidden": hidden, "qkv": qkv, "mlp": mlp, "scores": scores, "logits": logits, "dequant": dequant}
 
 
 def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:
@@ -204,7 +241,7 @@ def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:
 def fit_expert_slots(config: Qwen3MoeConfig, plan: Plan, budget: int) -> Estimate:
     """The largest expert cache that fits `budget` bytes on the device, after dense weights, KV
     cache, working buffers and the CUDA context; at least top-k slots in every MoE layer."""
-    base = estimate(config, Plan(**{**plan.__dict__, "expert_slots": 0}))
+    base = estimate(config, plan.replace(expert_slots=0))
     free = budget - base.gpu_total
     per_layer_min = config.num_experts_per_tok
     layers = len(config.moe_layers)
@@ -213,12 +250,12 @@ def fit_expert_slots(config: Qwen3MoeConfig, plan: Plan, budget: int) -> Estimat
     if slots < minimum:
         need = base.gpu_total + minimum * base.expert_bytes
         raise UserError(
-            f"A budget of {budget / 1024**3:.2f} GiB cannot hold this model: it needs at least "
-            f"{need / 1024**3:.2f} GiB ({base.gpu_total / 1024**3:.2f} GiB before experts, plus "
+            f"A budget of {budget / GIB:.2f} GiB cannot hold this model: it needs at least "
+            f"{need / GIB:.2f} GiB ({base.gpu_total / GIB:.2f} GiB before experts, plus "
             f"{per_layer_min} experts in each of {layers} layers). Lower --ctx-size or raise the budget."
         )
     slots = min(slots - slots % layers, base.experts_total)  # split evenly across layers
-    return estimate(config, Plan(**{**plan.__dict__, "expert_slots": slots}))
+    return estimate(config, plan.replace(expert_slots=slots))
 
 
 def measure(model, cache=None) -> dict[str, dict[str, int]]:
@@ -251,17 +288,16 @@ def measure(model, cache=None) -> dict[str, dict[str, int]]:
     return out
 
 
-def plan_for(model, ctx_size: int, batch: int = 1, kv_dtype: torch.dtype | None = None) -> Plan:
+def model_plan(model, ctx_size: int, batch: int = 1, kv_dtype: torch.dtype | None = None) -> Plan:
     """The plan a loaded model was built with, so its estimate can be set beside `measure`."""
-    experts = model.experts
-    slots = getattr(experts, "slots_per_layer", None)
-    return Plan(
+    slots = getattr(model.experts, "slots_per_layer", None)
+    return make_plan(
         recipe=getattr(model, "recipe", None),
         ctx_size=ctx_size,
         batch=batch,
         dtype=model.dtype,
-        kv_dtype=kv_dtype or model.dtype,
-        device=model.device.type,
+        kv_dtype=kv_dtype or getattr(model, "kv_dtype", None),
+        device=model.device,
         expert_slots=None if slots is None else slots * len(model.config.moe_layers),
     )
 
@@ -278,9 +314,9 @@ def live_report(model, cache=None) -> list[LiveRow]:
     """Estimate and reality side by side, component by component (real: bytes of the tensors
     the model holds, on any device)."""
     if cache is not None:
-        plan = plan_for(model, cache.max_len, len(cache.k[0]), cache.k[0].dtype)
+        plan = model_plan(model, cache.max_len, len(cache.k[0]), cache.k[0].dtype)
     else:
-        plan = plan_for(model, 4096)
+        plan = model_plan(model, 4096)
     est = estimate(model.config, plan)
     real = measure(model, cache)
     rows = []

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from quant.formats import unpack
+
 from .cache_policy import DEFAULT_CACHE_POLICY, make_policy
 from .config import Qwen3MoeConfig
 from .experts import QuantExperts, group_by_expert, quant_swiglu
@@ -31,9 +33,11 @@ class LayerStats:
     misses: int = 0
     evictions: int = 0
     bytes_copied: int = 0
-    wait_s: float = 0.0  # time the computation waited for copies
+    # Time the computation waited for copies: on the CPU the copies themselves (they are
+    # synchronous); on CUDA the compute stream's stalls, timed on the device by events.
+    wait_s: float = 0.0
     prefetched: int = 0  # copies started early by the prefetcher
-    prefetch_useful: int = 0  # prefetched experts the layer then used
+    prefetch_useful: int = 0  # prefetched experts that the layer then used
     predicted: int = 0  # expert picks the prefetcher guessed
     actual: int = 0  # expert picks made while a guess existed
 
@@ -76,7 +80,8 @@ class CacheStats:
 
 class OffloadedExperts(QuantExperts):
     """QuantExperts whose blobs live in host RAM; `slots_per_layer` of each layer's experts sit in
-    a preallocated device buffer, chosen by a per-layer policy (LRU by default)."""
+    a preallocated device buffer, chosen by a per-layer policy (`DEFAULT_CACHE_POLICY`, LFU with
+    decay)."""
 
     def __init__(
         self,
@@ -101,7 +106,8 @@ class OffloadedExperts(QuantExperts):
         self.copy_stream = None
         self._router: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self._guess: dict[int, set[int]] = {}
-        self.uses = 0  # (layer, expert) computations: hits + misses
+        self._prefetched: dict[int, set[int]] = {}  # layer -> experts the prefetcher copied
+        self._waits: list[tuple[int, object, object]] = []  # (layer, start, end) CUDA events
 
     # -- memory ----------------------------------------------------------------------------------
     def allocate(self, device=None, pin: bool | None = None) -> None:
@@ -133,8 +139,6 @@ class OffloadedExperts(QuantExperts):
         return torch.nn.Module._apply(self, fn, recurse)
 
     def slot_qtensors(self, slot: int) -> dict:
-        from quant.formats import unpack
-
         views = self._slot_views.get(slot)
         if views is None:
             views = self._slot_views[slot] = unpack(self.slot_buf[slot], self.layout)
@@ -153,8 +157,10 @@ class OffloadedExperts(QuantExperts):
         self.slot_of[(layer, expert)] = slot
         src, dst = self.blobs[layer][expert], self.slot_buf[slot]
         stats.bytes_copied += self.layout.nbytes
-        if self.copy_stream is None:
+        if self.copy_stream is None:  # the computation waits for the whole copy
+            t = time.perf_counter()
             dst.copy_(src)
+            stats.wait_s += time.perf_counter() - t
             return slot, None
         # the copy must not overwrite a slot the compute stream still reads
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.compute_device))
@@ -165,18 +171,36 @@ class OffloadedExperts(QuantExperts):
         return slot, event
 
     def _wait(self, layer: int, event) -> None:
-        t = time.perf_counter()
-        if event is not None:
-            torch.cuda.current_stream(self.compute_device).wait_event(event)
-        self.stats.layers[layer].wait_s += time.perf_counter() - t
+        """Make the compute stream wait for a copy; time the stall on the device."""
+        if event is None:
+            return  # the copy ran synchronously in _load, which timed it
+        stream = torch.cuda.current_stream(self.compute_device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        stream.wait_event(event)
+        end.record(stream)
+        self._waits.append((layer, start, end))
+
+    def settle_waits(self) -> None:
+        """Add the stalls whose end the device has reached to `wait_s`, without synchronising
+        (a stall still in flight is added by a later call)."""
+        pending = []
+        for layer, start, end in self._waits:
+            if end.query():
+                self.stats.layers[layer].wait_s += start.elapsed_time(end) / 1e3
+            else:
+                pending.append((layer, start, end))
+        self._waits = pending
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self.record(layer, ids)
+        if self._waits:
+            self.settle_waits()
         policy, stats = self.policies[layer], self.stats.layers[layer]
         groups = list(group_by_expert(ids, weights))
         needed = [g[0] for g in groups]
-        self.uses += len(needed)
+        stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(needed))
         guess = self._guess.pop(layer, None)
         if guess is not None:
             stats.predicted += len(guess & set(needed)) if x.shape[0] == 1 else 0
@@ -235,10 +259,12 @@ class OffloadedExperts(QuantExperts):
         guess = set(self._router(layer, hidden.reshape(-1, hidden.shape[-1]))[0].tolist())
         self._guess[layer] = guess
         policy = self.policies[layer]
+        copied = self._prefetched[layer] = set()
         for e in guess:
             if e not in policy:
                 self._load(layer, e, guess)
-                self.stats.layers[layer].prefetched += 1
+                copied.add(e)
+        self.stats.layers[layer].prefetched += len(copied)
 
 
 def expert_router(model) -> Callable[[int, torch.Tensor], torch.Tensor]:

@@ -52,8 +52,9 @@ def cached_copy(folder: Path) -> Path:
 def quantize_into_cache(folder: Path, progress: ProgressFn | None = None) -> Path:
     """Quantize `folder` with the default recipe into `cached_copy(folder)`, on the GPU when
     there is one; returns the copy."""
-    from quant.convert import quantize_checkpoint
     from quant.recipe import DEFAULT_PRESET, Recipe
+
+    from .quantize import quantize_checkpoint
 
     target = cached_copy(folder)
     device = torch.device("cuda") if torch.cuda.is_available() else None

@@ -18,8 +18,7 @@ import torch
 from .checkpoint import ShardWriter, atomic_folder, checkpoint_shapes
 from .config import BUILTIN_DIR, Qwen3MoeConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = REPO_ROOT / "tests" / "data" / "qwen3-30b-a3b"
+TOKENIZER_DIR = BUILTIN_DIR  # the real tokenizer files ship with the package
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 # A small model for tests: real vocabulary and head layout, tiny widths.
@@ -90,8 +89,7 @@ def write_random_checkpoint(
         shutil.copyfile(BUILTIN_DIR / "generation_config.json", tmp / "generation_config.json")
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copyfile(tokenizer_dir / name, tmp / name)
+                shutil.copyfile(tokenizer_dir / name, tmp / name)
         with ShardWriter(tmp, shard_size) as writer:
             for name, shape in checkpoint_shapes(config).items():
                 writer.add(name, random_tensor(name, shape, gen, dtype))
@@ -145,8 +143,9 @@ def write_random_quantized_checkpoint(
 ) -> Path:
     """A quantized checkpoint of random weights, written straight from random tensors made on
     `device` (the GPU benchmark builds the full 48-layer model this way in a minute or two)."""
-    from quant.convert import write_quantized
     from quant.recipe import Recipe
+
+    from .quantize import write_quantized
 
     d = config_dict(overrides)
     source = RandomSource(d, device=device)

@@ -7,7 +7,7 @@
                          per [128, 128] block), dequantized tensor by tensor as it is read, so it
                          behaves as a 16-bit checkpoint: loading it as it is, quantize-while-loading
                          and `qwenlocal quantize` all work, and the folder is never held twice in RAM.
-    "gptq"               `quant.gptq.GptqCheckpoint`: the same for GPTQ, plus its packed tensors for
+    "gptq"               `qwenlocal.gptq.GptqCheckpoint`: the same for GPTQ, plus its packed tensors for
                          a repack into the `int4` format without a float step.
 
 The published FP8 layout (DeepSeek-V3, Qwen3-*-FP8, transformers' `FineGrainedFP8Config`):
@@ -18,12 +18,11 @@ the router, lm_head) are stored in 16 bits and read as they are.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, DequantizingCheckpoint
 from .errors import UserError
 
 FP8_METHOD = "fp8"
@@ -31,7 +30,6 @@ GPTQ_METHOD = "gptq"
 # Methods whose checkpoints are read by dequantizing: quantize-once treats them as 16-bit sources.
 DEQUANTIZED_METHODS = (FP8_METHOD,)
 SCALE_SUFFIX = "_scale_inv"
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def quant_method(config) -> str | None:
@@ -46,43 +44,10 @@ def open_source(folder: str | Path, dtype: torch.dtype | None = None) -> Checkpo
     if method == FP8_METHOD:
         return Fp8Checkpoint(ckpt, dtype)
     if method == GPTQ_METHOD:
-        from quant.gptq import GptqCheckpoint
+        from .gptq import GptqCheckpoint
 
         return GptqCheckpoint(ckpt, dtype)
     return ckpt
-
-
-class DequantizingCheckpoint(Checkpoint):
-    """A checkpoint whose quantized tensors are dequantized as they are read. It reads like a 16-bit
-    checkpoint of `dtype`: `config` carries no quantization_config (the source's is in
-    `source_quantization`), and every floating tensor comes back in `dtype`."""
-
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None):
-        self.__dict__.update(ckpt.__dict__)  # the same folder, headers and open handles
-        self.source_quantization = dict(ckpt.config.quantization_config)
-        declared = TORCH_DTYPES.get(ckpt.config.torch_dtype, torch.bfloat16)
-        self.dtype = dtype or declared
-        self.config = dataclasses.replace(
-            ckpt.config, quantization_config=None, torch_dtype=_name(self.dtype)
-        )
-
-    def dtype_of(self, name: str) -> torch.dtype | None:
-        return self.dtype
-
-    def raw(self, name: str) -> torch.Tensor:
-        """A tensor as stored, not dequantized."""
-        return super().get(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        t = self.dequantized(name)
-        return t.to(self.dtype) if t.is_floating_point() else t
-
-    def dequantized(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class Fp8Checkpoint(DequantizingCheckpoint):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.table import Table
 
@@ -17,16 +18,15 @@ from .gpus import (
     assumptions_text,
     cuda_present,
     find_gpu,
+    fit_card,
     installed_gpu,
-    plan_for,
     recommendations,
     speed_range,
 )
-from .memory import KV_DTYPES, Estimate, Plan, estimate, fit_expert_slots
+from .memory import GIB, KV_DTYPES, Estimate, Plan, estimate, fit_expert_slots, make_plan
 
 SWEEP_CONTEXTS = (4096, 8192, 32768, 65536, 131072)
 SWEEP_PRESETS = ("bf16", "int8", "mixed", "nf4")
-GIB = 1024**3
 
 WHERE = {"gpu": "GPU", "host": "host RAM"}
 LABELS = {
@@ -73,7 +73,7 @@ def read_config(model: str | None) -> tuple[Qwen3MoeConfig, str]:
     return Qwen3MoeConfig.from_file(f), model
 
 
-def make_plan(
+def plan_from_flags(
     config: Qwen3MoeConfig,
     quant: str | None,
     ctx: int,
@@ -92,12 +92,13 @@ def make_plan(
         recipe = Recipe.from_preset(quant or "mixed")
     if gpu_experts is not None and gpu_experts < 0:
         raise UserError(f"--gpu-experts must be >= 0, got {gpu_experts}.")
-    return Plan(
+    return make_plan(
         recipe=recipe if recipe.quantizes_anything else None,
         ctx_size=ctx,
-        batch=batch,
+        dtype=torch.bfloat16,
         kv_dtype=KV_DTYPES[kv_dtype],
         device=device,
+        batch=batch,
         expert_slots=gpu_experts,
     )
 
@@ -108,14 +109,14 @@ def longest_context(config: Qwen3MoeConfig, plan: Plan, budget: int) -> int:
     while lo < hi:
         mid = (lo + hi + 1) // 2
         try:
-            fit_expert_slots(config, Plan(**{**plan.__dict__, "ctx_size": mid, "expert_slots": None}), budget)
+            fit_expert_slots(config, plan.replace(ctx_size=mid, expert_slots=None), budget)
             lo = mid
         except UserError:
             hi = mid - 1
     return lo
 
 
-def memory_table(est: Estimate, title: str, real: dict | None = None) -> Table:
+def estimate_table(est: Estimate, title: str, real: dict | None = None) -> Table:
     """Component, where it lives, estimated GiB (and the measured GiB when `real` is given)."""
     t = Table(title=title, title_justify="left")
     t.add_column("component")
@@ -149,7 +150,7 @@ def sweep_table(config: Qwen3MoeConfig, kv_dtype: str, batch: int) -> Table:
         label = f"{ctx // 1024}k" + (" (YaRN)" if ctx > config.native_context else "")
         row = [label]
         for preset in SWEEP_PRESETS:
-            est = estimate(config, make_plan(config, preset, ctx, kv_dtype, batch, None))
+            est = estimate(config, plan_from_flags(config, preset, ctx, kv_dtype, batch, None))
             row.append(f"{est.gpu_total / GIB:.1f} GiB")
         t.add_row(*row)
     return t
@@ -244,16 +245,16 @@ def vram(
             raise UserError(
                 "Give --gpu or --vram-budget/--gpu-experts, not both: --gpu sizes the cache to the card."
             )
-        plan = make_plan(config, quant, ctx, kv_dtype, batch, gpu_experts)
+        plan = plan_from_flags(config, quant, ctx, kv_dtype, batch, gpu_experts)
         # No card and no budget on a CUDA machine: plan for the installed card, quietly falling
         # back to the all-resident table when it cannot be read or cannot hold the model.
         implicit = gpu is None and gpu_experts is None and vram_budget is None and cuda_present()
         card = None
         try:
             if implicit or (gpu is not None and gpu.strip().lower() == "auto"):
-                card = plan_for(config, plan, *installed_gpu())
+                card = fit_card(config, plan, *installed_gpu())
             elif gpu is not None:
-                card = plan_for(config, plan, find_gpu(gpu))
+                card = fit_card(config, plan, find_gpu(gpu))
             if card is not None and not card.fits:
                 raise UserError(f"On {card.gpu.name} ({card.budget / GIB:.2f} GiB to use): {card.error}")
         except UserError as e:
@@ -291,7 +292,7 @@ def vram(
         title = "memory"
         if card:
             title = f"memory on {card.gpu.name}"
-        out.print(memory_table(est, title))
+        out.print(estimate_table(est, title))
         pct = 100 * est.expert_slots / est.experts_total
         out.print(
             f"experts resident: {est.expert_slots:,} of {est.experts_total:,} ({pct:.1f} %)", highlight=False

@@ -41,8 +41,8 @@ def test_qlinear_on_gpu(fmt, rows):
 
 @pytest.fixture(scope="module")
 def qckpt(checkpoint_factory):
-    from quant.convert import quantize_checkpoint
     from quant.recipe import Recipe
+    from qwenlocal.quantize import quantize_checkpoint
 
     src = checkpoint_factory("cuda-src", {**TINY, "num_hidden_layers": 3}, dtype=torch.bfloat16)
     out = src.parent / "cuda-q"

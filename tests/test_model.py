@@ -64,17 +64,31 @@ def test_decode_through_kv_cache(pair):
     assert (got - expected[5:]).abs().max().item() < 1e-4
 
 
+MARGIN = 1e-3  # 10x the logits' agreement: a top-2 gap this wide cannot flip between kernels
+
+
 def test_32_greedy_tokens(pair):
+    """Our greedy tokens equal transformers' up to the first step where transformers' own top two
+    are closer than MARGIN (past it, either pick is right and the paths may part)."""
     ours, ref = pair
     with torch.no_grad():
-        out = ref.generate(PROMPT, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    expected = out[0, PROMPT.shape[1] :].tolist()
+        out = ref.generate(
+            PROMPT,
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    expected = out.sequences[0, PROMPT.shape[1] :].tolist()
+    gaps = [float(s[0].topk(2).values.diff().abs()) for s in out.scores]
+    clear = next((i for i, g in enumerate(gaps) if g < MARGIN), len(gaps))
     gen = Generator(ours, ctx_size=64, prefill_chunk=5)
-    assert (
-        gen.run(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=32, eos_ids=()).token_ids
-        == expected
-    )
-    assert len(expected) == 32
+    got = gen.run(PROMPT[0].tolist(), SamplingParams(temperature=0), max_tokens=32, eos_ids=()).token_ids
+    assert len(expected) == len(got) == 32
+    assert clear >= 24, gaps  # the random weights give clear margins: the test compares most steps
+    assert got[:clear] == expected[:clear]
 
 
 def test_bf16_compute_close(checkpoint_factory):

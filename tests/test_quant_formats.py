@@ -285,7 +285,7 @@ def test_bits_per_weight():
     assert round(QSpec((768, 2048), "int8").bits_per_weight, 2) == 8.02
     q = quantize(weights((768, 2048), torch.bfloat16), "nf4", 64, True)
     assert q.bits_per_weight == pytest.approx(4.1325, abs=1e-4)
-    # one expert (gate, up, down) in MiB, as in DESIGN.md's table
+    # one expert (gate, up, down) in MiB: the sizes behind `qwenlocal vram`'s experts row
     expert = [(768, 2048), (768, 2048), (2048, 768)]
     mib = {
         k: sum(storage_nbytes(s, *k) for s in expert) / 2**20

@@ -4,19 +4,21 @@ outputs equal to the dequantized model, atomic writes, clear errors."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from quant.convert import expert_blob_name, tensor_class
 from quant.formats import PackLayout, dequantize, quantize, unpack
 from quant.recipe import Recipe
 from qwenlocal import load_model
 from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.cli import app
-from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
+from qwenlocal.names import EXPERT_PROJS, expert_blob_name, expert_tensor_name, tensor_class
+from qwenlocal.quality import probe_ids
 
 from .conftest import TINY
 
@@ -111,12 +113,20 @@ def test_quantize_while_loading_equals_quantized_folder(src, quantized):
 def test_close_to_original(src, quantized):
     original = load_model(src, dtype=torch.float32)(PROMPT)[0]
     # a random model's logits are nearly flat, so top-1 is fragile: compare the logits themselves
+    probe = probe_ids(src, 64)
+    reference = load_model(src, dtype=torch.float32)(probe)[0]
     for preset, max_rel in (("int8", 0.05), ("mixed", 0.4)):  # unrelated logits: ~1.4
-        got = load_model(quantized[preset], dtype=torch.float32)(PROMPT)[0]
+        model = load_model(quantized[preset], dtype=torch.float32)
+        got = model(PROMPT)[0]
         rel = ((got - original).norm() / original.norm()).item()
         assert rel < max_rel, (preset, rel)
-        report = json.loads((quantized[preset] / "quant_report.json").read_text())
-        assert report["logits"]["positions"] == 64 and report["logits"]["kl_mean"] >= 0
+        # the report's figures, recomputed here with torch's own KL divergence
+        report = json.loads((quantized[preset] / "quant_report.json").read_text())["logits"]
+        q = model(probe)[0]
+        kl = F.kl_div(q.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none")
+        assert report["positions"] == 64
+        assert report["kl_mean"] == pytest.approx(kl.sum(-1).mean().item(), rel=1e-3)
+        assert report["top1_agreement"] == (q.argmax(-1) == reference.argmax(-1)).float().mean().item()
     # int8 is much closer than 4-bit
     r8 = json.loads((quantized["int8"] / "quant_report.json").read_text())
     r4 = json.loads((quantized["nf4"] / "quant_report.json").read_text())
@@ -142,27 +152,106 @@ def test_stored_tensors_equal_bitsandbytes(src, quantized):
 
 
 def test_bits_per_weight_in_stats(quantized):
+    """Worked by hand for the tiny shapes: 2 MoE layers of 8 experts (32 x 64, 32 x 64, 64 x 32)
+    and the dense MLP of layer 1 (96 x 64, 96 x 64, 64 x 96), both in the "experts" class."""
     stats = json.loads((quantized["mixed"] / "quant_stats.json").read_text())
-    recipe = Recipe.from_preset("mixed")
-    spec = recipe.spec("experts", (32, 64))
-    assert stats["classes"]["experts"]["bits_per_weight"] == pytest.approx(
-        3 * 8 * _blob(spec) / (3 * 32 * 64), rel=0.2
-    )
-    assert stats["classes"]["attention"]["bits_per_weight"] == pytest.approx(8 * (64 + 4) / 64, rel=0.01)
+    # A routed expert's NF4 matrix of 2,048 weights, blocks of 64, double quantization, each part
+    # starting on a 64-byte boundary of the packed blob: codes 1,024 B; 32 uint8 absmax (-> 64 B);
+    # the 16-entry code book 64 B; one fp32 nested absmax (-> 64 B); the 256-entry nested code
+    # book 1,024 B; the fp32 offset (-> 64 B): 2,304 B, so 6,912 B an expert of 6,144 weights.
+    routed_bytes, routed_weights = 2 * 8 * 6912, 2 * 8 * 6144
+    # A dense matrix of 6,144 weights, stored unpacked: 3,072 + 96 + 64 + 4 + 1,024 + 4 = 4,264 B
+    dense_bytes, dense_weights = 3 * 4264, 3 * 6144
+    expected = 8 * (routed_bytes + dense_bytes) / (routed_weights + dense_weights)
+    assert stats["classes"]["experts"]["bits_per_weight"] == pytest.approx(expected, rel=1e-12)
+    # int8 attention: one byte a weight plus an fp32 scale per row of 64 weights
+    assert stats["classes"]["attention"]["bits_per_weight"] == 8 + 32 / 64
 
 
-def _blob(spec) -> int:
-    return spec.nbytes
+def test_compare_logits_worked_by_hand():
+    from qwenlocal.quality import compare_logits
+
+    ref = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    got = torch.tensor([[torch.log(torch.tensor(3.0)), 0.0], [0.0, 2.0]])
+    # row 1: KL((1/2, 1/2) || (3/4, 1/4)) = ln(4/3) / 2; row 2: p and q swapped, KL = 2 tanh(1) * 2 / 2
+    kl = [0.5 * math.log(4 / 3), 2 * math.tanh(1)]
+    d = compare_logits(ref, got)
+    assert d["kl_mean"] == pytest.approx(sum(kl) / 2, rel=1e-6)
+    assert d["kl_max"] == pytest.approx(kl[1], rel=1e-6)
+    assert d["top1_agreement"] == 0.5 and d["positions"] == 2
 
 
 def test_existing_out_refused_without_force(src, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
+    (out / "old-notes.txt").write_text("an earlier run")
     r = invoke("quantize", src, out, "--no-report")
     assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["old-notes.txt"]
     r = invoke("quantize", src, out, "--no-report", "--force")
     assert r.exit_code == 0, r.output
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and not (out / "old-notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no temporary folder left
+
+
+def test_out_equal_to_src_is_refused(src):
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    r = invoke("quantize", src, src, "--no-report")
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    r = invoke("quantize", src, src, "--no-report", "--force")
+    assert r.exit_code == 2 and "OUT must be a different folder from SRC" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
+
+
+def test_a_recipe_that_quantizes_nothing_is_refused(src, tmp_path):
+    from qwenlocal.errors import UserError
+    from qwenlocal.quantize import quantize_checkpoint
+
+    r = invoke("quantize", src, tmp_path / "out", "--no-report", "--preset", "bf16")
+    assert r.exit_code == 2 and "--expert-bits must be 4 or 8" in r.stderr
+    with pytest.raises(UserError, match="keeps every tensor 16-bit"):
+        quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("bf16"))
+    assert list(tmp_path.iterdir()) == []
+
+
+FLAG_RUNS = {
+    # flags -> (experts: bnb quant_type, blocksize, double quant; attention: bits)
+    "fp4": (["--format4", "fp4"], ("fp4", 64, True), 8),
+    "no-double-quant": (["--no-double-quant"], ("nf4", 64, False), 8),
+    "blocksize-128": (["--blocksize", "128"], ("nf4", 128, True), 8),
+    "attn-4": (["--attn-bits", "4"], ("nf4", 64, True), 4),
+    "attn-16": (["--attn-bits", "16"], ("nf4", 64, True), 16),
+}
+
+
+@pytest.mark.parametrize("run", list(FLAG_RUNS))
+def test_recipe_flags_reach_the_stored_bytes(src, tmp_path, run):
+    """Each flag's tensors equal what bitsandbytes makes with the same settings."""
+    bnb = pytest.importorskip("bitsandbytes")
+    args, (quant_type, blocksize, dq), attn_bits = FLAG_RUNS[run]
+    out = tmp_path / "out"
+    r = invoke("quantize", src, out, "--no-report", *args)
+    assert r.exit_code == 0, r.output
+    ckpt, source = Checkpoint(out), Checkpoint(src)
+    layout = PackLayout.from_dict(ckpt.config.quantization_config["expert_layout"])
+    stored = unpack(ckpt.get(expert_blob_name(2, 6)), layout)["gate_proj"]
+    w = source.get(expert_tensor_name(2, 6, "gate_proj"))
+    packed, state = bnb.functional.quantize_4bit(
+        w, blocksize=blocksize, compress_statistics=dq, quant_type=quant_type
+    )
+    assert torch.equal(stored.weight, packed) and torch.equal(stored.absmax, state.absmax)
+    name = "model.layers.0.self_attn.q_proj"
+    w = source.get(name + ".weight")
+    if attn_bits == 16:
+        assert torch.equal(ckpt.get(name + ".weight"), w) and name + ".absmax" not in ckpt
+    elif attn_bits == 8:
+        assert torch.equal(ckpt.get(name + ".weight"), bnb.functional.int8_vectorwise_quant(w)[0])
+    else:
+        packed, state = bnb.functional.quantize_4bit(
+            w, blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+        assert torch.equal(ckpt.get(name + ".weight"), packed)
+    assert load_model(out, dtype=torch.float32)(PROMPT).isfinite().all()
 
 
 def test_write_error_midway_leaves_nothing(src, tmp_path, monkeypatch):
@@ -184,14 +273,14 @@ def test_write_error_midway_leaves_nothing(src, tmp_path, monkeypatch):
 
 
 def test_crash_midway_leaves_nothing(src, tmp_path, monkeypatch):
-    import quant.convert
+    import qwenlocal.quantize
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quant.convert, "pack", boom)
+    monkeypatch.setattr(qwenlocal.quantize, "pack", boom)
     with pytest.raises(KeyboardInterrupt):
-        quant.convert.quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("mixed"))
+        qwenlocal.quantize.quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("mixed"))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from qwenlocal.config import BUILTIN_DIR
 from qwenlocal.errors import UserError
 from qwenlocal.tokenizer import CHATML_TEMPLATE, Tokenizer
 
-QWEN3_DIR = Path(__file__).parent / "data" / "qwen3-30b-a3b"
+QWEN3_DIR = BUILTIN_DIR  # the real Qwen3 tokenizer files, shipped with the package
 
 TEXTS = [
     "Hello, world!",

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qwenlocal.checkpoint import Checkpoint
-from qwenlocal.experts import EXPERT_PROJS, Experts, expert_tensor_name, swiglu
-from qwenlocal.loader import load_model
-from qwenlocal.model import Qwen3MoeForCausalLM
-from qwenlocal.sources import open_source
+from .checkpoint import Checkpoint
+from .experts import Experts, swiglu
+from .loader import load_dense, load_model
+from .model import Qwen3MoeForCausalLM
+from .names import EXPERT_PROJS, expert_tensor_name
+from .sources import open_source
+from .tokenizer import Tokenizer
 
 PROBE_TOKENS = 256
 REPORT_NAME = "quant_report.json"
@@ -54,8 +56,6 @@ class MmapExperts(Experts):
 
 
 def reference_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Qwen3MoeForCausalLM:
-    from qwenlocal.loader import load_dense
-
     ckpt = open_source(folder, dtype)  # an FP8 or GPTQ source: its weights dequantized
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(ckpt.config, MmapExperts(ckpt, device, dtype))
@@ -64,8 +64,6 @@ def reference_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Q
 
 
 def probe_ids(folder: Path, n: int) -> torch.Tensor:
-    from qwenlocal.tokenizer import Tokenizer
-
     ids = Tokenizer.from_dir(folder).encode(PROBE_TEXT)
     while len(ids) < n:
         ids = ids + ids

@@ -15,47 +15,29 @@ from pathlib import Path
 
 import torch
 
-from qwenlocal.checkpoint import (
+from quant.formats import PackLayout, QSpec, dequantize, pack, pack_layout, quantize
+from quant.recipe import Recipe
+
+from .checkpoint import (
     Checkpoint,
     ShardWriter,
     atomic_folder,
     copy_side_files,
     dense_tensor_shapes,
+    expert_proj_shapes,
     expert_tensor_shapes,
     resolve_model,
 )
-from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.errors import UserError
-from qwenlocal.experts import EXPERT_PROJS, expert_tensor_name
-from qwenlocal.sources import open_source
-
-from .formats import PackLayout, QSpec, dequantize, pack, pack_layout, quantize
-from .recipe import Recipe
+from .config import Qwen3MoeConfig
+from .errors import UserError
+from .names import EXPERT_PROJS, expert_blob_name, expert_tensor_name, tensor_class
+from .sources import open_source
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
-ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def tensor_class(name: str) -> str | None:
-    """The recipe class of a checkpoint tensor, or None for tensors that stay 16-bit."""
-    if not name.endswith(".weight"):
-        return None
-    if ".self_attn." in name and name.split(".")[-2] in ATTENTION_PROJS:
-        return "attention"
-    if name == "lm_head.weight":
-        return "lm_head"
-    if ".mlp." in name and name.split(".")[-2] in EXPERT_PROJS:
-        return "experts"  # routed experts and the dense MLP of mlp_only layers
-    return None
-
-
-def expert_blob_name(layer: int, expert: int) -> str:
-    return f"model.layers.{layer}.mlp.experts.{expert}.blob"
 
 
 def expert_specs(config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype) -> dict[str, QSpec]:
-    h, i = config.hidden_size, config.moe_intermediate_size
-    shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    shapes = expert_proj_shapes(config)
     return {proj: recipe.spec("experts", shapes[proj], dtype) for proj in EXPERT_PROJS}
 
 

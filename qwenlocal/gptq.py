@@ -26,11 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenlocal.checkpoint import Checkpoint
-from qwenlocal.errors import UserError
-from qwenlocal.sources import DequantizingCheckpoint
+from quant.formats import QTensor
 
-from .formats import QTensor
+from .checkpoint import Checkpoint, DequantizingCheckpoint
+from .errors import UserError
 
 GPTQ_BITS = (4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
