@@ -78,5 +78,6 @@ def greedy_run(model, prompt: list[int], n_decode: int, ctx_size: int) -> dict:
             wait=d.wait_s / wall,
             gb=d.bytes_copied / 1e9,
             recall=delta.prefetch_recall,
+            cpu=d.cpu_computed / max(d.hits + d.misses, 1),  # picks computed on the CPU (--cold-experts)
         )
     return row

@@ -15,3 +15,13 @@ if python -c "import pytest" 2>/dev/null; then
   python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -5
 fi
 python bench/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log"
+
+# ---- cold experts (issue 14; owned by the cold-experts work, kept apart from the run above) ----
+# --cold-experts copy vs cpu vs auto at 8, 12 and 16 GiB: tok/s, PCIe GB/s, picks on the CPU.
+# Reuses the 48-layer checkpoint gpu_bench.py wrote. Skip it with COLD_EXPERTS=0.
+cold_experts_check() {
+  python bench/cold_gpu.py --out "$OUT" 2>&1 | tee "$OUT/cold_gpu.log"
+}
+if [ "${COLD_EXPERTS:-1}" != 0 ]; then
+  cold_experts_check
+fi

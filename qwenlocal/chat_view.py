@@ -152,19 +152,27 @@ def expert_layer_table(stats: CacheStats | None) -> Table | None:
     """Per-layer expert-cache counters, when the experts are offloaded."""
     if stats is None:
         return None
+    from .cold import overlap
+
+    cold = any(st.cpu_computed for st in stats.layers.values())  # --cold-experts cpu/auto: their columns
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("layer", "hits", "misses", "hit rate", "copied", "waiting"):
+    cols = ("layer", "hits", "misses", "hit rate", "copied", "waiting")
+    for col in cols + (("on cpu", "cpu time", "overlap", "promoted") if cold else ()):
         table.add_column(col, justify="right")
     for layer, st in sorted(stats.layers.items()):
         n = st.hits + st.misses
-        table.add_row(
+        row = [
             str(layer),
             f"{st.hits:,}",
             f"{st.misses:,}",
             f"{100 * st.hits / n:.1f}%" if n else "—",
             fmt_bytes(st.bytes_copied),
             f"{st.wait_s * 1000:.1f} ms",
-        )
+        ]
+        if cold:
+            ov = f"{100 * overlap(st):.0f}%" if st.cpu_wall_s else "—"
+            row += [f"{st.cpu_computed:,}", f"{st.cpu_s * 1000:.1f} ms", ov, f"{st.promoted:,}"]
+        table.add_row(*row)
     return table
 
 

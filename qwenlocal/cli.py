@@ -108,7 +108,12 @@ def render_summary(s, as_json: bool) -> None:
             "peak_memory_bytes": s.peak_memory_bytes,
         }
         if s.expert_cache is not None:
+            from .cold import cold_report
+
             d["expert_hit_rate"] = None if rate is None else round(rate, 4)
+            cold = cold_report(s.expert_cache)
+            if cold is not None:
+                d["cold_experts"] = cold
         print(json.dumps(d, ensure_ascii=False))
         return
     sys.stdout.write("\n")

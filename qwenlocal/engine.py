@@ -100,6 +100,8 @@ def expert_cache_stats(stats: Stats, model) -> dict | None:
     summed from the generations' records."""
     if stats.expert_cache is None:
         return None
+    from .cold import cold_report
+
     t = stats.expert_cache.total()
     return {
         "hits": t.hits,
@@ -109,6 +111,7 @@ def expert_cache_stats(stats: Stats, model) -> dict | None:
         "wait_seconds": t.wait_s,
         "prefetch_recall": stats.expert_cache.prefetch_recall,
         "slots_per_layer": model.experts.slots_per_layer,
+        "cold_experts": cold_report(stats.expert_cache, model.experts),
     }
 
 

@@ -46,6 +46,13 @@ BANDWIDTH_EFFICIENCY_LOW = 0.55
 MISS_OVERHEAD_S = 0.7e-3
 LAYER_OVERHEAD_S = 50e-6
 BANDWIDTH_EFFICIENCY_HIGH = 1.0  # high end: peak bandwidth and the pinned copy rate, nothing else
+# `--cold-experts cpu` (cold.py): a missed expert is read by the CPU at its memory bandwidth
+# instead of crossing PCIe. Low end: half the measured bandwidth (three GEMVs a expert, threads
+# split between workers), the CPU not overlapping the GPU, and a hidden-state round trip with a
+# synchronisation in every layer that misses. High end: CPU and GPU fully overlapped.
+CPU_EFFICIENCY_LOW = 0.5
+COLD_LAYER_OVERHEAD_S = 40e-6
+CPU_PROBE_BYTES = 128 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,40 @@ def decode_speed(est: Estimate, bandwidth_gbs: float, pcie_gbs: float) -> Speed:
     return Speed(batch / low, batch / high, hits, read, misses)
 
 
+def cpu_decode_speed(est: Estimate, bandwidth_gbs: float, cpu_gbs: float) -> Speed:
+    """decode_speed for `--cold-experts cpu`: the missed experts are read by the CPU at `cpu_gbs`
+    beside the GPU's own reads (high end: overlapped; low end: one after the other, at
+    CPU_EFFICIENCY_LOW, plus COLD_LAYER_OVERHEAD_S in each layer with a miss)."""
+    copy = decode_speed(est, bandwidth_gbs, 1.0)  # the same hits and reads; its copy time unused
+    misses, layers = copy.misses_per_token, len(est.config.moe_layers)
+    cpu_bytes = misses * est.expert_bytes
+    gpu_read = copy.bytes_per_token - cpu_bytes
+    k = active_experts(est.config, est.plan.batch)
+    missing_layers = layers * (1 - copy.hit_rate**k) if misses else 0.0
+    gpu_high = gpu_read / (bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY_HIGH)
+    high = max(gpu_high, cpu_bytes / (cpu_gbs * 1e9))
+    low = gpu_read / (bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY_LOW) + cpu_bytes / (
+        cpu_gbs * 1e9 * CPU_EFFICIENCY_LOW
+    )
+    low += missing_layers * COLD_LAYER_OVERHEAD_S + est.config.num_hidden_layers * LAYER_OVERHEAD_S
+    batch = est.plan.batch
+    return Speed(batch / low, batch / high, copy.hit_rate, int(gpu_read), misses)
+
+
+def measure_cpu_bandwidth(nbytes: int = CPU_PROBE_BYTES) -> float:
+    """This host's memory read rate with torch's threads, GB/s: a short probe (~0.1 s)."""
+    import time
+
+    import torch
+
+    x = torch.ones(nbytes // 4)
+    x.sum()  # first touch and thread start-up
+    t = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    return 3 * nbytes / (time.perf_counter() - t) / 1e9
+
+
 def assumptions() -> dict:
     return {
         "bandwidth_efficiency_low": BANDWIDTH_EFFICIENCY_LOW,
@@ -257,6 +298,8 @@ def assumptions() -> dict:
         "pinned_copy_gbs_x16": PINNED_COPY_GBS_X16,
         "desktop_reserve_bytes": DESKTOP_RESERVE_BYTES,
         "ecc_share": ECC_SHARE,
+        "cpu_efficiency_low": CPU_EFFICIENCY_LOW,
+        "cold_layer_overhead_s": COLD_LAYER_OVERHEAD_S,
         "hit_rates": "per-layer LRU on a synthetic Qwen3-30B-A3B routing trace",
         "kv_cache": "read whole each token (speed at a full context)",
     }
@@ -299,6 +342,16 @@ class CardPlan:
     est: Estimate | None
     speed: Speed | None
     error: str | None = None
+    cpu_speed: Speed | None = None  # --cold-experts cpu, when the CPU's bandwidth is known
+
+    @property
+    def cold_experts(self) -> str | None:
+        """The faster --cold-experts mode on this card (by the middle of each range); None when
+        nothing misses or a speed is unknown."""
+        if self.speed is None or self.cpu_speed is None or self.est.all_resident:
+            return None
+        mid = [s.tok_s_low + s.tok_s_high for s in (self.speed, self.cpu_speed)]
+        return "cpu" if mid[1] > mid[0] else "copy"
 
     @property
     def fits(self) -> bool:
@@ -322,11 +375,17 @@ class CardPlan:
             "tok_s_high": round(self.speed.tok_s_high, 1) if self.speed else None,
             "bandwidth_gbs": self.gpu.bandwidth_gbs,
             "pcie_gbs": self.gpu.pcie_gbs,
+            "cpu_tok_s_low": round(self.cpu_speed.tok_s_low, 1) if self.cpu_speed else None,
+            "cpu_tok_s_high": round(self.cpu_speed.tok_s_high, 1) if self.cpu_speed else None,
+            "cold_experts": self.cold_experts,
         }
 
 
-def fit_card(config: Qwen3MoeConfig, plan: Plan, gpu: Gpu, budget: int | None = None) -> CardPlan:
-    """The largest expert cache that fits the card (all experts when they all fit), and its speed."""
+def fit_card(
+    config: Qwen3MoeConfig, plan: Plan, gpu: Gpu, budget: int | None = None, cpu_gbs: float | None = None
+) -> CardPlan:
+    """The largest expert cache that fits the card (all experts when they all fit), and its speed;
+    with the CPU's bandwidth `cpu_gbs`, also its speed with cold experts computed on the CPU."""
     budget = gpu.budget if budget is None else budget
     try:
         est = fit_expert_slots(config, plan.replace(expert_slots=None), budget)
@@ -335,10 +394,11 @@ def fit_card(config: Qwen3MoeConfig, plan: Plan, gpu: Gpu, budget: int | None = 
     speed = None
     if gpu.bandwidth_gbs and gpu.pcie_gbs:
         speed = decode_speed(est, gpu.bandwidth_gbs, gpu.pcie_gbs)
-    return CardPlan(gpu, budget, est, speed)
+    cpu = cpu_decode_speed(est, gpu.bandwidth_gbs, cpu_gbs) if gpu.bandwidth_gbs and cpu_gbs else None
+    return CardPlan(gpu, budget, est, speed, cpu_speed=cpu)
 
 
-def recommendations(config: Qwen3MoeConfig, plan: Plan) -> list[CardPlan]:
+def recommendations(config: Qwen3MoeConfig, plan: Plan, cpu_gbs: float | None = None) -> list[CardPlan]:
     """Every table card: all resident first (smallest card first), then partly resident (most
     resident first, then fastest), then those that cannot hold the minimum cache."""
 
@@ -349,7 +409,7 @@ def recommendations(config: Qwen3MoeConfig, plan: Plan) -> list[CardPlan]:
             return (0, cp.gpu.memory_gib, -(cp.speed.tok_s_high if cp.speed else 0))
         return (1, -cp.resident_fraction, -(cp.speed.tok_s_high if cp.speed else 0))
 
-    return sorted((fit_card(config, plan, g) for g in gpu_table()), key=order)
+    return sorted((fit_card(config, plan, g, cpu_gbs=cpu_gbs) for g in gpu_table()), key=order)
 
 
 def speed_range(speed: Speed | None) -> str:

@@ -24,6 +24,7 @@ from .checkpoint import (
     expert_tensor_shapes,
     resolve_model,
 )
+from .cold import DEFAULT_COLD_EXPERTS, ColdExperts, parse_cold_experts
 from .errors import UserError
 from .experts import QuantExperts
 from .memory import fit_expert_slots, make_plan
@@ -126,14 +127,18 @@ def load_model(
     policy: str = DEFAULT_CACHE_POLICY,
     prefetch: bool = DEFAULT_PREFETCH,
     kv_dtype: str | torch.dtype | None = None,
+    cold_experts: str = DEFAULT_COLD_EXPERTS,
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
     `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading; a quantized
     checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
-    all experts in host RAM and only a cache of them on the device.
+    all experts in host RAM and only a cache of them on the device; `cold_experts` says what
+    happens to an expert without a slot: copied in ("copy"), computed on the CPU ("cpu"), or
+    either by measured times ("auto"; cold.py).
     """
     device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
+    parse_cold_experts(cold_experts)
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
@@ -150,7 +155,17 @@ def load_model(
         if per_layer is not None and per_layer >= config.num_experts:
             per_layer = None  # everything fits: a cache that never misses is no cache at all
         model = _load_quantized(
-            ckpt, config, recipe, prequantized, device, dtype, progress, per_layer, policy, prefetch
+            ckpt,
+            config,
+            recipe,
+            prequantized,
+            device,
+            dtype,
+            progress,
+            per_layer,
+            policy,
+            prefetch,
+            cold_experts,
         )
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
@@ -208,6 +223,7 @@ def _load_quantized(
     slots_per_layer: int | None,
     policy: str,
     prefetch: bool,
+    cold_experts: str = DEFAULT_COLD_EXPERTS,
 ) -> Qwen3MoeForCausalLM:
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
@@ -233,8 +249,12 @@ def _load_quantized(
     with torch.device("meta"):  # no memory until allocate(): the store and slots are sized once
         if slots_per_layer is None:
             experts = QuantExperts(config, layout)
-        else:
+        elif cold_experts == "copy":
             experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
+        else:
+            experts = ColdExperts(
+                config, layout, slots_per_layer, device, policy, prefetch, mode=cold_experts
+            )
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
     dense = dense_tensor_shapes(config)

@@ -40,6 +40,12 @@ class LayerStats:
     prefetch_useful: int = 0  # prefetched experts that the layer then used
     predicted: int = 0  # expert picks the prefetcher guessed
     actual: int = 0  # expert picks made while a guess existed
+    # misses computed on the CPU (--cold-experts cpu/auto, cold.py); the other misses were copied
+    cpu_computed: int = 0
+    cpu_s: float = 0.0  # their compute time, summed over the workers
+    cpu_wall_s: float = 0.0  # from the layer's first CPU job to its last result
+    cpu_wait_s: float = 0.0  # of that, time the layer waited after its device work
+    promoted: int = 0  # CPU-computed experts then copied into a slot for later tokens
 
     def add(self, other: LayerStats) -> None:
         for f in self.__dataclass_fields__:

@@ -23,6 +23,7 @@ import torch
 import typer
 
 from .cache_policy import DEFAULT_CACHE_POLICY
+from .cold import DEFAULT_COLD_EXPERTS, parse_cold_experts
 from .errors import UserError
 from .offload import DEFAULT_PREFETCH
 
@@ -108,6 +109,7 @@ class LoadOptions:
     cache_policy: str = DEFAULT_CACHE_POLICY
     kv_dtype: str | None = None
     record_routing: Path | None = None
+    cold_experts: str = DEFAULT_COLD_EXPERTS
 
     def validate(self) -> LoadOptions:
         """Bad values fail here, before a long load."""
@@ -123,6 +125,7 @@ class LoadOptions:
             raise UserError(f"Unknown --cache-policy {self.cache_policy!r}; choose lru or lfu.")
         if self.gpu_experts is not None and self.vram_budget is not None:
             raise UserError("Give --gpu-experts or --vram-budget, not both.")
+        parse_cold_experts(self.cold_experts)
         self.budget()
         return self
 
@@ -213,6 +216,12 @@ LOAD_FLAGS = (
         Path | None,
         ("--record-routing",),
         "Write the experts picked per layer per token (JSON lines).",
+    ),
+    Flag(
+        "cold_experts",
+        str,
+        ("--cold-experts",),
+        "An expert without a GPU slot: copy it in (copy), compute it on the CPU (cpu), or pick by measured times (auto).",
     ),
 )
 SAMPLING_FLAGS = (

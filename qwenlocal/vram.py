@@ -20,6 +20,7 @@ from .gpus import (
     find_gpu,
     fit_card,
     installed_gpu,
+    measure_cpu_bandwidth,
     recommendations,
     speed_range,
 )
@@ -181,7 +182,21 @@ def gpu_table_view(cards: list[CardPlan], quant: str, ctx: int) -> Table:
     return t
 
 
-def print_card_speed(card: CardPlan, implicit: bool) -> None:
+def cold_modes_text(cards: list[CardPlan], cpu_gbs: float) -> str | None:
+    """The faster --cold-experts mode of each card that misses experts, grouped by mode."""
+    by_mode: dict[str, list[str]] = {}
+    for c in cards:
+        if c.cold_experts == "cpu":
+            by_mode.setdefault("cpu", []).append(f"{c.gpu.name} ({speed_range(c.cpu_speed)})")
+        elif c.cold_experts:
+            by_mode.setdefault("copy", []).append(c.gpu.name)
+    if not by_mode:
+        return None
+    parts = [f"--cold-experts {mode} on {', '.join(names)}" for mode, names in sorted(by_mode.items())]
+    return f"faster with a CPU reading {cpu_gbs:.1f} GB/s: " + "; ".join(parts) + "."
+
+
+def print_card_speed(card: CardPlan, implicit: bool, cpu_gbs: float | None = None) -> None:
     from .cli_util import out
 
     if implicit:
@@ -204,6 +219,12 @@ def print_card_speed(card: CardPlan, implicit: bool) -> None:
         f"expected decode: {speed_range(s)} ({where}; {s.bytes_per_token / 1e9:.2f} GB read per token)",
         highlight=False,
     )
+    if card.cpu_speed is not None and not card.est.all_resident:
+        out.print(
+            f"with --cold-experts cpu: {speed_range(card.cpu_speed)} ({s.misses_per_token:.0f} experts "
+            f"per token computed on the CPU at {cpu_gbs:g} GB/s); faster here: --cold-experts {card.cold_experts}",
+            highlight=False,
+        )
     out.print(assumptions_text(card.gpu), highlight=False)
 
 
@@ -230,6 +251,13 @@ def vram(
             "the default on a CUDA machine without --vram-budget/--gpu-experts).",
         ),
     ] = None,
+    cpu_bandwidth: Annotated[
+        float | None,
+        typer.Option(
+            "--cpu-bandwidth",
+            help="This CPU's memory bandwidth in GB/s, for the speed of --cold-experts cpu; default: a short probe.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Estimate memory for a context size, a quantization and a budget, before loading anything."""
@@ -246,15 +274,18 @@ def vram(
                 "Give --gpu or --vram-budget/--gpu-experts, not both: --gpu sizes the cache to the card."
             )
         plan = plan_from_flags(config, quant, ctx, kv_dtype, batch, gpu_experts)
+        if cpu_bandwidth is not None and cpu_bandwidth <= 0:
+            raise UserError(f"--cpu-bandwidth must be positive (GB/s), got {cpu_bandwidth:g}.")
+        cpu_gbs = cpu_bandwidth or measure_cpu_bandwidth()
         # No card and no budget on a CUDA machine: plan for the installed card, quietly falling
         # back to the all-resident table when it cannot be read or cannot hold the model.
         implicit = gpu is None and gpu_experts is None and vram_budget is None and cuda_present()
         card = None
         try:
             if implicit or (gpu is not None and gpu.strip().lower() == "auto"):
-                card = fit_card(config, plan, *installed_gpu())
+                card = fit_card(config, plan, *installed_gpu(), cpu_gbs=cpu_gbs)
             elif gpu is not None:
-                card = fit_card(config, plan, find_gpu(gpu))
+                card = fit_card(config, plan, find_gpu(gpu), cpu_gbs=cpu_gbs)
             if card is not None and not card.fits:
                 raise UserError(f"On {card.gpu.name} ({card.budget / GIB:.2f} GiB to use): {card.error}")
         except UserError as e:
@@ -268,7 +299,7 @@ def vram(
         else:
             est = fit_expert_slots(config, plan, budget) if budget else estimate(config, plan)
         quant_name = plan.recipe.preset if plan.recipe else "bf16"
-        cards = recommendations(config, plan) if gpu is None else None
+        cards = recommendations(config, plan, cpu_gbs) if gpu is None else None
         if as_json:
             d = est.as_dict()
             d["quant"] = quant_name
@@ -280,7 +311,7 @@ def vram(
                 d["gpu"] = card.as_dict()
             if cards is not None:
                 d["gpus"] = [c.as_dict() for c in cards]
-            d["speed_assumptions"] = assumptions()
+            d["speed_assumptions"] = {**assumptions(), "cpu_bandwidth_gbs": round(cpu_gbs, 2)}
             print(json.dumps(d))
             return
         recipe = plan.recipe.describe() if plan.recipe else "bf16 (no quantization)"
@@ -305,9 +336,12 @@ def vram(
                 highlight=False,
             )
         if card:
-            print_card_speed(card, implicit=implicit)
+            print_card_speed(card, implicit=implicit, cpu_gbs=cpu_gbs)
         if cards is not None:
             out.print(gpu_table_view(cards, quant_name, ctx))
+            modes = cold_modes_text(cards, cpu_gbs)
+            if modes:
+                out.print(modes, highlight=False)
             out.print(assumptions_text(), highlight=False)
         out.print(sweep_table(config, kv_dtype, batch))
         err.print("[dim]estimates from the exact tensor shapes; CUDA context reserve is a constant[/]")
