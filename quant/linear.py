@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import moe_kernels
 from .formats import (
     DEFAULT_BLOCKSIZE,
+    PARTS,
     QSpec,
     QTensor,
     dequantize,
@@ -115,7 +117,7 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return qlinear(x, self.qtensor, self.bias)
+        return qmatmul(x, self.qtensor, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize(self.qtensor, dtype)
@@ -128,3 +130,58 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"fmt={s.fmt}{bs}{dq}, bias={self.bias is not None}"
         )
+
+
+def qmatmul(x: Tensor, q, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] @ dequantize(q).T (+ bias) through one torch op: on CUDA a few tokens take the
+    Triton GEMV (no dequantized copy of the matrix per token); otherwise quant.linear.qlinear."""
+    parts = [getattr(q, name) for name in PARTS]
+    return torch.ops.qwenlocal.qmatmul(x, *parts, bias, q.fmt, list(q.shape), q.dtype, q.blocksize)
+
+
+@torch.library.custom_op("qwenlocal::qmatmul", mutates_args=())
+def _qmatmul_op(
+    x: Tensor,
+    weight: Tensor,
+    absmax: Tensor,
+    quant_map: Tensor | None,
+    nested_absmax: Tensor | None,
+    nested_quant_map: Tensor | None,
+    offset: Tensor | None,
+    bias: Tensor | None,
+    fmt: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    blocksize: int,
+) -> Tensor:
+    q = QTensor(
+        fmt,
+        tuple(shape),
+        dtype,
+        blocksize,
+        weight,
+        absmax,
+        quant_map,
+        nested_absmax,
+        nested_quant_map,
+        offset,
+    )
+    flat = x.reshape(-1, x.shape[-1])
+    if (
+        x.is_cuda
+        and flat.shape[0] <= moe_kernels.MAX_GROUPED_TOKENS
+        and moe_kernels.use_triton(x)
+        and shape[1] % 2 == 0
+    ):
+        y = moe_kernels.triton_qgemv(flat, q)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], shape[0])
+    return qlinear(x, q, bias)
+
+
+@_qmatmul_op.register_fake
+def _(
+    x, weight, absmax, quant_map, nested_absmax, nested_quant_map, offset, bias, fmt, shape, dtype, blocksize
+):
+    return x.new_empty(*x.shape[:-1], shape[0])

@@ -104,6 +104,7 @@ def loaded(
             policy=load.cache_policy,
             prefetch=load.prefetch,
             kv_dtype=load.kv_dtype,
+            moe=load.moe,
             cold_experts=load.cold_experts,
         )
     if load.record_routing is not None:

@@ -1,8 +1,10 @@
 """How the model reaches expert weights: one call per MoE layer, whatever holds the weights.
 
 `Experts` groups the routed tokens by expert and calls `expert_forward` for each expert that
-was hit, in increasing id order; subclasses decide where the weights live (stacked 16-bit
-tensors here; quantized blobs and the GPU expert cache elsewhere).
+was hit, in increasing id order ("loop"); subclasses decide where the weights live (stacked 16-bit
+tensors here; quantized blobs and the GPU expert cache elsewhere). With `moe = "grouped"` a decode
+token's k experts go through quant.moe_kernels in two launches instead, the ids never leaving the
+device (`grouped_weights` says where a storage keeps them).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     return F.linear(F.silu(gate) * up, down)
 
 
+MOE_MODES = ("auto", "grouped", "loop")
+
+
 class Experts(nn.Module):
     """All MoE layers' experts. Call: experts(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]."""
 
@@ -57,6 +62,7 @@ class Experts(nn.Module):
         super().__init__()
         self.config = config
         self.recorder: RoutingRecorder | None = None
+        self.moe = "loop"  # or "grouped" (set by the loader from load_model(moe=...))
 
     def record(self, layer: int, ids: torch.Tensor) -> None:
         if self.recorder is not None:
@@ -70,8 +76,33 @@ class Experts(nn.Module):
     def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # each storage defines it
 
+    def grouped_weights(self, layer: int):  # -> (gate_up buffer, down buffer, GroupedSpec)
+        raise NotImplementedError  # storages that support the grouped kernels define it
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        from quant.moe_kernels import MAX_GROUPED_TOKENS
+
+        return self.moe == "grouped" and x.shape[0] <= MAX_GROUPED_TOKENS
+
+    def grouped(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """All k picks of each token in two kernel launches; `rows` (default: the ids) index the buffers."""
+        from quant.moe_kernels import grouped_swiglu
+
+        ids, order = ids.sort(dim=-1)  # expert-id order: the loop path's order of summation
+        rows = ids if rows is None else rows.gather(-1, order)
+        return grouped_swiglu(x, rows, weights.gather(-1, order), *self.grouped_weights(layer))
+
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self.record(layer, ids)
+        if self.use_grouped(x):
+            return self.grouped(layer, x, ids, weights)
         out = torch.zeros_like(x)
         for expert, tokens, w in group_by_expert(ids, weights):
             y = self.expert_forward(layer, expert, x[tokens])
@@ -123,6 +154,12 @@ class DenseExperts(Experts):
         key = str(layer)
         return swiglu(x, self.gate_up[key][expert], self.down[key][expert])
 
+    def grouped_weights(self, layer: int):
+        from quant.moe_kernels import GroupedSpec
+
+        c, key = self.config, str(layer)
+        return self.gate_up[key], self.down[key], GroupedSpec.dense(c.hidden_size, c.moe_intermediate_size)
+
     def allocate(self, device: torch.device | str, dtype: torch.dtype) -> None:
         for d in (self.gate_up, self.down):
             for key, p in d.items():
@@ -173,6 +210,12 @@ class QuantExperts(Experts):
 
     def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         return quant_swiglu(x, self.qtensors(layer, expert))
+
+    def grouped_weights(self, layer: int):
+        from quant.moe_kernels import GroupedSpec
+
+        blobs = self.blobs[layer]
+        return blobs, blobs, GroupedSpec.from_layout(self.layout)
 
     def _apply(self, fn, recurse=True):  # .to(device) moves the blobs, which are not buffers
         for layer, blob in self.blobs.items():

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .graphs import decode_graph
 from .model import Qwen3MoeForCausalLM
 from .offload import CacheStats, LayerStats
 
@@ -199,6 +200,7 @@ class Generator:
         self.ctx_size, self.prefill_chunk = ctx_size, prefill_chunk
         self.cache = model.new_cache(ctx_size)
         model.rope_tables(ctx_size)  # allocated once, before generation
+        self.graph = decode_graph(model, self.cache)  # decode replayed as a CUDA graph, where it can be
         self.cached: list[int] = []  # the tokens whose keys/values the cache holds
 
     def reset(self) -> None:
@@ -219,7 +221,10 @@ class Generator:
     def prefill(self, tokens: list[int], cancel: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """Run tokens after what the cache holds; return the last position's logits [V], or None
         when `cancel()` turned true between chunks."""
-        device = self.model.device
+        if len(tokens) == 1 and self.graph is not None:
+            self.cached.extend(tokens)
+            return self.graph(tokens[0])  # a view of the graph's output: read it before the next step
+        device = self.model.input_device  # ids on the embedding's device: no copy back from the GPU
         logits = None
         for i in range(0, len(tokens), self.prefill_chunk):
             if cancel is not None and i and cancel():

@@ -1,4 +1,7 @@
-"""A preallocated KV cache: one [B, kv_heads, max_len, head_dim] pair per layer, no growth."""
+"""A preallocated KV cache: one [B, kv_heads, max_len, head_dim] pair per layer, no growth.
+
+Writes go to positions given as a device tensor, so a decode step never reads a position back to
+the host and the same step can be captured once and replayed (qwenlocal.graphs)."""
 
 from __future__ import annotations
 
@@ -30,15 +33,19 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, end: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, kv, T, D] at positions start..start+T; return views of all stored keys/values."""
-        end = start + k.shape[2]
-        if end > self.max_len:
+        """Store k, v [B, kv, T, D] at `positions` [T] (a device tensor); return the first `end`
+        stored keys/values (None: all max_len of them, for a step of fixed shape)."""
+        if end is not None and end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; this step needs {end}.")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        kc, vc = self.k[layer], self.v[layer]
+        for cache, new in ((kc, k), (vc, v)):
+            new = new.to(cache.dtype)
+            if cache.dtype.itemsize == 1:  # fp8 has no index_copy_ kernel: copy its bytes
+                cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+            cache.index_copy_(2, positions, new)
+        keys, values = (kc, vc) if end is None else (kc.narrow(2, 0, end), vc.narrow(2, 0, end))
         if keys.dtype != self.compute_dtype:
             keys, values = keys.to(self.compute_dtype), values.to(self.compute_dtype)
         return keys, values

@@ -36,6 +36,18 @@ from .quantize import expert_layout, quantized_shapes, quantized_stream
 from .sources import open_source
 
 
+def resolve_moe(moe: str, device: torch.device) -> str:
+    """ "auto": grouped on CUDA (no host sync, one launch per projection); on the CPU the loop,
+    which measured faster there (BENCHMARKS.md, bench/moe_cpu.py)."""
+    from .experts import MOE_MODES
+
+    if moe not in MOE_MODES:
+        raise UserError(f"Unknown --moe {moe!r}; choose one of {', '.join(MOE_MODES)}.")
+    if moe == "auto":
+        return "grouped" if device.type == "cuda" else "loop"
+    return moe
+
+
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace the (meta) parameter `name` (dotted, relative to module) with `tensor`."""
     *path, leaf = name.split(".")
@@ -127,6 +139,7 @@ def load_model(
     policy: str = DEFAULT_CACHE_POLICY,
     prefetch: bool = DEFAULT_PREFETCH,
     kv_dtype: str | torch.dtype | None = None,
+    moe: str = "auto",
     cold_experts: str = DEFAULT_COLD_EXPERTS,
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
@@ -135,10 +148,13 @@ def load_model(
     checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
     all experts in host RAM and only a cache of them on the device; `cold_experts` says what
     happens to an expert without a slot: copied in ("copy"), computed on the CPU ("cpu"), or
-    either by measured times ("auto"; cold.py).
+    either by measured times ("auto"; cold.py). `moe`: how a decode token's experts are computed,
+    "grouped" (two kernel launches, ids on the device), "loop" (one expert at a time) or "auto"
+    (see resolve_moe).
     """
     device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
     parse_cold_experts(cold_experts)
+    moe = resolve_moe(moe, device)
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
     recipe, prequantized = resolve_recipe(quant, config)
@@ -170,6 +186,7 @@ def load_model(
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
     model.kv_dtype = kv_dtype
+    model.experts.moe = moe
     model.eval()
     return model
 

@@ -4,9 +4,15 @@ Attention (q_norm/k_norm, RoPE, grouped-query SDPA over a preallocated KV cache)
 MoE block (router softmax in fp32 -> top-k -> renormalise), dense MLP layers, final norm and
 lm_head. Expert weights are reached only through an `Experts` object, so the quantized and
 offloaded variants plug in without touching this file.
+
+A forward's positions are a device tensor (`Step`): RoPE, the KV-cache write and the mask are
+computed from it on the device, so a decode step makes no host reads and can be captured as a
+CUDA graph and replayed (qwenlocal.graphs).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +44,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # in fp32, cast back, then times the weight (as transformers does); one kernel, not five
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+@dataclass
+class Step:
+    """Where one forward's T tokens go: their positions [T] on the device, RoPE tables for them,
+    the cache, how many stored keys attention reads (None: all of them, masked, for a step of
+    fixed shape), and the mask or causal flag."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache | None
+    end: int | None
+    mask: torch.Tensor | None
+    causal: bool
 
 
 class Attention(nn.Module):
@@ -58,29 +77,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None,
-        start: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, s: Step) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, D]
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, start)
-        if t == 1:
-            mask, causal = None, False  # one query sees every stored key
-        elif k.shape[2] == t:
-            mask, causal = None, True
-        else:  # a chunk after earlier tokens: query i sees keys 0..start+i
-            q_pos = torch.arange(start, start + t, device=x.device)[:, None]
-            mask, causal = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos, False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        q, k = apply_rope(q, s.cos, s.sin), apply_rope(k, s.cos, s.sin)  # [B, H, T, D]
+        if s.cache is not None:
+            k, v = s.cache.update(self.layer, k, v, s.positions, s.end)
+        if t == 1:  # one query: each KV head's query heads become its rows (no K/V copies for GQA)
+            rows = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            out = F.scaled_dot_product_attention(rows, k, v, attn_mask=s.mask).view(b, self.n_heads, 1, -1)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=s.mask, is_causal=s.causal, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -132,8 +143,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x: torch.Tensor, s: Step) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), s)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -190,19 +201,49 @@ class Qwen3MoeForCausalLM(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         start = cache.length if cache is not None else 0
-        rope = self.rope_tables(start + t)
-        cos, sin = rope.tables(start, t, self.dtype)
-        x = self.model.embed_tokens(input_ids.to(self.model.embed_tokens.weight.device)).to(self.device)
+        positions = torch.arange(start, start + t, device=self.device)
+        logits = self.step(self.embed(input_ids), positions, cache, start + t, last_only)
+        if cache is not None:
+            cache.length = start + t
+        return logits
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids should be made: the embedding's device (host RAM beside a GPU)."""
+        return self.model.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids.to(self.input_device)).to(self.device)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        end: int | None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Embedded tokens x [B, T, H] at `positions` [T] (device) -> logits. `end`: keys stored
+        after this step (None: attend over the whole cache through a mask, a fixed-shape step)."""
+        b, t, _ = x.shape
+        rope = self.rope_tables(end if end is not None else cache.max_len)
+        cos, sin = rope.at(positions, self.dtype)
+        if cache is None or end == t:
+            mask, causal = None, t > 1
+        elif t == 1 and end is not None:
+            mask, causal = None, False  # one query sees every stored key
+        else:  # query i sees keys 0..positions[i]
+            keys = torch.arange(end if end is not None else cache.max_len, device=x.device)
+            mask, causal = keys[None, :] <= positions[:, None], False
+        s = Step(positions, cos, sin, cache, end, mask, causal)
         prefetch = getattr(self.experts, "prefetch", None) if b * t == 1 else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, start)
+            x = layer(x, s)
             if prefetch is not None and i + 1 < len(self.model.layers):
                 prefetch(i + 1, x)  # start copying the next layer's likely experts
         self.experts.end_step()
-        if cache is not None:
-            cache.length = start + t
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()

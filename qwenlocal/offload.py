@@ -5,6 +5,10 @@ A layer computes the experts already resident while the missing ones are copied;
 do not fit the layer's slots at once (a long prefill touches nearly every expert) stream through
 them in waves. Outputs are summed in expert-id order, so offloaded results equal resident ones
 bit for bit.
+
+With moe="grouped" a decode token's layer reads its k expert ids back once, copies the misses as
+one batch, and computes all k (hits and misses) with the grouped kernels through a per-layer slot
+table (expert -> slot) held on the device.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class OffloadedExperts(QuantExperts):
         self.layer_index = {layer: i for i, layer in enumerate(config.moe_layers)}
         self.stats = CacheStats({layer: LayerStats() for layer in config.moe_layers})
         self.slot_buf: torch.Tensor | None = None
+        self.slot_table: torch.Tensor | None = None  # [MoE layer, expert] -> slot, on the device
         self.reset_cache()
         self.copy_stream = None
         self._router: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -124,6 +129,12 @@ class OffloadedExperts(QuantExperts):
         self.slot_buf = torch.empty(n, self.layout.nbytes, dtype=torch.uint8, device=self.compute_device)
         if cuda:
             self.copy_stream = torch.cuda.Stream(self.compute_device)
+        # the grouped path's batch copy: misses gathered on the host, moved in one transfer
+        k, nbytes = self.config.num_experts_per_tok, self.layout.nbytes
+        self.staging = torch.empty(k, nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.staging_dev = torch.empty(k, nbytes, dtype=torch.uint8, device=self.compute_device)
+        shape = (len(self.config.moe_layers), self.config.num_experts)
+        self.slot_table = torch.zeros(shape, dtype=torch.int64, device=self.compute_device)
         self._slot_views: dict[int, dict] = {}
 
     def reset_cache(self) -> None:
@@ -161,6 +172,8 @@ class OffloadedExperts(QuantExperts):
         else:
             slot = self.free[layer].pop()
         self.slot_of[(layer, expert)] = slot
+        if self.slot_table is not None:
+            self.slot_table[self.layer_index[layer], expert] = slot
         src, dst = self.blobs[layer][expert], self.slot_buf[slot]
         stats.bytes_copied += self.layout.nbytes
         if self.copy_stream is None:  # the computation waits for the whole copy
@@ -199,24 +212,75 @@ class OffloadedExperts(QuantExperts):
         self._waits = pending
 
     # -- forward -------------------------------------------------------------------------------------
+    def grouped_weights(self, layer: int):
+        return self.slot_buf, self.slot_buf, super().grouped_weights(layer)[2]
+
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        self.record(layer, ids)
+        if self.use_grouped(x):
+            needed = ids.unique().tolist()  # the layer's one host read
+            if len(needed) <= self.slots_per_layer:
+                self.record(layer, ids)
+                self._load_batch(layer, needed)
+                rows = self.slot_table[self.layer_index[layer]][ids]
+                return self.grouped(layer, x, ids, weights, rows=rows)
+        return self._forward_loop(layer, x, ids, weights)
+
+    def _load_batch(self, layer: int, needed: list[int]) -> None:
+        """Give every needed expert a slot; copy the misses host -> staging -> slots as one batch."""
+        policy, stats = self.policies[layer], self.stats.layers[layer]
+        _, misses = self._lookup(layer, needed, decode=True)
+        if not misses:
+            return
+        protect = set(needed)
+        slots = []
+        for e in misses:
+            evicted = policy.admit(e, protect=protect)
+            if evicted is not None:
+                slot = self.slot_of.pop((layer, evicted))
+                stats.evictions += 1
+            else:
+                slot = self.free[layer].pop()
+            self.slot_of[(layer, e)] = slot
+            slots.append(slot)
+        stats.bytes_copied += len(misses) * self.layout.nbytes
+        dev, table = self.compute_device, self.slot_table[self.layer_index[layer]]
+        k = self.staging.shape[0]
+        for i in range(0, len(misses), k):  # a decode token's misses fit one batch
+            chunk, to = misses[i : i + k], slots[i : i + k]
+            n = len(chunk)
+            # the staging buffer is free again: this layer's host read waited for the stream, which
+            # had finished the previous transfer
+            torch.index_select(self.blobs[layer], 0, torch.tensor(chunk), out=self.staging[:n])
+            self.staging_dev[:n].copy_(self.staging[:n], non_blocking=True)
+            self.slot_buf.index_copy_(0, torch.tensor(to, device=dev), self.staging_dev[:n])
+            table.index_copy_(0, torch.tensor(chunk, device=dev), torch.tensor(to, device=dev))
+            if i + k < len(misses) and dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()  # before the staging buffer is refilled
+
+    def _lookup(self, layer: int, needed: list[int], decode: bool) -> tuple[list[int], list[int]]:
+        """The layer's hits (touched) and misses among `needed`, counted with the prefetch figures."""
         if self._waits:
             self.settle_waits()
         policy, stats = self.policies[layer], self.stats.layers[layer]
-        groups = list(group_by_expert(ids, weights))
-        needed = [g[0] for g in groups]
         stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(needed))
         guess = self._guess.pop(layer, None)
-        if guess is not None:
-            stats.predicted += len(guess & set(needed)) if x.shape[0] == 1 else 0
-            stats.actual += len(needed) if x.shape[0] == 1 else 0
+        if guess is not None and decode:
+            stats.predicted += len(guess & set(needed))
+            stats.actual += len(needed)
         hits = [e for e in needed if e in policy]
         for e in hits:
             policy.touch(e)
-        stats.hits += len(hits)
         misses = [e for e in needed if e not in policy]
+        stats.hits += len(hits)
         stats.misses += len(misses)
+        return hits, misses
+
+    def _forward_loop(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        self.record(layer, ids)
+        groups = list(group_by_expert(ids, weights))
+        hits, misses = self._lookup(layer, [g[0] for g in groups], x.shape[0] == 1)
         # a prefill: keep the experts of the last tokens resident at the end (loaded last)
         if len(misses) > 1 and x.shape[0] > 1:
             last_use = {e: int(t.max()) for e, t, _ in groups}

@@ -109,6 +109,7 @@ class LoadOptions:
     cache_policy: str = DEFAULT_CACHE_POLICY
     kv_dtype: str | None = None
     record_routing: Path | None = None
+    moe: str = "auto"
     cold_experts: str = DEFAULT_COLD_EXPERTS
 
     def validate(self) -> LoadOptions:
@@ -125,6 +126,10 @@ class LoadOptions:
             raise UserError(f"Unknown --cache-policy {self.cache_policy!r}; choose lru or lfu.")
         if self.gpu_experts is not None and self.vram_budget is not None:
             raise UserError("Give --gpu-experts or --vram-budget, not both.")
+        from .experts import MOE_MODES
+
+        if self.moe not in MOE_MODES:
+            raise UserError(f"Unknown --moe {self.moe!r}; choose one of {', '.join(MOE_MODES)}.")
         parse_cold_experts(self.cold_experts)
         self.budget()
         return self
@@ -216,6 +221,13 @@ LOAD_FLAGS = (
         Path | None,
         ("--record-routing",),
         "Write the experts picked per layer per token (JSON lines).",
+    ),
+    Flag(
+        "moe",
+        str,
+        ("--moe",),
+        "Expert compute: grouped (two kernel launches a layer; decode as a CUDA graph), loop, "
+        "or auto (grouped on a GPU, loop on the CPU).",
     ),
     Flag(
         "cold_experts",

@@ -38,7 +38,8 @@ def inv_freq_and_scale(config: Qwen3MoeConfig) -> tuple[torch.Tensor, float]:
 
 
 class Rope:
-    """cos/sin tables for positions [0, max_len), fp32, built once per device."""
+    """cos/sin tables for positions [0, max_len), fp32, built once per device. `sin` carries
+    rotate_half's sign (its first half negated), so RoPE is x * cos + x.roll(D/2) * sin."""
 
     def __init__(self, config: Qwen3MoeConfig, max_len: int, device: torch.device | str = "cpu"):
         inv_freq, scale = inv_freq_and_scale(config)
@@ -46,19 +47,21 @@ class Rope:
         freqs = pos[:, None] * inv_freq[None, :]  # [max_len, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scale).to(device)
-        self.sin = (emb.sin() * scale).to(device)
+        sin = emb.sin() * scale
+        sin[:, : sin.shape[-1] // 2] *= -1
+        self.sin = sin.to(device)
         self.max_len = max_len
 
     def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions start..start+length, as [length, head_dim] in `dtype`."""
         return self.cos[start : start + length].to(dtype), self.sin[start : start + length].to(dtype)
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, head_dim] for a device tensor of positions [T] (no host read: replayable)."""
+        return self.cos.index_select(0, positions).to(dtype), self.sin.index_select(0, positions).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos, sin: [T, D]."""
-    return x * cos + rotate_half(x) * sin
+    """x: [B, H, T, D]; cos, sin (signed, see Rope): [T, D]. Equal, bit for bit, to transformers'
+    x * cos + rotate_half(x) * sin: roll gives (x2, x1), the sign sits in the table."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -200,6 +200,7 @@ def test_installed_console_script(tiny_ckpt, tmp_path):
         (["-n", "0"], "--max-tokens must be positive"),
         (["--top-p", "2"], "top_p must be in"),
         (["--ctx-size", "4"], "the context holds 4"),
+        (["--moe", "fast"], "Unknown --moe 'fast'"),
     ],
 )
 def test_bad_flags_exit_2(tiny_ckpt, args, message):
@@ -266,6 +267,8 @@ def test_offload_flags(tiny_ckpt, tmp_path):
         trace,
         "--cache-policy",
         "lfu",
+        "--moe",
+        "grouped",
     )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout.strip().splitlines()[-1])

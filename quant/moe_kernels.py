@@ -1,0 +1,317 @@
+"""Grouped expert compute: all k selected experts of a token in two launches, expert ids read on the device.
+
+    h   = silu(x @ G_e.T) * (x @ U_e.T)        gate_up: one program per (token, expert, row tile)
+    out = sum_j  w_j * (h_j @ D_e_j.T)          down: one program per (token, row tile), j in id order
+
+Where the weights live. `buf` holds one row per expert (or per cache slot) and `rows` [N, k] says which
+row each (token, pick) reads, so resident experts (row = expert id) and the offload cache (row = slot)
+share one kernel:
+
+    quantized   buf uint8 [R, B]: one quant.formats.pack blob per row; for each of gate, up, down the
+                byte offsets of (weight, absmax, quant_map, nested_absmax, nested_quant_map, offset)
+                within the row (-1: absent), every part 64-byte aligned.
+                nf4/fp4 weight: two codes a byte, high nibble first, over the row-major [out, in] matrix;
+                block b = element // blocksize scales by absmax[b] (fp32), or with double quant by
+                nested_quant_map[absmax[b]] * nested_absmax[b // 256] + offset (absmax uint8).
+                int8 weight [out, in], scaled per row by absmax[row] / 127 (bitsandbytes' formula).
+    dense       gate_up [R, 2I, H] and down [R, H, I] in 16/32-bit (DenseExperts); offsets in elements.
+
+Two implementations, equal within bf16 rounding: Triton kernels (quant/moe_triton.py, imported on
+first use; CUDA, and the CPU through Triton's interpreter in the tests) and the plain-torch reference (gather the selected rows, dequantize, bmm),
+which runs anywhere. `use_triton` picks one, in one place. Both are registered as torch ops
+(`qwenlocal::grouped_gate_up`, `qwenlocal::grouped_down`) with fake kernels so a decode step can be
+traced, compiled or captured. The reference sums the k experts in increasing id order in x's dtype, as
+the loop path does; the Triton kernel sums them in the same order in fp32 and rounds once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .formats import NESTED_BLOCKSIZE, PARTS
+
+# Tokens up to which the grouped kernels are used; a longer prefill reads each expert once per token
+# here, so the caller runs it expert by expert instead.
+MAX_GROUPED_TOKENS = 16
+INT8_SCALE = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
+FMT_IDS = {"dense": 0, "nf4": 1, "fp4": 1, "int8": 2}
+# (rows per program, input columns per step) of each stage: small row tiles give the down stage
+# (one program per output tile, k experts each) enough programs to fill a large GPU.
+TILES = {"gate_up": (32, 128), "down": (16, 128), "gemv": (16, 128)}
+
+
+@dataclass(frozen=True)
+class GroupedSpec:
+    """How one layer's experts are stored (see the module docstring)."""
+
+    fmt: str  # dense, nf4, fp4, int8
+    double_quant: bool
+    blocksize: int
+    hidden: int
+    inter: int
+    gate: tuple[int, ...]
+    up: tuple[int, ...]
+    down: tuple[int, ...]
+
+    @classmethod
+    def from_layout(cls, layout) -> GroupedSpec:
+        """From a quant.formats.PackLayout of gate_proj, up_proj and down_proj."""
+        specs = layout.specs
+        g = specs["gate_proj"]
+        offs = {name: [-1] * len(PARTS) for name in specs}
+        for slot in layout.slots:
+            offs[slot.name][PARTS.index(slot.part)] = slot.offset
+        inter, hidden = g.shape
+        return cls(
+            g.fmt,
+            g.double_quant,
+            g.blocksize,
+            hidden,
+            inter,
+            tuple(offs["gate_proj"]),
+            tuple(offs["up_proj"]),
+            tuple(offs["down_proj"]),
+        )
+
+    @classmethod
+    def dense(cls, hidden: int, inter: int) -> GroupedSpec:
+        """gate_up [R, 2I, H] (gate rows first) and down [R, H, I]."""
+        return cls("dense", False, 0, hidden, inter, (0,), (inter * hidden,), (0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def use_triton(x: Tensor) -> bool:
+    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1)."""
+    if x.is_cuda:
+        return _triton_available()
+    return os.environ.get("QWENLOCAL_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_available() -> bool:
+    # Triton ships with CUDA builds of torch; without it the torch path serves
+    return importlib.util.find_spec("triton") is not None
+
+
+def grouped_swiglu(
+    x: Tensor, rows: Tensor, weights: Tensor, gate_up_buf: Tensor, down_buf: Tensor, spec: GroupedSpec
+) -> Tensor:
+    """x [N, H], rows and weights [N, k] (rows sorted by expert id) -> sum_j w_j * expert_j(x) [N, H]."""
+    s = spec
+    h = torch.ops.qwenlocal.grouped_gate_up(
+        x, rows, gate_up_buf, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up)
+    )
+    return torch.ops.qwenlocal.grouped_down(
+        h, rows, weights, down_buf, s.fmt, s.double_quant, s.blocksize, s.hidden, list(s.down)
+    )
+
+
+@torch.library.custom_op("qwenlocal::grouped_gate_up", mutates_args=())
+def _gate_up_op(
+    x: Tensor,
+    rows: Tensor,
+    buf: Tensor,
+    fmt: str,
+    double_quant: bool,
+    blocksize: int,
+    inter: int,
+    gate: list[int],
+    up: list[int],
+) -> Tensor:
+    impl = triton_gate_up if use_triton(x) else torch_gate_up
+    return impl(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up)
+
+
+@_gate_up_op.register_fake
+def _(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up):
+    return x.new_empty(rows.numel(), inter)
+
+
+@torch.library.custom_op("qwenlocal::grouped_down", mutates_args=())
+def _down_op(
+    h: Tensor,
+    rows: Tensor,
+    weights: Tensor,
+    buf: Tensor,
+    fmt: str,
+    double_quant: bool,
+    blocksize: int,
+    hidden: int,
+    down: list[int],
+) -> Tensor:
+    impl = triton_down if use_triton(h) else torch_down
+    return impl(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down)
+
+
+@_down_op.register_fake
+def _(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down):
+    return h.new_empty(rows.shape[0], hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain torch: the reference, and the path on devices without Triton
+
+
+def dequantize_rows(
+    sel: Tensor, fmt: str, double_quant: bool, blocksize: int, offs: list[int], shape: tuple[int, int]
+) -> Tensor:
+    """sel [M, B]: M gathered rows of `buf` -> their matrices [M, out, in] in fp32 (dense: as stored)."""
+    m, (out, inn) = sel.shape[0], shape
+    n = out * inn
+
+    def part(i: int, dtype: torch.dtype, count: int) -> Tensor:
+        raw = sel[:, offs[i] : offs[i] + count * dtype.itemsize]
+        return raw.view(dtype)
+
+    if fmt == "dense":
+        return sel.reshape(m, -1)[:, offs[0] : offs[0] + n].reshape(m, out, inn)
+    if fmt == "int8":
+        w = part(0, torch.int8, n).view(m, out, inn)
+        return w * part(1, torch.float32, out).unsqueeze(-1) * INT8_SCALE
+    nblocks = -(-n // blocksize)
+    codes = part(0, torch.uint8, (n + 1) // 2)
+    qmap = part(2, torch.float32, 16)
+    pairs = torch.stack((codes >> 4, codes & 15), dim=-1).view(m, -1)[:, :n].long()
+    vals = qmap.gather(1, pairs)
+    if double_quant:
+        nested = part(3, torch.float32, -(-nblocks // NESTED_BLOCKSIZE))
+        nested_per_block = nested.repeat_interleave(NESTED_BLOCKSIZE, dim=1)[:, :nblocks]
+        code = part(4, torch.float32, 256)  # bnb: code[qabsmax[b]] * nested_absmax[b // 256] + offset
+        absmax = code.gather(1, part(1, torch.uint8, nblocks).long()) * nested_per_block + part(
+            5, torch.float32, 1
+        )
+    else:
+        absmax = part(1, torch.float32, nblocks)
+    full = (n // blocksize) * blocksize
+    w = torch.empty(m, n, dtype=torch.float32, device=sel.device)
+    torch.mul(
+        vals[:, :full].view(m, -1, blocksize),
+        absmax[:, : full // blocksize].unsqueeze(-1),
+        out=w[:, :full].view(m, -1, blocksize),
+    )
+    if full < n:
+        torch.mul(vals[:, full:], absmax[:, -1:], out=w[:, full:])
+    return w.view(m, out, inn)
+
+
+def _gather(buf: Tensor, rows: Tensor) -> Tensor:
+    return buf.index_select(0, rows.reshape(-1)).reshape(rows.numel(), -1)
+
+
+def _compute_dtype(fmt: str, x: Tensor) -> torch.dtype:
+    # quantized weights are dequantized to fp32 and multiplied in fp32, as quant.linear does on the CPU
+    return x.dtype if fmt == "dense" else torch.float32
+
+
+def torch_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) -> Tensor:
+    n, hidden = x.shape
+    k = rows.shape[1]
+    sel = _gather(buf, rows)
+    dt = _compute_dtype(fmt, x)
+    xs = x.to(dt).unsqueeze(-1)  # [N, H, 1]
+    out = []
+    for offs in (gate, up):
+        w = dequantize_rows(sel, fmt, double_quant, blocksize, offs, (inter, hidden))
+        out.append(torch.bmm(w.reshape(n, k * inter, hidden), xs).view(n * k, inter).to(x.dtype))
+    return torch.nn.functional.silu(out[0]) * out[1]
+
+
+def torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down) -> Tensor:
+    m, inter = h.shape
+    n, k = rows.shape
+    w = dequantize_rows(_gather(buf, rows), fmt, double_quant, blocksize, down, (hidden, inter))
+    y = torch.bmm(w, h.to(w.dtype).unsqueeze(-1)).view(n, k, hidden).to(h.dtype)
+    y = y * weights.to(h.dtype).unsqueeze(-1)
+    out = y[:, 0].clone()
+    for j in range(1, k):  # one expert after another, in id order, as the loop path sums
+        out += y[:, j]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Triton
+
+
+def _meta(fmt: str, double_quant: bool, blocksize: int, k: int, stage: str) -> dict:
+    block_n, block_k = TILES[stage]
+    block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
+    if fmt in ("nf4", "fp4"):
+        block_k = min(block_k, blocksize)
+    row_scale = fmt in ("nf4", "fp4") and k % blocksize == 0
+    return {
+        "FMT": FMT_IDS[fmt],
+        "DQ": bool(double_quant),
+        "BS": max(blocksize, 1),
+        "ROW_SCALE": row_scale,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+    }
+
+
+def _offsets(offs: list[int]) -> list[int]:
+    return [max(o, 0) for o in offs] + [0] * (len(PARTS) - len(offs))
+
+
+def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) -> Tensor:
+    from .moe_triton import gate_up_kernel
+
+    n, hidden = x.shape
+    k = rows.shape[1]
+    x = x.contiguous()
+    rows = rows.contiguous()
+    h = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)
+    meta = _meta(fmt, double_quant, blocksize, hidden, "gate_up")
+    grid = (n * k, -(-inter // meta["BLOCK_N"]))
+    gate_up_kernel[grid](
+        x, rows, buf, h, buf.stride(0), hidden, inter, *_offsets(gate), *_offsets(up), TOPK=k, **meta
+    )
+    return h
+
+
+def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down) -> Tensor:
+    from .moe_triton import down_kernel
+
+    n, k = rows.shape
+    inter = h.shape[1]
+    out = torch.empty(n, hidden, dtype=h.dtype, device=h.device)
+    meta = _meta(fmt, double_quant, blocksize, inter, "down")
+    grid = (n, -(-hidden // meta["BLOCK_N"]))
+    down_kernel[grid](
+        h.contiguous(),
+        rows.contiguous(),
+        weights.contiguous(),
+        buf,
+        out,
+        buf.stride(0),
+        hidden,
+        inter,
+        *_offsets(down),
+        TOPK=k,
+        **meta,
+    )
+    return out
+
+
+def triton_qgemv(x: Tensor, q) -> Tensor:
+    """x [T, K] @ dequantize(q).T for a QTensor q (nf4/fp4/int8), without dequantizing the matrix."""
+    from .moe_triton import gemv_kernel
+
+    t, kdim = x.shape
+    out = q.shape[0]
+    y = torch.empty(t, out, dtype=x.dtype, device=x.device)
+    meta = _meta(q.fmt, q.double_quant, q.blocksize, kdim, "gemv")
+    w = q.weight
+    ptrs = [q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.offset]
+    ptrs = [p if p is not None else w for p in ptrs]  # never read: the format has no such part
+    grid = (t, -(-out // meta["BLOCK_N"]))
+    gemv_kernel[grid](x.contiguous(), w, *ptrs, y, kdim, out, **meta)
+    return y

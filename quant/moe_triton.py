@@ -1,0 +1,186 @@
+"""The Triton kernels of quant.moe_kernels (layouts, launchers and the plain-torch reference are
+there); a module of its own so that importing the package does not import Triton."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def scale_of(blk, a_ptr, nq_ptr, na_ptr, o_ptr, mask, DQ: tl.constexpr):
+    if DQ:
+        qa = tl.load(a_ptr + blk, mask=mask, other=0).to(tl.int32)
+        nq = nq_ptr.to(tl.pointer_type(tl.float32))
+        na = na_ptr.to(tl.pointer_type(tl.float32))
+        off = tl.load(o_ptr.to(tl.pointer_type(tl.float32)))
+        scale = tl.load(nq + qa, mask=mask, other=0.0) * tl.load(na + blk // 256, mask=mask, other=0.0) + off
+    else:
+        scale = tl.load(a_ptr.to(tl.pointer_type(tl.float32)) + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def row_dots(
+    x_ptr,
+    w_ptr,
+    a_ptr,
+    q_ptr,
+    na_ptr,
+    nq_ptr,
+    o_ptr,
+    r,
+    rmask,
+    K,
+    FMT: tl.constexpr,
+    DQ: tl.constexpr,
+    BS: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """W[r, :] @ x in fp32 for one matrix (see the module docstring for the layouts)."""
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if FMT == 1:
+        HALF: tl.constexpr = BLOCK_K // 2
+        j = tl.arange(0, HALF)
+        qmap = q_ptr.to(tl.pointer_type(tl.float32))
+        for k0 in range(0, K, BLOCK_K):
+            jm = k0 + 2 * j < K
+            xe = tl.load(x_ptr + k0 + 2 * j, mask=jm, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + k0 + 2 * j + 1, mask=jm, other=0.0).to(tl.float32)
+            m2 = rmask[:, None] & jm[None, :]
+            first = r * K + k0  # element index of each row's first column in this step
+            byte = tl.load(w_ptr + (first // 2)[:, None] + j[None, :], mask=m2, other=0).to(tl.int32)
+            hi = tl.load(qmap + (byte >> 4))
+            lo = tl.load(qmap + (byte & 15))
+            prod = hi * xe[None, :] + lo * xo[None, :]
+            if ROW_SCALE:  # the step lies inside one block of each row
+                s = scale_of(first // BS, a_ptr, nq_ptr, na_ptr, o_ptr, rmask, DQ)
+                acc += tl.sum(prod, axis=1) * s
+            else:
+                blk = (first[:, None] + 2 * j[None, :]) // BS
+                s = scale_of(blk, a_ptr, nq_ptr, na_ptr, o_ptr, m2, DQ)
+                acc += tl.sum(prod * s, axis=1)
+    else:
+        kk = tl.arange(0, BLOCK_K)
+        wp = w_ptr
+        if FMT == 2:
+            wp = w_ptr.to(tl.pointer_type(tl.int8))
+        for k0 in range(0, K, BLOCK_K):
+            km = k0 + kk < K
+            xv = tl.load(x_ptr + k0 + kk, mask=km, other=0.0).to(tl.float32)
+            m2 = rmask[:, None] & km[None, :]
+            w = tl.load(wp + r[:, None] * K + k0 + kk[None, :], mask=m2, other=0).to(tl.float32)
+            acc += tl.sum(w * xv[None, :], axis=1)
+        if FMT == 2:
+            acc = acc * tl.load(a_ptr.to(tl.pointer_type(tl.float32)) + r, mask=rmask, other=0.0)
+            acc = acc * 7.874015718698502e-3
+    return acc
+
+
+@triton.jit
+def gate_up_kernel(
+    x_ptr,
+    rows_ptr,
+    buf_ptr,
+    h_ptr,
+    stride_row,
+    H,
+    INTER,
+    gw,
+    ga,
+    gq,
+    gna,
+    gnq,
+    go,
+    uw,
+    ua,
+    uq,
+    una,
+    unq,
+    uo,
+    TOPK: tl.constexpr,
+    FMT: tl.constexpr,
+    DQ: tl.constexpr,
+    BS: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    m = tl.program_id(0)  # one (token, pick)
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = r < INTER
+    base = buf_ptr + tl.load(rows_ptr + m).to(tl.int64) * stride_row
+    xp = x_ptr + (m // TOPK) * H
+    g = row_dots(xp, base + gw, base + ga, base + gq, base + gna, base + gnq, base + go, r, rmask, H,
+                 FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
+    u = row_dots(xp, base + uw, base + ua, base + uq, base + una, base + unq, base + uo, r, rmask, H,
+                 FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
+    # round as the loop path does (each projection in x's dtype), then SiLU * up
+    g = g.to(h_ptr.dtype.element_ty).to(tl.float32)
+    u = u.to(h_ptr.dtype.element_ty).to(tl.float32)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + m * INTER + r, h.to(h_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def down_kernel(
+    h_ptr,
+    rows_ptr,
+    wts_ptr,
+    buf_ptr,
+    out_ptr,
+    stride_row,
+    H,
+    INTER,
+    dw,
+    da,
+    dq,
+    dna,
+    dnq,
+    do,
+    TOPK: tl.constexpr,
+    FMT: tl.constexpr,
+    DQ: tl.constexpr,
+    BS: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    n = tl.program_id(0)  # one token
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = r < H
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOPK):  # in id order: the same order as the loop path's sum
+        m = n * TOPK + j
+        base = buf_ptr + tl.load(rows_ptr + m).to(tl.int64) * stride_row
+        y = row_dots(h_ptr + m * INTER, base + dw, base + da, base + dq, base + dna, base + dnq, base + do,
+                     r, rmask, INTER, FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
+        acc += y * tl.load(wts_ptr + m).to(tl.float32)
+    tl.store(out_ptr + n * H + r, acc.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr,
+    w_ptr,
+    a_ptr,
+    q_ptr,
+    na_ptr,
+    nq_ptr,
+    o_ptr,
+    y_ptr,
+    K,
+    OUT,
+    FMT: tl.constexpr,
+    DQ: tl.constexpr,
+    BS: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = r < OUT
+    y = row_dots(x_ptr + t * K, w_ptr, a_ptr, q_ptr, na_ptr, nq_ptr, o_ptr, r, rmask, K,
+                 FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
+    tl.store(y_ptr + t * OUT + r, y.to(y_ptr.dtype.element_ty), mask=rmask)

@@ -1,0 +1,210 @@
+"""The grouped expert path (quant.moe_kernels) equals the loop path: every storage format, several k,
+a decode token and a small prefill batch; the Triton kernels (under Triton's interpreter, in a
+subprocess) equal the plain-torch path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenlocal.config import Qwen3MoeConfig
+from qwenlocal.experts import DenseExperts, QuantExperts
+
+ROOT = Path(__file__).resolve().parent.parent
+# (format, double quant); "bf16"/"fp32": the stacked 16/32-bit experts
+FORMATS = [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False), ("bf16", False), ("fp32", False)]
+
+
+def make_experts(fmt: str, dq: bool, hidden: int = 64, inter: int = 32, experts: int = 8, seed: int = 0):
+    """One MoE layer of random experts in the given storage."""
+    from quant.formats import pack, quantize
+
+    config = Qwen3MoeConfig.from_dict(
+        {
+            "hidden_size": hidden,
+            "moe_intermediate_size": inter,
+            "num_experts": experts,
+            "num_experts_per_tok": 2,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "vocab_size": 32,
+            "model_type": "qwen3_moe",
+        }
+    )
+    g = torch.Generator().manual_seed(seed)
+    weights = {
+        e: {
+            "gate_proj": torch.randn(inter, hidden, generator=g) / hidden**0.5,
+            "up_proj": torch.randn(inter, hidden, generator=g) / hidden**0.5,
+            "down_proj": torch.randn(hidden, inter, generator=g) / inter**0.5,
+        }
+        for e in range(experts)
+    }
+    if fmt in ("bf16", "fp32"):
+        dt = torch.bfloat16 if fmt == "bf16" else torch.float32
+        ex = DenseExperts(config)
+        ex.allocate("cpu", dt)
+        for e, ws in weights.items():
+            for proj, w in ws.items():
+                ex.set_expert(0, e, proj, w.to(dt))
+        return ex, dt
+    layout = None
+    blobs = []
+    for e in range(experts):
+        qs = {p: quantize(w.to(torch.bfloat16), fmt, 64, dq) for p, w in weights[e].items()}
+        blob, layout = pack(qs)
+        blobs.append(blob)
+    ex = QuantExperts(config, layout)
+    for e, blob in enumerate(blobs):
+        ex.set_blob(0, e, blob)
+    return ex, torch.bfloat16
+
+
+def routing(n: int, k: int, experts: int = 8, dtype=torch.bfloat16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)])
+    w = torch.rand(n, k, generator=g).softmax(-1).to(dtype)
+    return ids, w
+
+
+@pytest.mark.parametrize("fmt, dq", FORMATS)
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_grouped_equals_loop(fmt, dq, n, k):
+    ex, dt = make_experts(fmt, dq)
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(2)).to(dt)
+    ids, w = routing(n, k, dtype=dt)
+    loop = ex(0, x, ids, w)
+    ex.moe = "grouped"
+    assert ex.use_grouped(x)
+    got = ex(0, x, ids, w)
+    assert got.dtype == loop.dtype and got.shape == loop.shape
+    # the same sums in the same order; bmm and the loop's matmul may round differently per element
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    assert ((got.float() - loop.float()).norm() / loop.float().norm()).item() < tol
+    if dt == torch.float32:
+        assert torch.allclose(got, loop, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_reads_the_rows_it_is_given():
+    """The offload cache passes slot rows instead of expert ids: same weights, same result, bit for bit."""
+    from quant.moe_kernels import grouped_swiglu
+
+    ex, dt = make_experts("nf4", True)
+    buf, _, spec = ex.grouped_weights(0)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    slots = buf[perm.argsort()]  # expert e now sits in row perm[e]
+    x = torch.randn(1, 64).to(dt)
+    ids, w = routing(1, 8, dtype=dt)
+    ids, order = ids.sort(-1)
+    w = w.gather(-1, order)
+    a = grouped_swiglu(x, ids, w, buf, buf, spec)
+    b = grouped_swiglu(x, perm[ids], w, slots, slots, spec)
+    assert torch.equal(a, b)
+
+
+def test_prefill_beyond_the_grouped_limit_takes_the_loop():
+    from quant.moe_kernels import MAX_GROUPED_TOKENS
+
+    ex, dt = make_experts("int8", False)
+    ex.moe = "grouped"
+    assert not ex.use_grouped(torch.zeros(MAX_GROUPED_TOKENS + 1, 64))
+
+
+TRITON_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from quant import moe_kernels as mk
+from quant.formats import dequantize, quantize
+from tests.test_grouped import FORMATS, make_experts, routing
+assert mk.use_triton(torch.zeros(1))
+worst = 0.0
+for fmt, dq in FORMATS:
+    for hidden, inter in ((64, 32),):  # gate/up: one scale per row step; down (32 < 64): per element
+        ex, dt = make_experts(fmt, dq, hidden, inter)
+        gu, down, spec = ex.grouped_weights(0)
+        s = spec
+        for n, k in ((1, 8), (3, 2)):
+            x = torch.randn(n, hidden).to(dt)
+            ids, w = routing(n, k, dtype=dt)
+            ids = ids.sort(-1).values
+            args = (gu, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up))
+            h_ref = mk.torch_gate_up(x, ids, *args)
+            h = mk.triton_gate_up(x, ids, *args)
+            dargs = (down, s.fmt, s.double_quant, s.blocksize, s.hidden, list(s.down))
+            y_ref = mk.torch_down(h_ref, ids, w, *dargs)
+            y = mk.triton_down(h_ref, ids, w, *dargs)
+            for a, b in ((h, h_ref), (y, y_ref)):
+                err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+                worst = max(worst, err)
+                # bf16: the torch path rounds each of the k products and partial sums, the kernel once
+                assert err < (1e-5 if dt == torch.float32 else 2e-2), (fmt, dq, hidden, n, k, err)
+# the attention GEMV on quantized matrices
+for fmt, dq in (("int8", False), ("nf4", True), ("fp4", False)):
+    for rows, cols in ((40, 96),):
+        q = quantize(torch.randn(rows, cols, dtype=torch.bfloat16), fmt, 64, dq)
+        x = torch.randn(3, cols, dtype=torch.bfloat16)
+        want = x.float() @ dequantize(q, torch.float32).T
+        got = mk.triton_qgemv(x, q).float()
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-2, (fmt, dq, rows, cols, err)
+print("ok", worst)
+"""
+
+
+def test_triton_kernels_equal_torch_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "QWENLOCAL_TRITON": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok")
+
+
+def _signature(fn, types: dict, meta: dict) -> dict:
+    names = fn.arg_names
+    return {n: ("constexpr" if n in meta else types.get(n, "i32")) for n in names}
+
+
+@pytest.mark.parametrize(
+    "kernel, fmt, dq, row_scale",
+    [
+        ("gate_up", 1, True, True),
+        ("gate_up", 0, False, False),
+        ("down", 1, True, False),
+        ("down", 2, False, False),
+        ("gemv", 2, False, False),
+        ("gemv", 1, True, True),
+    ],
+)
+def test_triton_kernels_compile_for_the_h200(kernel, fmt, dq, row_scale):
+    """The interpreter runs Python, not the compiler: build the real sm_90 cubin (Triton's own
+    ptxas, no GPU needed) for each kernel and format."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from quant import moe_triton as mt
+
+    dt = "*fp32" if fmt == 0 else "*bf16"
+    types = {
+        "x_ptr": dt, "h_ptr": dt, "out_ptr": dt, "y_ptr": dt, "wts_ptr": dt, "rows_ptr": "*i64",
+        "buf_ptr": "*u8" if fmt else dt, "stride_row": "i64",
+        "w_ptr": "*i8" if fmt == 2 else "*u8", "a_ptr": "*u8" if dq else "*fp32", "q_ptr": "*fp32",
+        "na_ptr": "*fp32", "nq_ptr": "*fp32", "o_ptr": "*fp32",
+    }  # fmt: skip
+    meta = {"FMT": fmt, "DQ": dq, "BS": 64, "ROW_SCALE": row_scale, "BLOCK_N": 32, "BLOCK_K": 64}
+    fn = getattr(mt, f"{kernel}_kernel")
+    if kernel != "gemv":
+        meta["TOPK"] = 8
+    src = ASTSource(fn=fn, signature=_signature(fn, types, meta), constexprs=meta)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
