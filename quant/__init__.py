@@ -1,4 +1,4 @@
-"""Quantized weights: bitsandbytes-compatible NF4 / FP4 / int8 tensors and the layers that use them."""
+"""Quantized weights: bitsandbytes-compatible NF4 / FP4 / int8, int4 group-wise, and the kernels and layers that use them."""
 
 from .formats import (
     DEFAULT_BLOCKSIZE,
@@ -20,7 +20,8 @@ from .formats import (
     to_bnb_quant_state,
     unpack,
 )
-from .linear import QuantLinear, qlinear
+from .kernels import qlinear, to_kernel_layout
+from .linear import QuantLinear
 
 __all__ = [
     "DEFAULT_BLOCKSIZE",
@@ -41,6 +42,7 @@ __all__ = [
     "qlinear",
     "quantize",
     "storage_nbytes",
+    "to_kernel_layout",
     "to_bnb_quant_state",
     "unpack",
 ]

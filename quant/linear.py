@@ -1,13 +1,8 @@
-"""Quantized compute: y = x @ W.T with W held as a QTensor (nf4 / fp4 / int8).
+"""QuantLinear: an nn.Module whose weight is a QTensor, and `qmatmul`, the torch op it computes
+through: on CUDA a few tokens take the Triton GEMV (quant/moe_kernels.py) for the formats it
+reads; everything else goes to quant.kernels.qlinear, the one dispatch of the other kernels.
 
-On CUDA the 4-bit formats go through bitsandbytes' own kernels (`bnb.matmul_4bit`: its fused
-gemv for a single token, dequantize + GEMM for larger batches); int8 is dequantized (bnb's
-formula) and multiplied in x's dtype, so the result is x @ dequantize(W).T and not LLM.int8()'s
-8-bit activations.
-
-On the CPU the weight is dequantized into a reusable fp32 scratch and multiplied in fp32 (faster
-here than bf16 GEMM without AVX512-BF16, and faster than bitsandbytes' CPU matmul_4bit, which
-dequantizes into a fresh bf16 tensor per call); the result is returned in x's dtype.
+int8 is computed as x @ dequantize(W).T (bnb's row scales), not LLM.int8()'s 8-bit activations.
 """
 
 from __future__ import annotations
@@ -15,46 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import moe_kernels
-from .formats import (
-    DEFAULT_BLOCKSIZE,
-    PARTS,
-    QSpec,
-    QTensor,
-    dequantize,
-    quantize,
-    scratch,
-)
-
-
-def qlinear(x: Tensor, q: QTensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., in] @ W.T (+ bias) -> [..., out] in x's dtype, W = dequantize(q) of shape [out, in]."""
-    if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
-        raise ValueError(f"qlinear: x [..., {x.shape[-1]}] does not match weight {list(q.shape)}")
-    if x.is_cuda:
-        return _qlinear_cuda(x, q, bias)
-    return _qlinear_cpu(x, q, bias)
-
-
-def _qlinear_cuda(x: Tensor, q: QTensor, bias: Tensor | None) -> Tensor:
-    if q.fmt == "int8":
-        w = dequantize(q, x.dtype)
-        return F.linear(x, w, bias)
-    import bitsandbytes as bnb
-
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    return bnb.matmul_4bit(x, q.weight, q.bnb_quant_state(), bias=bias)
-
-
-@torch.no_grad()
-def _qlinear_cpu(x: Tensor, q: QTensor, bias: Tensor | None) -> Tensor:
-    w = dequantize(q, out=scratch("qlinear_w", q.numel, torch.float32))
-    y = F.linear(x.float(), w, None if bias is None else bias.float())
-    return y.to(x.dtype)
+from .formats import DEFAULT_BLOCKSIZE, PARTS, QSpec, QTensor, dequantize, quantize
+from .kernels import qlinear, to_kernel_layout
 
 
 class QuantLinear(nn.Module):
@@ -95,7 +55,7 @@ class QuantLinear(nn.Module):
     def from_spec(cls, spec: QSpec, bias: bool = False, device: torch.device | str = "meta") -> QuantLinear:
         """Empty buffers of the right shapes (e.g. on the meta device), to load a state_dict into."""
         parts = {name: torch.empty(shape, dtype=dt, device=device) for name, dt, shape in spec.parts()}
-        q = QTensor(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **parts)
+        q = QTensor(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **parts, packing=spec.packing)
         b = torch.empty(spec.shape[0], dtype=spec.dtype, device=device) if bias else None
         return cls(q, b)
 
@@ -105,7 +65,7 @@ class QuantLinear(nn.Module):
         if self._q is None:
             s = self.spec
             parts = {name: getattr(self, name) for name, _, _ in s.parts()}
-            self._q = QTensor(s.fmt, s.shape, s.dtype, s.blocksize, **parts)
+            self._q = QTensor(s.fmt, s.shape, s.dtype, s.blocksize, **parts, packing=s.packing)
         return self._q
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
@@ -115,6 +75,11 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._q = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def use_kernel_layout(self) -> None:
+        """Repack the weight for its device's kernels, in place (int4 on the CPU; quant/int4.py)."""
+        q = to_kernel_layout(self.qtensor)
+        self.spec, self._q = q.spec, q
 
     def forward(self, x: Tensor) -> Tensor:
         return qmatmul(x, self.qtensor, self.bias)
@@ -136,23 +101,25 @@ def qmatmul(x: Tensor, q, bias: Tensor | None = None) -> Tensor:
     """x [..., in] @ dequantize(q).T (+ bias) through one torch op: on CUDA a few tokens take the
     Triton GEMV (no dequantized copy of the matrix per token); otherwise quant.linear.qlinear."""
     parts = [getattr(q, name) for name in PARTS]
-    return torch.ops.qwenlocal.qmatmul(x, *parts, bias, q.fmt, list(q.shape), q.dtype, q.blocksize)
+    return torch.ops.qwenlocal.qmatmul(x, *parts, bias, q.fmt, list(q.shape), q.dtype, q.blocksize, q.packing)
 
 
 @torch.library.custom_op("qwenlocal::qmatmul", mutates_args=())
 def _qmatmul_op(
     x: Tensor,
     weight: Tensor,
-    absmax: Tensor,
+    absmax: Tensor | None,
     quant_map: Tensor | None,
     nested_absmax: Tensor | None,
     nested_quant_map: Tensor | None,
     offset: Tensor | None,
+    scale_zero: Tensor | None,
     bias: Tensor | None,
     fmt: str,
     shape: list[int],
     dtype: torch.dtype,
     blocksize: int,
+    packing: str,
 ) -> Tensor:
     q = QTensor(
         fmt,
@@ -165,6 +132,8 @@ def _qmatmul_op(
         nested_absmax,
         nested_quant_map,
         offset,
+        scale_zero,
+        packing,
     )
     flat = x.reshape(-1, x.shape[-1])
     if (
@@ -172,6 +141,7 @@ def _qmatmul_op(
         and flat.shape[0] <= moe_kernels.MAX_GROUPED_TOKENS
         and moe_kernels.use_triton(x)
         and shape[1] % 2 == 0
+        and fmt in ("nf4", "fp4", "int8")
     ):
         y = moe_kernels.triton_qgemv(flat, q)
         if bias is not None:
@@ -182,6 +152,19 @@ def _qmatmul_op(
 
 @_qmatmul_op.register_fake
 def _(
-    x, weight, absmax, quant_map, nested_absmax, nested_quant_map, offset, bias, fmt, shape, dtype, blocksize
+    x,
+    weight,
+    absmax,
+    quant_map,
+    nested_absmax,
+    nested_quant_map,
+    offset,
+    scale_zero,
+    bias,
+    fmt,
+    shape,
+    dtype,
+    blocksize,
+    packing,
 ):
     return x.new_empty(*x.shape[:-1], shape[0])

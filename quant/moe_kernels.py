@@ -34,7 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .formats import NESTED_BLOCKSIZE, PARTS
+from .formats import NESTED_BLOCKSIZE
+
+# The parts these kernels read, by index (int4's scale_zero is not one of them yet).
+PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
 
 # Tokens up to which the grouped kernels are used; a longer prefill reads each expert once per token
 # here, so the caller runs it expert by expert instead.
@@ -66,7 +69,8 @@ class GroupedSpec:
         g = specs["gate_proj"]
         offs = {name: [-1] * len(PARTS) for name in specs}
         for slot in layout.slots:
-            offs[slot.name][PARTS.index(slot.part)] = slot.offset
+            if slot.part in PARTS:
+                offs[slot.name][PARTS.index(slot.part)] = slot.offset
         inter, hidden = g.shape
         return cls(
             g.fmt,

@@ -134,6 +134,11 @@ def memory_rows(session: ChatSession) -> list[MemoryRow]:
     return rows
 
 
+def quantization_row(model) -> str:
+    what = model.recipe.describe() if model.recipe is not None else "none (16-bit weights)"
+    return what + (f" (auto: {model.quant_choice})" if model.quant_choice else "")
+
+
 def residency_row(model) -> tuple[str, str] | None:
     experts = model.experts
     total = model.config.num_experts * len(model.config.moe_layers)
@@ -189,7 +194,7 @@ def startup_rows(session: ChatSession, model_label: str) -> list[tuple[str, str]
         ("device", device_row(model.device)),
         ("dtype", dtype),
         ("context", f"{session.ctx_size:,} tokens"),
-        ("quantization", model.recipe.describe() if model.recipe is not None else "none (16-bit weights)"),
+        ("quantization", quantization_row(model)),
         *([row] if (row := residency_row(model)) else []),
         ("settings", session.settings.describe()),
         *([("system", _clip(session.conv.system))] if session.conv.system else []),

@@ -132,11 +132,16 @@ def render_summary(s, as_json: bool) -> None:
 def quantize(
     src: Annotated[str, typer.Argument(help="A 16-bit model folder or Hugging Face repo id.")],
     out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --force).")],
-    preset: Annotated[str, typer.Option("--preset", "-q", help="nf4, mixed (default) or int8.")] = "mixed",
+    preset: Annotated[
+        str, typer.Option("--preset", "-q", help="mixed (default), int4, nf4 or int8.")
+    ] = "mixed",
     attn_bits: Annotated[int | None, typer.Option("--attn-bits", help="4, 8 or 16.")] = None,
     expert_bits: Annotated[int | None, typer.Option("--expert-bits", help="4 or 8.")] = None,
     lm_head_bits: Annotated[int | None, typer.Option("--lm-head-bits", help="8 or 16.")] = None,
-    fmt4: Annotated[str | None, typer.Option("--format4", help="The 4-bit format: nf4 or fp4.")] = None,
+    fmt4: Annotated[str | None, typer.Option("--format4", help="The 4-bit format: int4, nf4 or fp4.")] = None,
+    group_size: Annotated[
+        int | None, typer.Option("--group-size", help="int4 group size: 32, 64, 128.")
+    ] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="Quantize the block scales too.")
     ] = None,
@@ -164,7 +169,12 @@ def quantize(
         )
         extra = {
             k: v
-            for k, v in (("fmt4", fmt4), ("double_quant", double_quant), ("blocksize", blocksize))
+            for k, v in (
+                ("fmt4", fmt4),
+                ("double_quant", double_quant),
+                ("blocksize", blocksize),
+                ("group_size", group_size),
+            )
             if v is not None
         }
         if extra:

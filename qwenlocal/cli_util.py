@@ -4,6 +4,7 @@ loading for the CLI. Its own module so chat.py and server.py import it directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from rich.progress import (
 
 from . import quant_cache
 from .errors import UserError
-from .options import LoadOptions, parse_bytes, parse_tokens  # noqa: F401 - the commands' parsers
+from .options import LoadOptions, parse_bytes, parse_device, parse_dtype, parse_tokens  # noqa: F401 - the commands' parsers
 from .tokenizer import Tokenizer
 
 err = Console(stderr=True, soft_wrap=True)
@@ -89,8 +90,10 @@ def loaded(
     with byte_progress("download", enabled=not quiet) as cb:
         folder = resolve_model(model, on_bytes=cb)
     tokenizer = Tokenizer.from_dir(folder)
-    if load.quant is None:
-        folder = quantized_once(folder, quiet)
+    quant, choice = load.quant or "auto", None
+    if quant == "auto":
+        folder, choice = auto_quantized(folder, load, quiet)
+        quant = None  # load the folder as it is: 16-bit, or quantized (now or before)
     with byte_progress("load", enabled=not quiet) as cb:
         lm = load_model(
             folder,
@@ -98,7 +101,7 @@ def loaded(
             dtype=load.dtype,
             progress=cb,
             ctx_size=load.ctx,
-            quant=load.quant,
+            quant=quant,
             gpu_experts=load.gpu_experts,
             vram_budget=load.budget(),
             policy=load.cache_policy,
@@ -107,6 +110,7 @@ def loaded(
             moe=load.moe,
             cold_experts=load.cold_experts,
         )
+    lm.quant_choice = choice
     if load.record_routing is not None:
         from .experts import RoutingRecorder
 
@@ -116,6 +120,27 @@ def loaded(
     finally:
         if lm.experts.recorder is not None:
             lm.experts.recorder.close()
+
+
+def auto_quantized(folder: Path, load: LoadOptions, quiet: bool) -> tuple[Path, str | None]:
+    """`--quant auto` (the default): the folder to load and why (None for a folder that loads as
+    it is). A 16-bit (or FP8) model that does not fit the device is quantized once into the cache;
+    the choice is printed once on stderr (the chat panel shows it too)."""
+    from .config import Qwen3MoeConfig
+    from .loader import choose_quant
+
+    if quant_cache.loads_as_is(folder):
+        return folder, None
+    # an FP8 release is sized as the 16-bit model it dequantizes to
+    config = dataclasses.replace(Qwen3MoeConfig.from_file(folder / "config.json"), quantization_config=None)
+    budget = load.budget()
+    budget = budget if isinstance(budget, int) else None
+    choice = choose_quant(config, parse_device(load.device), parse_dtype(load.dtype), load.ctx, budget)
+    if not quiet:
+        err.print(f"--quant auto: {choice.reason}", highlight=False)
+    if choice.recipe is not None:
+        folder = quantized_once(folder, quiet)
+    return folder, choice.reason
 
 
 def quantized_once(folder: Path, quiet: bool = False) -> Path:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.formats import unpack
-from quant.linear import qlinear
+from quant.kernels import kernel_pack_layout, qlinear
 
 from .config import Qwen3MoeConfig
 
@@ -196,6 +196,12 @@ class QuantExperts(Experts):
 
     def set_blob(self, layer: int, expert: int, blob: torch.Tensor) -> None:
         self.blobs[layer][expert].copy_(blob)
+
+    def use_kernel_layout(self) -> None:
+        """Once every blob is loaded: repack them in place for the kernels of their device (int4 on
+        the CPU: quant/int4.py); the layout then says so. A no-op for other formats."""
+        self.layout = kernel_pack_layout(self.layout, list(self.blobs.values()))
+        self._views.clear()
 
     @property
     def nbytes(self) -> int:

@@ -5,6 +5,7 @@ while loading, go through the same assembly."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from quant.formats import PackLayout, QTensor
 from quant.linear import QuantLinear
-from quant.recipe import Recipe
+from quant.recipe import DEFAULT_PRESET, Recipe
 
 from .cache_policy import DEFAULT_CACHE_POLICY
 from .checkpoint import (
@@ -27,7 +28,7 @@ from .checkpoint import (
 from .cold import DEFAULT_COLD_EXPERTS, ColdExperts, parse_cold_experts
 from .errors import UserError
 from .experts import QuantExperts
-from .memory import fit_expert_slots, make_plan
+from .memory import estimate, fit_expert_slots, make_plan
 from .model import Qwen3MoeForCausalLM
 from .names import EXPERT_PROJS, blob_layer_expert, expert_tensor_name, is_blob_name, tensor_class
 from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
@@ -66,17 +67,64 @@ def _place(name: str, config, device: torch.device) -> torch.device:
     return embed_device(config, device) if name == "model.embed_tokens.weight" else device
 
 
-def resolve_recipe(quant, config):
-    """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit)."""
+def resolve_recipe(quant, config, auto: QuantChoice | None = None):
+    """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit).
+    "auto" takes `auto`'s choice (`choose_quant`)."""
     if config.quantization_config:
         own = Recipe.from_config(config.quantization_config)
         if isinstance(quant, str) and quant not in (own.preset, "auto"):
             raise UserError(f"This checkpoint is already quantized ({own.preset}); drop --quant {quant}.")
         return own, True
+    if quant == "auto" and auto is not None:
+        return auto.recipe, False
     if quant is None or quant in ("bf16", "none", "auto"):
         return None, False
     recipe = quant if isinstance(quant, Recipe) else Recipe.from_preset(quant)
     return (recipe if recipe.quantizes_anything else None), False
+
+
+# RAM kept free for the OS and the rest of the process when --quant auto sizes a CPU load.
+HOST_RESERVE = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    """What `--quant auto` decided for a checkpoint: its recipe (None: 16-bit weights as they are)
+    and one line saying why, for the panel and stderr."""
+
+    recipe: object | None
+    reason: str
+
+
+def host_free_bytes() -> int:
+    """RAM a CPU load may use: what the OS reports as available, minus a reserve."""
+    import psutil
+
+    return psutil.virtual_memory().available - HOST_RESERVE
+
+
+def choose_quant(
+    config, device: torch.device, dtype: torch.dtype, ctx_size: int, budget: int | None = None
+) -> QuantChoice:
+    """`--quant auto`: a 16-bit checkpoint that fits the device (`budget`, default: the free GPU
+    memory, or on the CPU the free RAM) loads as it is; one that does not is quantized with the
+    default recipe. A quantized checkpoint keeps its own recipe."""
+    if config.quantization_config:
+        own = Recipe.from_config(config.quantization_config)
+        return QuantChoice(own, f"quantized checkpoint ({own.preset})")
+    if budget is None:
+        budget = auto_budget(device) if device.type == "cuda" else host_free_bytes()
+    est = estimate(
+        config, make_plan(recipe=None, ctx_size=ctx_size, dtype=dtype, kv_dtype=None, device=device)
+    )
+    need = est.gpu_total + est.host_total
+    where = "GPU memory" if device.type == "cuda" else "RAM"
+    sizes = f"{need / 1024**3:.2f} GiB, {max(budget, 0) / 1024**3:.2f} GiB of {where} free"
+    if need <= budget:
+        return QuantChoice(None, f"16-bit weights fit ({sizes})")
+    return QuantChoice(
+        Recipe.from_preset(DEFAULT_PRESET), f"16-bit weights do not fit ({sizes}): {DEFAULT_PRESET}"
+    )
 
 
 def _checkpoint_items(ckpt: Checkpoint, names) -> Iterator[tuple[str, torch.Tensor]]:
@@ -144,11 +192,12 @@ def load_model(
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
-    `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading; a quantized
-    checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or "auto") keep
-    all experts in host RAM and only a cache of them on the device; `cold_experts` says what
-    happens to an expert without a slot: copied in ("copy"), computed on the CPU ("cpu"), or
-    either by measured times ("auto"; cold.py). `moe`: how a decode token's experts are computed,
+    `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading, or "auto"
+    (quantize with the default recipe only if the 16-bit weights do not fit: `choose_quant`); a
+    quantized checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or
+    "auto") keep all experts in host RAM and only a cache of them on the device; `cold_experts`
+    says what happens to an expert without a slot: copied in ("copy"), computed on the CPU ("cpu"),
+    or either by measured times ("auto"; cold.py). `moe`: how a decode token's experts are computed,
     "grouped" (two kernel launches, ids on the device), "loop" (one expert at a time) or "auto"
     (see resolve_moe).
     """
@@ -157,7 +206,8 @@ def load_model(
     moe = resolve_moe(moe, device)
     ckpt = open_source(resolve_model(path))
     config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
-    recipe, prequantized = resolve_recipe(quant, config)
+    auto = choose_quant(config, device, dtype, ctx_size or 4096) if quant == "auto" else None
+    recipe, prequantized = resolve_recipe(quant, config, auto)
     if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
         ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
     ctx = ctx_size or 4096
@@ -186,7 +236,9 @@ def load_model(
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
     model.kv_dtype = kv_dtype
-    model.experts.moe = moe
+    # the grouped kernels (quant/moe_kernels.py) read nf4/fp4/int8/16-bit experts, not int4 yet
+    int4_experts = recipe is not None and recipe.format_for("experts") == "int4"
+    model.experts.moe = "loop" if int4_experts else moe
     model.eval()
     return model
 
@@ -303,9 +355,20 @@ def _load_quantized(
         if progress:
             progress(done, max(total, done))
     model.tie_weights()
+    if device.type == "cpu" and slots_per_layer is None:
+        _use_kernel_layouts(model)
     if slots_per_layer is not None:
         experts.attach_router(expert_router(model))
     return model
+
+
+def _use_kernel_layouts(model: nn.Module) -> None:
+    """Repack quantized weights computed on the CPU into its kernels' layout (int4), once."""
+    if isinstance(model.experts, QuantExperts):
+        model.experts.use_kernel_layout()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.use_kernel_layout()
 
 
 def _swap(model: nn.Module, prefix: str, module: nn.Module) -> None:

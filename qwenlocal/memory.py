@@ -192,7 +192,7 @@ def activation_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
 def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
     """The working memory of one prefill chunk, term by term: hidden states, q/k/v, the widest MLP
     intermediate, attention scores for the chunk against the whole context (what the math
-    attention kernel materializes), last-position logits, and one dequantized weight when
+    attention kernel materializes), last-position logits, and one dequantized attention weight when
     quantized weights are multiplied by dequantizing."""
     t, h, it = plan.prefill_chunk * plan.batch, config.hidden_size, plan.dtype.itemsize
     heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -204,7 +204,9 @@ def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
     logits = plan.batch * config.vocab_size * 4 * 2
     dequant = 0
     if plan.recipe is not None:
-        dequant = max(config.vocab_size if plan.recipe.lm_head_bits < 16 else 0, heads * d, h) * h * it
+        # the widest projection; a quantized lm_head's last-position row goes through a kernel
+        # (quant/kernels.py) and is never dequantized whole
+        dequant = max(heads * d, h) * h * it
     return {"hidden": hidden, "qkv": qkv, "mlp": mlp, "scores": scores, "logits": logits, "dequant": dequant}
 
 

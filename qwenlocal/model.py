@@ -169,6 +169,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.rope: Rope | None = None
         self.recipe = None  # the quantization recipe the loader used (quant.recipe.Recipe), if any
+        self.quant_choice: str | None = None  # why, when `--quant auto` chose it (shown in the panel)
         self.kv_dtype: torch.dtype | None = None  # KV cache storage (None: the model's dtype)
 
     @property

@@ -197,7 +197,9 @@ LOAD_FLAGS = (
         "quant",
         str | None,
         ("--quant",),
-        "Quantize a 16-bit model while loading: nf4, mixed, int8 (a quantized folder keeps its own).",
+        "auto (default): a 16-bit model that fits the device loads as it is, one that does not is "
+        "quantized once (mixed); mixed, int4, nf4, int8: quantize while loading; bf16: as it is. "
+        "A quantized folder keeps its own.",
     ),
     Flag("gpu_experts", int | None, ("--gpu-experts",), "Expert slots on the GPU, in all layers."),
     Flag(

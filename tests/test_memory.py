@@ -87,7 +87,7 @@ def test_builtin_qwen3_30b_figures():
         est = estimate(c, plan(recipe, 4096))
         assert est.experts_total == 6144
         assert est.bytes_of("experts") / GIB == pytest.approx(gib, abs=0.01), preset
-    nodq = Recipe.from_preset("nf4").__class__(attn_bits=4, expert_bits=4, double_quant=False, preset="nf4")
+    nodq = Recipe(attn_bits=4, expert_bits=4, fmt4="nf4", double_quant=False, preset="nf4")
     est = estimate(c, plan(nodq, 4096))
     assert est.bytes_of("experts") / GIB == pytest.approx(15.19, abs=0.01)
     bf16 = estimate(c, plan(None, 4096))
@@ -103,10 +103,14 @@ def test_larger_family_member():
     assert est.experts_total == 94 * 128
     assert kv_cache_bytes(c, 1) == 2 * 94 * 4 * 128 * 2
     assert est.bytes_of("kv_cache") == 32768 * 2 * 94 * 4 * 128 * 2 == 6_308_233_216
-    # one NF4 expert matrix 1536 x 4096, parts 64-byte aligned: codes 3,145,728 B, uint8 absmax
-    # 98,304, code book 64, 384 fp32 nested absmax 1,536, nested code book 1,024, offset 4 -> 64
-    assert est.expert_bytes == 3 * (3145728 + 98304 + 64 + 1536 + 1024 + 64) == 9_740_160
-    assert est.bytes_of("experts") == 94 * 128 * 9_740_160
+    # one int4 g64 expert matrix 1536 x 4096 (or 4096 x 1536), parts 64-byte aligned: codes
+    # 1536 * 4096 / 2 = 3,145,728 B, bf16 (scale, zero) per 64 weights: 1536 * 4096 / 64 * 4 = 393,216
+    assert est.expert_bytes == 3 * (3145728 + 393216) == 10_616_832
+    assert est.bytes_of("experts") == 94 * 128 * 10_616_832
+    # the same matrix in NF4 with double quant: codes 3,145,728 B, uint8 absmax 98,304, code book
+    # 64, 384 fp32 nested absmax 1,536, nested code book 1,024, offset 4 -> 64
+    nf4 = estimate(c, plan(Recipe.from_preset("nf4"), 32768))
+    assert nf4.expert_bytes == 3 * (3145728 + 98304 + 64 + 1536 + 1024 + 64) == 9_740_160
     # int8 attention with fp32 row scales: q 8192 x 4096, k and v 512 x 4096, o 4096 x 8192
     rows = 8192 + 512 + 512 + 4096
     assert est.bytes_of("attention") == 94 * (2 * 8192 * 4096 + 2 * 512 * 4096 + 4 * rows)

@@ -20,7 +20,6 @@ from quant import (
     QuantFormatError,
     QuantLinear,
     dequantize,
-    formats,
     from_bnb,
     pack,
     pack_layout,
@@ -30,7 +29,7 @@ from quant import (
     to_bnb_quant_state,
     unpack,
 )
-from quant.formats import _bounds_4bit
+from quant.bnb_cpu import bounds_4bit, code_4bit, dynamic_map
 from qwenlocal.errors import UserError
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -109,7 +108,7 @@ def test_4bit_bit_identical_to_bnb(fmt, dq, dtype, shape, blocksize):
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 def test_4bit_ties_and_edge_values(fmt):
     """Values exactly on bnb's midpoints and one ulp either side, zeros, subnormals, zero blocks."""
-    bounds, _ = _bounds_4bit(fmt)
+    bounds, _ = bounds_4bit(fmt)
     vals = [1.0, -1.0, 0.0, -0.0, 1e-40, -1e-40, 1e-45]
     for b in bounds:
         vals += [
@@ -189,14 +188,11 @@ def test_same_values_ignores_the_sign_of_zero_only():
     assert not same_values(a, a.double())
 
 
-def test_fast_path_is_active_and_fallback_is_exact(monkeypatch):
-    """The installed bnb agrees with the fast path; a disagreeing bnb would make quantize use bnb's code."""
-    for fmt, dq in [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False)]:
-        assert formats._fast_path_matches_bnb(fmt, dq)
-    monkeypatch.setattr(formats, "_fast_path_matches_bnb", lambda fmt, dq: False)
-    w = weights((33, 66), torch.float16)
-    assert_matches_bnb(w, "nf4", 64, True)
-    assert same_bits(quantize(w, "int8").weight, bnbf.int8_vectorwise_quant(w)[0])
+def test_code_books_equal_bitsandbytes():
+    """The code books are written out in quant.formats (the CPU path never imports bnb)."""
+    for fmt in ("nf4", "fp4"):
+        assert same_bits(code_4bit(fmt), bnbf.get_4bit_type(fmt, device="cpu").float())
+    assert same_bits(dynamic_map(), bnbf.create_dynamic_map().float())
 
 
 def test_from_bnb_round_trip():

@@ -43,7 +43,7 @@ def quantized(src, tmp_path_factory):
     made = {}
     for preset in ("mixed", "nf4", "int8"):
         out = tmp_path_factory.mktemp("q") / f"out-{preset}"
-        extra = ["--lm-head-bits", "8"] if preset == "int8" else []
+        extra = ["--lm-head-bits", "16"] if preset == "int8" else []
         r = invoke(
             "quantize", src, out, "--preset", preset, "--shard-size", "3MB", "--probe-tokens", 64, *extra
         )
@@ -63,11 +63,11 @@ def dequantized_reference(src, recipe: Recipe):
             w = ckpt.get(name + ".weight")
             q = quantize(w, spec.fmt, spec.blocksize, spec.double_quant)
             module.weight.data = dequantize(q, torch.float32)
-    spec = recipe.spec("experts", (1, 1))
     for layer in model.config.moe_layers:
         for e in range(model.config.num_experts):
             for proj in EXPERT_PROJS:
                 w = ckpt.get(expert_tensor_name(layer, e, proj))
+                spec = recipe.spec("experts", tuple(w.shape))
                 q = quantize(w, spec.fmt, spec.blocksize, spec.double_quant)
                 model.experts.set_expert(layer, e, proj, dequantize(q, torch.float32))
     return model
@@ -81,7 +81,7 @@ def test_folder_layout_and_recipe(quantized, preset):
     assert qc["quant_method"] == "qwenlocal" and qc["format_version"] == 1
     recipe = Recipe.from_config(qc)
     assert recipe.preset == ("int8+custom" if preset == "int8" else preset)
-    assert qc["classes"]["experts"]["format"] == ("int8" if preset == "int8" else "nf4")
+    assert qc["classes"]["experts"]["format"] == {"int8": "int8", "nf4": "nf4", "mixed": "int4"}[preset]
     assert qc["classes"]["attention"]["format"] == ("nf4" if preset == "nf4" else "int8")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "quant_report.json"):
         assert (out / name).is_file()
@@ -136,7 +136,7 @@ def test_close_to_original(src, quantized):
 
 def test_stored_tensors_equal_bitsandbytes(src, quantized):
     bnb = pytest.importorskip("bitsandbytes")
-    out = Checkpoint(quantized["mixed"])
+    out = Checkpoint(quantized["nf4"])
     layout = PackLayout.from_dict(out.config.quantization_config["expert_layout"])
     q = unpack(out.get(expert_blob_name(0, 3)), layout)
     w = Checkpoint(src).get(expert_tensor_name(0, 3, "down_proj"))
@@ -145,6 +145,7 @@ def test_stored_tensors_equal_bitsandbytes(src, quantized):
     assert torch.equal(q["down_proj"].absmax, state.absmax)
     assert torch.equal(q["down_proj"].nested_absmax, state.state2.absmax)
     # int8 attention: bitsandbytes' row-wise absmax quantization
+    out = Checkpoint(quantized["mixed"])
     w = Checkpoint(src).get("model.layers.0.self_attn.q_proj.weight")
     codes, row_stats, _ = bnb.functional.int8_vectorwise_quant(w)
     assert torch.equal(out.get("model.layers.0.self_attn.q_proj.weight"), codes)
@@ -155,13 +156,14 @@ def test_bits_per_weight_in_stats(quantized):
     """Worked by hand for the tiny shapes: 2 MoE layers of 8 experts (32 x 64, 32 x 64, 64 x 32)
     and the dense MLP of layer 1 (96 x 64, 96 x 64, 64 x 96), both in the "experts" class."""
     stats = json.loads((quantized["mixed"] / "quant_stats.json").read_text())
-    # A routed expert's NF4 matrix of 2,048 weights, blocks of 64, double quantization, each part
-    # starting on a 64-byte boundary of the packed blob: codes 1,024 B; 32 uint8 absmax (-> 64 B);
-    # the 16-entry code book 64 B; one fp32 nested absmax (-> 64 B); the 256-entry nested code
-    # book 1,024 B; the fp32 offset (-> 64 B): 2,304 B, so 6,912 B an expert of 6,144 weights.
-    routed_bytes, routed_weights = 2 * 8 * 6912, 2 * 8 * 6144
-    # A dense matrix of 6,144 weights, stored unpacked: 3,072 + 96 + 64 + 4 + 1,024 + 4 = 4,264 B
-    dense_bytes, dense_weights = 3 * 4264, 3 * 6144
+    # int4, groups of 64 where 64 divides the width, else 32 (quant.recipe), each part starting on a
+    # 64-byte boundary of the packed blob. gate/up 32 x 64: codes 1,024 B + bf16 (scale, zero) for
+    # 32 groups 128 B; down 64 x 32 (groups of 32): codes 1,024 B + 64 groups 256 B: 3,584 B an
+    # expert of 6,144 weights.
+    routed_bytes, routed_weights = 2 * 8 * 3584, 2 * 8 * 6144
+    # The dense MLP, stored unpacked: gate/up 96 x 64: 3,072 + 96 groups 384 B; down 64 x 96
+    # (groups of 32): 3,072 + 192 groups 768 B
+    dense_bytes, dense_weights = 2 * 3456 + 3840, 3 * 6144
     expected = 8 * (routed_bytes + dense_bytes) / (routed_weights + dense_weights)
     assert stats["classes"]["experts"]["bits_per_weight"] == pytest.approx(expected, rel=1e-12)
     # int8 attention: one byte a weight plus an fp32 scale per row of 64 weights
@@ -217,10 +219,10 @@ def test_a_recipe_that_quantizes_nothing_is_refused(src, tmp_path):
 FLAG_RUNS = {
     # flags -> (experts: bnb quant_type, blocksize, double quant; attention: bits)
     "fp4": (["--format4", "fp4"], ("fp4", 64, True), 8),
-    "no-double-quant": (["--no-double-quant"], ("nf4", 64, False), 8),
-    "blocksize-128": (["--blocksize", "128"], ("nf4", 128, True), 8),
-    "attn-4": (["--attn-bits", "4"], ("nf4", 64, True), 4),
-    "attn-16": (["--attn-bits", "16"], ("nf4", 64, True), 16),
+    "no-double-quant": (["--format4", "nf4", "--no-double-quant"], ("nf4", 64, False), 8),
+    "blocksize-128": (["--format4", "nf4", "--blocksize", "128"], ("nf4", 128, True), 8),
+    "attn-4": (["--format4", "nf4", "--attn-bits", "4"], ("nf4", 64, True), 4),
+    "attn-16": (["--format4", "nf4", "--attn-bits", "16"], ("nf4", 64, True), 16),
 }
 
 
@@ -301,7 +303,8 @@ def test_truncated_input_shard(src, tmp_path):
         (["--attn-bits", "5"], "--attn-bits must be one of 4, 8, 16"),
         (["--expert-bits", "16"], "--expert-bits must be 4 or 8"),
         (["--blocksize", "100"], "--blocksize must be one of"),
-        (["--format4", "int4"], "nf4 or fp4"),
+        (["--format4", "q4_k"], "--format4 must be one of nf4, fp4, int4"),
+        (["--format4", "int4", "--group-size", "48"], "--group-size must be one of 32, 64, 128"),
         (["--shard-size", "big"], "Cannot read 'big' as a size"),
     ],
 )

@@ -1,0 +1,153 @@
+"""y = x @ W.T for a quantized W: the kernels, and the one function that picks among them.
+
+`qlinear` chooses by device, format, layout and the number of rows of x:
+
+    device  format        rows <= crossover                          more rows (prefill)
+    cpu     int8          torch's _weight_int8pack_mm (bf16/fp16 x)  dequantize + GEMM
+    cpu     int4 (cpu)    torch's _weight_int4pack_mm_for_cpu        dequantize + GEMM
+    cpu     nf4 / fp4     dequantize + GEMM                          dequantize + GEMM
+    cuda    nf4 / fp4     bitsandbytes' matmul_4bit (its gemv at one row, dequantize + GEMM above)
+    cuda    int8 / int4   dequantize + GEMM
+
+`plain` (dequantize, then F.linear) is the reference every other path equals within bf16 rounding;
+the tests hold each kernel to it. An fp32 x always takes the plain path on the CPU (exact, and
+torch's int8/int4 CPU kernels are slow in fp32). The crossovers were measured with
+bench/kernels.py (BENCHMARKS.md). On the CPU the GEMM runs in bf16 where the CPU has native bf16
+(AVX512-BF16 / AMX) and in fp32 elsewhere, where fp32 GEMM is several times faster than bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .formats import PackLayout, QTensor, dequantize, scratch, unpack
+from .int4 import cpu_packable, cpu_packing, dequantize_int4_t, int4_mm_cpu, repack_for_cpu
+
+# Rows up to which torch's int8 / int4 CPU kernels beat dequantize + GEMM (bench/kernels.py).
+INT8_KERNEL_MAX_ROWS = 16
+INT4_KERNEL_MAX_ROWS = 8
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# The plain path dequantizes a large int8 weight (the lm_head) this many elements at a time.
+PLAIN_CHUNK_ELEMS = 1 << 22
+
+
+def qlinear(x: Tensor, q: QTensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] @ W.T (+ bias) -> [..., out] in x's dtype, W = dequantize(q) of shape [out, in]."""
+    if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"qlinear: x [..., {x.shape[-1]}] does not match weight {list(q.shape)}")
+    kernel = pick_kernel(q, x)
+    lead = x.shape[:-1]
+    y = kernel(x.reshape(-1, x.shape[-1]), q)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.view(*lead, q.shape[0])
+
+
+def pick_kernel(q: QTensor, x: Tensor):
+    """The kernel for this weight and input: the single place that decides."""
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda:
+        return bnb_matmul_4bit if q.fmt in ("nf4", "fp4") else plain
+    if x.dtype in _KERNEL_DTYPES:
+        if q.fmt == "int8" and rows <= INT8_KERNEL_MAX_ROWS:
+            return int8_kernel_cpu
+        if q.fmt == "int4" and q.packing != "plain" and rows <= INT4_KERNEL_MAX_ROWS:
+            return int4_kernel_cpu
+    return plain
+
+
+@torch.no_grad()
+def plain(x: Tensor, q: QTensor) -> Tensor:
+    """Dequantize (into a reused scratch on the CPU), then one GEMM; the reference path."""
+    if x.is_cuda:
+        return F.linear(x, dequantize(q, x.dtype))
+    n, k = q.shape
+    if q.fmt == "int8" and q.numel > PLAIN_CHUNK_ELEMS:  # e.g. the lm_head: rows in slices
+        assert q.absmax is not None
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        step = PLAIN_CHUNK_ELEMS // k
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            part = QTensor("int8", (r1 - r0, k), q.dtype, k, q.weight[r0:r1], q.absmax[r0:r1])
+            out[:, r0:r1] = plain(x, part)
+        return out
+    dt = gemm_dtype_cpu(x.dtype)
+    if q.fmt == "int4":  # unpacked as W.T, which the GEMM reads as well as W
+        assert q.scale_zero is not None
+        wt = scratch("qlinear_w", q.numel, torch.float32)
+        wt = dequantize_int4_t(q.weight, q.scale_zero, (n, k), q.blocksize, q.packing, wt)
+        return torch.matmul(x.to(dt), wt.to(dt)).to(x.dtype)
+    w = dequantize(q, out=scratch("qlinear_w", q.numel, dt))
+    return F.linear(x.to(dt), w.view(q.shape)).to(x.dtype)
+
+
+@torch.no_grad()
+def int8_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
+    """torch's int8 weight-only kernel on the bnb int8 bytes as stored: x @ (w * scale).T."""
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q.weight, int8_scales(q, x.dtype))
+
+
+def int8_scales(q: QTensor, dtype: torch.dtype) -> Tensor:
+    """bnb's row scale absmax / 127 in x's dtype, made once per QTensor and dtype."""
+    cached = q.kernel_cache.get(("int8_scales", dtype))
+    if cached is None:
+        assert q.absmax is not None
+        cached = q.kernel_cache[("int8_scales", dtype)] = (q.absmax * 7.874015718698502e-3).to(dtype)
+    return cached
+
+
+@torch.no_grad()
+def int4_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
+    """torch's int4 group-wise kernel on the weight repacked at load (quant/int4.py)."""
+    assert q.scale_zero is not None
+    xb = x.to(torch.bfloat16).contiguous()
+    return int4_mm_cpu(xb, q.weight, q.scale_zero, q.blocksize).to(x.dtype)
+
+
+def bnb_matmul_4bit(x: Tensor, q: QTensor) -> Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.matmul_4bit(x, q.weight, q.bnb_quant_state())
+
+
+@cache
+def _native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def gemm_dtype_cpu(dtype: torch.dtype) -> torch.dtype:
+    """bf16 GEMM on CPUs with native bf16, fp32 elsewhere (and always for fp32 inputs)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and _native_bf16() else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel layouts, made once at load
+
+
+def to_kernel_layout(q: QTensor) -> QTensor:
+    """q as its device's kernels read it: an int4 tensor on the CPU is repacked in place (its
+    bytes are then only valid with packing set, as the returned QTensor and its spec say)."""
+    if q.fmt != "int4" or q.packing != "plain" or q.device.type != "cpu":
+        return q
+    packing = cpu_packing()
+    if not cpu_packable(q.shape, packing):
+        return q
+    assert packing is not None
+    repack_for_cpu(q.weight, (q.shape[0], q.shape[1]), packing)
+    return dataclasses.replace(q, packing=packing)
+
+
+def kernel_pack_layout(layout: PackLayout, blobs: list[Tensor]) -> PackLayout:
+    """Repack every int4 tensor of these expert blobs (uint8 [E, nbytes] each, on the CPU) in place;
+    returns the layout that now describes them."""
+    specs = dict(layout.specs)
+    for blob in blobs:
+        for e in range(blob.shape[0]):
+            for name, q in unpack(blob[e], layout).items():
+                specs[name] = to_kernel_layout(q).spec
+    return dataclasses.replace(layout, specs=specs)

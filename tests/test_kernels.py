@@ -1,0 +1,220 @@
+"""quant.kernels and quant.int4 against independent references: bitsandbytes' dequantize, a
+dequantizer written here from int4's documented layout, and torch's own int4pack packer and kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant import QuantLinear, dequantize, qlinear, quantize, to_kernel_layout
+from quant.int4 import codes, cpu_packing, pack_codes_for_cpu, quantize_int4
+from quant.kernels import (
+    INT4_KERNEL_MAX_ROWS,
+    INT8_KERNEL_MAX_ROWS,
+    int4_kernel_cpu,
+    int8_kernel_cpu,
+    pick_kernel,
+    plain,
+)
+from quant.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def weights(shape, dist="gauss", seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dist == "gauss":
+        w = torch.randn(shape, generator=g)
+    else:  # Student-t with 3 degrees of freedom: heavy tails, like real weights' outliers
+        w = torch.randn(shape, generator=g) / torch.sqrt(torch.distributions.Chi2(3.0).sample(shape) / 3)
+    return (w * 0.02).to(torch.bfloat16)
+
+
+def int4_from_spec(weight: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+    """The int4 layout as quant/int4.py documents it, read element by element in fp64."""
+    n, half = weight.shape
+    k = 2 * half
+    w = torch.empty(n, k, dtype=torch.float64)
+    w[:, 0::2] = (weight >> 4).double()
+    w[:, 1::2] = (weight & 15).double()
+    scale = scale_zero[..., 0].double().t().repeat_interleave(group, dim=1)  # [N, K]
+    zero = scale_zero[..., 1].double().t().repeat_interleave(group, dim=1)
+    return (w - 8) * scale + zero
+
+
+def bf16_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal within what bf16 inputs and outputs can hold (a few bf16 ulps of the output scale)."""
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_layout_matches_its_documentation(group):
+    w = weights((96, 256))
+    q = quantize(w, "int4", group)
+    assert q.weight.shape == (96, 128) and q.weight.dtype == torch.uint8
+    assert q.scale_zero.shape == (256 // group, 96, 2) and q.scale_zero.dtype == torch.bfloat16
+    assert q.absmax is None and q.bits_per_weight == 4 + 32 / group
+    ref = int4_from_spec(q.weight, q.scale_zero, group)
+    torch.testing.assert_close(dequantize(q, torch.float32).double(), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dist", ["gauss", "t3"])
+def test_int4_search_beats_min_max(dist):
+    w = weights((256, 512), dist)
+
+    def err(refit: int) -> float:
+        packed, sz = quantize_int4(w, 64, refit_iters=refit)
+        d = int4_from_spec(packed, sz, 64)
+        return ((d - w.double()).norm() / w.double().norm()).item()
+
+    assert err(2) < 0.97 * err(0)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_torch_int4pack_kernel_equals_the_dequantized_weight(group):
+    """torch's own packer and kernel on our codes and scale_zero compute x @ W.T of our layout."""
+    w = weights((128, 512))
+    q = quantize(w, "int4", group)
+    c = codes(q.weight, q.shape, "plain")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
+    x = torch.randn(3, 512).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, q.scale_zero)
+    bf16_close(y, F.linear(x.double(), int4_from_spec(q.weight, q.scale_zero, group)))
+
+
+def test_cpu_repack_is_torchs_layout_and_reads_back():
+    w = weights((128, 256))
+    q = quantize(w, "int4", 64)
+    c = codes(q.weight, q.shape, "plain").clone()
+    before = dequantize(q, torch.float32)
+    packing = cpu_packing()
+    assert packing is not None  # torch's packer matches one of the layouts quant/int4.py reads
+    torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1)
+    assert torch.equal(pack_codes_for_cpu(c, packing).view(-1), torch_packed.view(-1))
+    qk = to_kernel_layout(q)
+    assert qk.packing == packing and qk.weight.data_ptr() == q.weight.data_ptr()  # in place
+    assert torch.equal(codes(qk.weight, qk.shape, qk.packing), c)
+    assert torch.equal(dequantize(qk, torch.float32), before)
+    assert to_kernel_layout(qk) is qk
+
+
+@pytest.mark.parametrize("rows", [1, 3, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_int4_paths_equal_the_dequantized_linear(rows, xdtype):
+    w = weights((128, 256))
+    q = to_kernel_layout(quantize(w, "int4", 64))
+    x = torch.randn(rows, 256).to(xdtype)
+    ref = F.linear(x.double(), int4_from_spec(*_stored_int4(w, 64), 64))
+    expected = int4_kernel_cpu if rows <= INT4_KERNEL_MAX_ROWS and xdtype != torch.float32 else plain
+    assert pick_kernel(q, x) is expected
+    for kernel in (int4_kernel_cpu, plain):
+        y = kernel(x, q)
+        assert y.dtype == xdtype
+        bf16_close(y, ref)
+    y = qlinear(x, q)
+    if xdtype == torch.float32:  # the plain path is exact up to fp32 summation
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _stored_int4(w, group):
+    q = quantize(w, "int4", group)
+    return q.weight, q.scale_zero
+
+
+@pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_int8_paths_equal_bnb_dequantized_linear(rows, xdtype):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = weights((96, 256))
+    q = quantize(w, "int8")
+    data, row_stats, _ = bnbf.int8_vectorwise_quant(w.clone())
+    ref = F.linear(
+        x := torch.randn(rows, 256).to(xdtype), bnbf.int8_vectorwise_dequant(data, row_stats).to(x.dtype)
+    )
+    expected = int8_kernel_cpu if rows <= INT8_KERNEL_MAX_ROWS and xdtype != torch.float32 else plain
+    assert pick_kernel(q, x) is expected
+    for kernel in (int8_kernel_cpu, plain):
+        y = kernel(x, q)
+        assert y.dtype == xdtype and y.shape == (rows, 96)
+        bf16_close(y, F.linear(x.double(), bnbf.int8_vectorwise_dequant(data, row_stats).double()))
+    bf16_close(qlinear(x, q), ref)
+
+
+def test_quant_linear_int4_module_repacks_once():
+    lin = torch.nn.Linear(256, 128, bias=True).to(torch.bfloat16)
+    m = QuantLinear.from_linear(lin, "int4", 64)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    before = m(x)
+    m.use_kernel_layout()
+    assert m.spec.packing == cpu_packing() and m.qtensor.packing == m.spec.packing
+    bf16_close(m(x), before)
+    assert "int4" in repr(m)
+
+
+def test_recipe_int4_group_sizes_and_narrow_tensors():
+    r = Recipe.from_preset("mixed")
+    assert r.format_for("experts") == "int4" and r.format_for("attention") == "int8"
+    assert r.spec("experts", (768, 2048)).blocksize == 64
+    assert r.spec("experts", (64, 32)).blocksize == 32  # a width 64 does not divide
+    assert r.to_config()["classes"]["experts"] == {
+        "format": "int4",
+        "bits": 4,
+        "blocksize": 64,
+        "double_quant": False,
+    }
+    assert "group size 64" in r.describe()
+    r128 = Recipe.from_preset("nf4", fmt4="int4", group_size=128)
+    assert r128.spec("attention", (512, 2048)).blocksize == 128
+
+
+@pytest.mark.parametrize("quant", ["mixed", "nf4"])
+def test_cpu_generate_never_imports_bitsandbytes(tiny_ckpt, quant):
+    """bitsandbytes 0.50 prints a warning at import on CPU-only machines; the CPU path (quantize
+    while loading, dequantize, every kernel) must not need it."""
+    code = (
+        "import sys\n"
+        "from qwenlocal.cli import app\n"
+        "try:\n"
+        f"    app(['generate', {str(tiny_ckpt)!r}, 'Hello', '-n', '3', '--device', 'cpu',"
+        f" '--quant', {quant!r}, '--temp', '0'])\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
+        "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "bitsandbytes imported: False" in r.stderr
+    assert "kernels-community" not in r.stderr and "Failed to load" not in r.stderr
+
+
+def test_int8_plain_path_in_row_slices_for_a_large_weight(monkeypatch):
+    import quant.kernels
+
+    monkeypatch.setattr(quant.kernels, "PLAIN_CHUNK_ELEMS", 256 * 10)
+    w = weights((96, 256))
+    q = quantize(w, "int8")
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    ref = F.linear(x.double(), dequantize(q, torch.float64))
+    bf16_close(plain(x, q), ref)
+
+
+def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckpt):
+    """The same quantized model: bf16 decode-sized inputs take torch's int8/int4 kernels, fp32
+    inputs the plain path; the logits agree within bf16 rounding."""
+    from qwenlocal import load_model
+
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.inference_mode():
+        fast = load_model(small_ckpt, dtype=torch.bfloat16, quant="mixed")
+        assert fast.experts.layout.specs["down_proj"].packing == cpu_packing()
+        plain_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
+        a, b = fast(ids).float(), plain_model(ids)
+    assert ((a - b).norm() / b.norm()).item() < 0.03
