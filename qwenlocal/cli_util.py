@@ -32,9 +32,13 @@ STATE = {"debug": False}
 
 
 def run(fn: Callable[[], None]) -> None:
-    """Run a command body: user errors become one sentence and exit code 2."""
+    """Run a command body: user errors become one sentence and exit code 2, Ctrl-C exit code 130
+    (caught here: Click would turn it into "Aborted!" and exit code 1)."""
     try:
         fn()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
     except UserError as e:
         if STATE["debug"]:
             traceback.print_exc()
@@ -62,7 +66,7 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[Callable[[
         TimeRemainingColumn(),
         console=err,
         transient=True,
-        disable=not enabled,
+        disable=not enabled or not err.is_terminal,  # a bar into a pipe or file only adds blank lines
     )
     task = progress.add_task(description, total=None)
 

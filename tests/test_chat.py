@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -325,20 +326,25 @@ def test_thinking_is_not_fed_back(model32, tok):
     assert "secret reasoning" not in prompt and "The answer.<|im_end|>" in prompt
 
 
+def run_app(session, history: Path, *inputs) -> str:
+    """ChatApp fed `inputs` (an exception is raised where input would come); returns the screen."""
+    it = iter(inputs)
+
+    def read(prompt):
+        x = next(it)
+        if isinstance(x, BaseException):
+            raise x
+        return x
+
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    ChatApp(console, session, History(history), "tiny", read=read).run()
+    return console.file.getvalue()
+
+
 def test_app_leaves_on_bye_ctrl_d_and_double_ctrl_c(model32, tok, tmp_path):
     def app(*inputs):
-        it = iter(inputs)
-
-        def read(prompt):
-            x = next(it)
-            if isinstance(x, BaseException):
-                raise x
-            return x
-
         session = ChatSession(model32, tok, 256, ChatSettings(max_tokens=4))
-        console = Console(file=io.StringIO(), width=100, color_system=None)
-        ChatApp(console, session, History(tmp_path / "h"), "tiny", read=read).run()
-        return console.file.getvalue()
+        return run_app(session, tmp_path / "h", *inputs)
 
     assert app("/bye").rstrip().endswith("bye")
     assert "error: Nothing to retry" in app("/retry", "/bye")
@@ -346,6 +352,76 @@ def test_app_leaves_on_bye_ctrl_d_and_double_ctrl_c(model32, tok, tmp_path):
     assert app(EOFError()).rstrip().endswith("bye")
     out = app(KeyboardInterrupt(), "/stats", KeyboardInterrupt(), KeyboardInterrupt())
     assert out.count("(Ctrl-C again or Ctrl-D to leave)") == 2 and out.rstrip().endswith("bye")
+
+
+def test_ctrl_c_stops_a_reply_after_the_token_it_is_on(model32, tok, tmp_path, monkeypatch):
+    """Ctrl-C lands once the third token is on screen: the reply ends with those three."""
+    real_add = ReplyView.add
+
+    def add(self, record):
+        real_add(self, record)
+        if self.tokens == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ReplyView, "add", add)
+    session = ChatSession(
+        model32, tok, 256, ChatSettings(thinking=False, max_tokens=50, overrides={"temperature": 0})
+    )
+    out = run_app(session, tmp_path / "h", "Tell me a story", "/bye")
+    assert "(stopped: the partial reply is kept; /retry regenerates it)" in out
+    assert re.search(r"\n3 tokens · .* · stopped\n", out), out
+    t = session.totals
+    assert (t.turns, t.stopped, t.generated_tokens) == (1, 1, 3)
+    assert session.conv.messages[-1]["role"] == "assistant"
+
+
+def test_commands_on_their_edges(model32, tok, tmp_path):
+    saved, junk = tmp_path / "conv.json", tmp_path / "junk.json"
+    junk.write_text("this is not JSON\n")
+    unwritable = tmp_path / "no-such-folder" / "c.json"
+    session = ChatSession(model32, tok, 256, ChatSettings(max_tokens=4), system="Be brief.")
+    out = run_app(
+        session, tmp_path / "h",
+        "/system -", "/system", "/set temp", "/set", f"/save {unwritable}", f"/load {junk}",
+        f"/save {saved}", "/bye",
+    )  # fmt: skip
+    assert "system prompt removed" in out and "no system prompt" in out
+    assert "error: Usage: /set temp VALUE (or /set alone to see the settings)." in out
+    assert "thinking · temp 0.6 · top_k 20" in out  # /set alone shows the settings
+    assert f"error: Cannot write {unwritable}: No such file or directory." in out
+    assert not unwritable.parent.exists()
+    assert f"error: {junk} is not JSON" in out
+    assert json.loads(saved.read_text()) == []  # the removed system prompt is not saved
+
+
+def test_nearly_full_context_notice(model32, tok, tmp_path):
+    session = ChatSession(
+        model32, tok, 48, ChatSettings(thinking=False, max_tokens=40, overrides={"temperature": 0})
+    )
+    prompt = tok.encode_chat([user("Hello there")], enable_thinking=False)
+    out = run_app(session, tmp_path / "h", "Hello there", "/bye")
+    room = 48 - len(prompt)
+    assert 0 < room < 40
+    assert f"context: nearly full, this reply may use {room} tokens" in out
+    assert session.totals.generated_tokens <= room
+
+
+def test_stats_with_offloaded_experts(tiny_ckpt, tok, tmp_path):
+    model = load_model(tiny_ckpt, dtype=torch.float32, quant="nf4", gpu_experts=8)
+    per_layer = model.experts.slots_per_layer
+    session = ChatSession(
+        model, tok, 256, ChatSettings(thinking=False, max_tokens=4, overrides={"temperature": 0})
+    )
+    out = run_app(session, tmp_path / "h", "Hello", "/stats", "/bye")
+    counters = model.experts.stats.total()  # since the load: this session's only reply
+    hits, misses = counters.hits, counters.misses
+    assert misses >= per_layer * len(model.config.moe_layers)  # the cache starts empty
+    rate = 100 * hits / (hits + misses)
+    assert f"experts {rate:.1f}% hit" in out  # the line after the reply
+    assert f"expert cache  {hits:,} hits, {misses:,} misses ({rate:.1f}%)" in out
+    for layer in model.config.moe_layers:
+        st = model.experts.stats.layers[layer]
+        assert re.search(rf"│\s*{layer}\s+{st.hits}\s+{st.misses}\s", out), out
 
 
 # -- the real command in a pseudo-terminal -----------------------------------------------------
@@ -536,3 +612,28 @@ def test_chat_record_routing_writes_one_line_per_token(tiny_ckpt, tmp_path):
     lines = trace.read_text().splitlines()
     assert len(lines) == ran
     assert all(len(json.loads(line)["experts"]) == 2 for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--top-p", "2"], "top_p must be in (0, 1], got 2.0."),
+        (["-n", "0"], "--max-tokens must be positive, got 0."),
+        (["--ctx-size", "lots"], "Cannot read 'lots' as a token count"),
+        (["--device", "tpu"], "Unknown device 'tpu'"),
+        (["--dtype", "fp7"], "Unknown dtype 'fp7'"),
+        (["--cache-policy", "fifo"], "Unknown --cache-policy 'fifo'"),
+        (["--kv-dtype", "int3"], "Unknown --kv-dtype 'int3'"),
+        (["--gpu-experts", "4", "--vram-budget", "8GiB"], "Give --gpu-experts or --vram-budget, not both."),
+        (["--quant", "nf3"], "nf3"),
+    ],
+)
+def test_chat_flag_checks_exit_2_before_loading(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from qwenlocal.cli import app
+
+    # a model folder that does not exist: a check that passed would fail on it instead
+    r = CliRunner().invoke(app, ["chat", str(tmp_path / "no-model"), *args])
+    assert r.exit_code == 2 and message in r.stderr, r.output
+    assert "does not exist" not in r.stderr and "Traceback" not in r.output

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qwenlocal.cli import app, parse_tokens
@@ -50,9 +54,140 @@ def test_generate_greedy_matches_library(tiny_ckpt):
 
 
 def test_generate_stdin_raw_and_stream(tiny_ckpt):
-    r = invoke("generate", tiny_ckpt, "-", "-n", 4, "--raw", "--seed", 3, input="plain text prompt")
+    from qwenlocal import load_model
+    from qwenlocal.generate import Generator, SamplingParams
+    from qwenlocal.tokenizer import Tokenizer
+
+    text = "plain text prompt"
+    r = invoke(
+        "generate", tiny_ckpt, "-", "-n", 4, "--raw", "--temp", 0, "--quant", "bf16", "--json", input=text
+    )
     assert r.exit_code == 0, r.output
-    assert "4 generated" in r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    # stdin is the prompt, and --raw sends it without the chat template around it
+    assert d["prompt_tokens"] == len(tok.encode(text)) == 3
+    gen = Generator(load_model(tiny_ckpt, dtype="bf16"), tok, ctx_size=4096)
+    assert d["token_ids"] == gen.run(tok.encode(text), SamplingParams(temperature=0), max_tokens=4).token_ids
+    streamed = invoke(
+        "generate", tiny_ckpt, "-", "-n", 4, "--raw", "--temp", 0, "--quant", "bf16", input=text
+    )
+    assert streamed.stdout == d["text"] + "\n"
+    assert "3 prompt tokens" in streamed.stderr and "4 generated" in streamed.stderr
+
+
+@pytest.fixture(scope="module")
+def greedy_tokens(tiny_ckpt):
+    """The greedy reply to 'Hi' (thinking mode, the chat template), as the library gives it."""
+    from qwenlocal import load_model
+    from qwenlocal.generate import Generator, SamplingParams
+    from qwenlocal.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    gen = Generator(load_model(tiny_ckpt, dtype="bf16"), tok, ctx_size=4096)
+
+    def run(messages, **sampling):
+        ids = tok.encode_chat(messages)
+        return len(ids), gen.run(
+            ids, SamplingParams(**{"temperature": 0, **sampling}), max_tokens=12
+        ).token_ids
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--top-k", 1, "--temp", 5],  # one candidate: greedy however hot
+        ["--min-p", 1, "--top-k", 0, "--temp", 5],  # only the likeliest token reaches min_p = 1
+    ],
+)
+def test_generate_sampling_flags_that_make_it_greedy(tiny_ckpt, greedy_tokens, flags):
+    r = invoke("generate", tiny_ckpt, "Hi", "-n", 12, "--quant", "bf16", "--json", "--seed", 1, *flags)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["token_ids"] == greedy_tokens(HI)[1]
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_generate_system_and_presence_penalty(tiny_ckpt, greedy_tokens):
+    r = invoke("generate", tiny_ckpt, "Hi", "-n", 12, "--quant", "bf16", "--json", "--temp", 0,
+               "--system", "Be brief.")  # fmt: skip
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    with_system = [{"role": "system", "content": "Be brief."}, *HI]
+    assert (d["prompt_tokens"], d["token_ids"]) == greedy_tokens(with_system)
+    r = invoke("generate", tiny_ckpt, "Hi", "-n", 12, "--quant", "bf16", "--json", "--temp", 0,
+               "--presence-penalty", 1e4)  # fmt: skip
+    ids = json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
+    assert len(set(ids)) == len(ids) == 12  # a token once generated is never the argmax again
+
+
+def test_generate_plain_summary_with_expert_cache(tiny_ckpt):
+    args = ["generate", tiny_ckpt, "Hi", "-n", 3, "--temp", 0, "--quant", "mixed", "--gpu-experts", 4]
+    d = json.loads(invoke(*args, "--json").stdout.strip().splitlines()[-1])
+    plain = invoke(*args)
+    assert plain.exit_code == 0, plain.output
+    m = re.search(
+        r"(\d+) prompt tokens, .* · (\d+) generated, .* · length · expert cache ([\d.]+) % hits", plain.stderr
+    )
+    assert m and (int(m.group(1)), int(m.group(2))) == (d["prompt_tokens"], 3)
+    assert float(m.group(3)) == round(100 * d["expert_hit_rate"], 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_cuda_without_a_gpu(tiny_ckpt):
+    r = invoke("generate", tiny_ckpt, "Hi", "--device", "cuda")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: --device cuda was asked for, but no CUDA GPU is available."
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from qwenlocal.cli_util import STATE
+
+    monkeypatch.setitem(STATE, "debug", False)
+    quiet = invoke("generate", tmp_path / "nowhere", "hi")
+    assert quiet.exit_code == 2 and "Traceback" not in quiet.stderr
+    loud = invoke("--debug", "generate", tmp_path / "nowhere", "hi")
+    assert loud.exit_code == 2 and "Traceback (most recent call last)" in loud.stderr
+    assert "does not exist" in loud.stderr
+
+
+def test_ctrl_c_exits_130_and_keeps_the_routing_trace(tiny_ckpt, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    args = ["generate", str(tiny_ckpt), "Hi", "-n", "4000", "--quant", "bf16", "--record-routing", str(trace)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwenlocal.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    try:
+        proc.stdout.read(1)  # the reply has begun to stream
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.decode().strip().endswith("interrupted") and b"Traceback" not in stderr
+    assert len(trace.read_text().splitlines()) > 3  # the prompt's tokens at least, closed on the way out
+
+
+def test_installed_console_script(tiny_ckpt, tmp_path):
+    script = Path(sys.executable).parent / "qwenlocal"
+    assert script.is_file(), "the qwenlocal console script is not installed (pip install -e .)"
+    ok = subprocess.run(
+        [str(script), "generate", str(tiny_ckpt), "Hi", "-n", "2", "--json", "--quant", "bf16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["generated_tokens"] == 2
+    bad = subprocess.run(
+        [str(script), "generate", str(tmp_path / "x"), "Hi"], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize(

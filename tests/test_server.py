@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -31,21 +32,74 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 # -- servers -------------------------------------------------------------------------------------
-class Server:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """Requests to a server on `port`, with `key` sent as a bearer token."""
+
+    port: int
+    key: str | None = None
+    headers: dict = {}  # of the last answer
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"http://{HOST}:{self.port}/v1",
+            api_key=key or self.key or "none",
+            max_retries=0,
+            timeout=60,
+        )
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30):
+        """-> (status, the answer: parsed JSON, or text); body may be raw bytes."""
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        auth = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        try:
+            conn.request(method, path, data, {"Content-Type": "application/json", **auth, **(headers or {})})
+            r = conn.getresponse()
+            answer = r.read().decode()
+            self.headers = {k.lower(): v for k, v in r.getheaders()}
+            return r.status, json.loads(answer) if "json" in r.getheader("content-type", "") else answer
+        finally:
+            conn.close()
+
+    def stats(self) -> dict:
+        return self.request("GET", "/v1/stats")[1]
+
+    def wait_idle(self, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while (s := self.stats())["queue"]["running"] or s["queue"]["waiting"]:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.05)
+        return s
+
+    def wait_running(self, timeout: float = 30) -> dict:
+        """Until a job runs: the event a test waits for before it leaves or piles up requests."""
+        deadline = time.monotonic() + timeout
+        while not (s := self.stats())["queue"]["running"]:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.01)
+        return s
+
+
+class Server(Client):
     """`python -m qwenlocal.cli serve MODEL --port P --device cpu ARGS` until stopped."""
 
-    def __init__(self, model: Path, log: Path, *args: str, key: str | None = None):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, model: Path, log: Path, *args: str, key: str | None = None, env: dict | None = None):
+        self.port = free_port()
         self.key, self.log, self._log_file = key, log, log.open("w")
         cmd = [sys.executable, "-m", "qwenlocal.cli", "serve", str(model), "--port", str(self.port)]
         self.proc = subprocess.Popen(
             [*cmd, "--host", HOST, "--device", "cpu", "--dtype", "fp32", *args],
             stdout=subprocess.DEVNULL,
             stderr=self._log_file,
+            env={**os.environ, **(env or {})},
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{log.read_text()}")
@@ -68,41 +122,11 @@ class Server:
             self.proc.wait()
         self._log_file.close()
 
-    def client(self, key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"http://{HOST}:{self.port}/v1",
-            api_key=key or self.key or "none",
-            max_retries=0,
-            timeout=60,
-        )
-
-    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 30):
-        """-> (status, the answer: parsed JSON, or text); body may be raw bytes."""
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        auth = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        try:
-            conn.request(method, path, data, {"Content-Type": "application/json", **auth, **(headers or {})})
-            r = conn.getresponse()
-            answer = r.read().decode()
-            return r.status, json.loads(answer) if "json" in r.getheader("content-type", "") else answer
-        finally:
-            conn.close()
-
-    def stats(self) -> dict:
-        return self.request("GET", "/v1/stats")[1]
-
-    def wait_idle(self, timeout: float = 10) -> dict:
-        deadline = time.monotonic() + timeout
-        while (s := self.stats())["queue"]["running"] or s["queue"]["waiting"]:
-            assert time.monotonic() < deadline, s
-            time.sleep(0.05)
-        return s
-
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
     s = Server(tiny_ckpt, tmp_path_factory.mktemp("logs") / "server.log", "--ctx-size", "2k")
+    s.model = tiny_ckpt
     yield s
     s.stop()
 
@@ -156,9 +180,12 @@ def scripted_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def keyed(scripted_ckpt, tmp_path_factory):
-    """The scripted model behind an API key, with room for two waiting requests."""
+    """The scripted model behind an API key ($QWENLOCAL_API_KEY), with room for two waiting requests."""
     log = tmp_path_factory.mktemp("logs") / "keyed.log"
-    s = Server(scripted_ckpt, log, "--ctx-size", "2k", "--max-queue", "2", "--api-key", KEY, key=KEY)
+    # the key from the environment, as a deployment would give it
+    s = Server(
+        scripted_ckpt, log, "--ctx-size", "2k", "--max-queue", "2", key=KEY, env={"QWENLOCAL_API_KEY": KEY}
+    )
     yield s
     s.stop()
 
@@ -296,6 +323,19 @@ LONG = "hello " * 2100  # past the 2k context
         ("/v1/chat/completions", {"messages": HI, "top_p": "high"}, 400, "invalid_type"),
         ("/v1/chat/completions", {"messages": HI, "stop": 3}, 400, "invalid_type"),
         ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "invalid_value"),
+        ("/v1/chat/completions", {"messages": HI, "chat_template_kwargs": "think"}, 400, "invalid_type"),
+        (
+            "/v1/chat/completions",
+            {"messages": HI, "chat_template_kwargs": {"enable_thinking": "yes"}},
+            400,
+            "invalid_type",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "invalid_value",
+        ),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": LONG}]},
@@ -328,18 +368,41 @@ def test_disconnect_mid_stream_stops_generation(server):
         pass
     stream.close()
     s = server.wait_idle()
-    assert s["requests"]["cancelled"] == before + 1
-    assert s["last"]["finish_reason"] == "cancelled" and s["last"]["generated_tokens"] < 300
+    assert s["requests"]["cancelled"] == before + 1 and s["last"]["finish_reason"] == "cancelled"
 
-    # a non-streaming request whose client gives up is cancelled too
-    with pytest.raises(TimeoutError):
-        server.request("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 1500}, timeout=0.5)
+    # a non-streaming request whose client goes away once its job runs is cancelled too
+    conn = socket.create_connection((HOST, server.port))
+    body = json.dumps({"prompt": "Once", "max_tokens": 1500}).encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    server.wait_running()
+    conn.close()
     s = server.wait_idle()
-    assert s["requests"]["cancelled"] == before + 2 and s["last"]["generated_tokens"] < 1500
+    assert s["requests"]["cancelled"] == before + 2 and s["last"]["finish_reason"] == "cancelled"
     assert (
         server.client().completions.create(model="tiny", prompt="Once", max_tokens=2).usage.completion_tokens
         == 2
     )
+
+
+def test_content_parts_developer_role_and_token_ids(server):
+    client = server.client()
+    ask = {"model": "tiny", "max_tokens": 5, "temperature": 0, "extra_body": NO_THINK}
+    plain = client.chat.completions.create(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        **ask,
+    )
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]
+    same = client.chat.completions.create(
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}], **ask
+    )
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    assert same.usage.prompt_tokens == plain.usage.prompt_tokens
+    # a prompt given as token ids is the prompt those ids spell
+    ids = Tokenizer.from_dir(server.model).encode("The sky is")
+    by_text = client.completions.create(model="tiny", prompt="The sky is", max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
 
 
 # -- the scripted model: reasoning, API key, queue -----------------------------------------------
@@ -374,6 +437,9 @@ def test_api_key(keyed):
     assert keyed.request("GET", "/health", headers={"Authorization": ""})[0] == 200
     status, answer = keyed.request("GET", "/v1/models", headers={"Authorization": ""})
     assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert keyed.headers["www-authenticate"] == "Bearer"
+    assert keyed.request("GET", "/v1/models", headers={"Authorization": "", "x-api-key": KEY})[0] == 200
+    assert keyed.request("GET", "/v1/models", headers={"Authorization": "", "x-api-key": "nope"})[0] == 401
     with pytest.raises(openai.AuthenticationError) as e:
         keyed.client(key="wrong").chat.completions.create(model="m", messages=HI, max_tokens=2)
     assert e.value.status_code == 401
@@ -385,7 +451,8 @@ def test_full_queue_answers_503(keyed):
     before = keyed.wait_idle()
     loop = {"model": "m", "prompt": LOOP, "max_tokens": 1500, "temperature": 0, "stream": True}
     running = client.completions.create(**loop)
-    next(iter(running))  # running: the two that follow wait
+    next(iter(running))
+    keyed.wait_running()  # running: the two that follow wait
     waiting = [client.completions.create(**loop) for _ in range(2)]
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(**loop)
@@ -396,7 +463,7 @@ def test_full_queue_answers_503(keyed):
     s = keyed.wait_idle()
     assert s["requests"]["rejected"] == before["requests"]["rejected"] + 1
     assert s["requests"]["cancelled"] == before["requests"]["cancelled"] + 3
-    assert s["tokens"]["generated"] - before["tokens"]["generated"] < 1500
+    assert s["requests"]["served"] == before["requests"]["served"]  # none ran to its end
 
 
 def test_load_each_request_answered_or_refused(keyed):
@@ -475,3 +542,113 @@ def test_stop_buffer_never_sends_past_a_stop():
     buf = StopBuffer(["END"])
     assert [buf.add(p) for p in ("abcE", "N", "x")] == ["abc", "", "ENx"]
     assert buf.finish("abcENxyz") == "yz"
+
+
+# -- the app in this process: failures and defaults a real server is not told to have ----------
+class LocalServer(Client):
+    """create_app(engine) under uvicorn in a thread of this process."""
+
+    def __init__(self, engine, api_key: str | None = None):
+        import uvicorn
+
+        from qwenlocal.server import create_app
+
+        self.engine, self.port = engine, free_port()
+        config = uvicorn.Config(create_app(engine, api_key), host=HOST, port=self.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_ckpt):
+    from qwenlocal import load_model
+
+    return load_model(tiny_ckpt, dtype="fp32"), Tokenizer.from_dir(tiny_ckpt), tiny_ckpt
+
+
+@pytest.fixture
+def local(tiny_parts):
+    """make(tokenizer=..., defaults=...) -> a LocalServer on the tiny model; stopped after the test."""
+    from qwenlocal.engine import Engine
+
+    made = []
+
+    def make(tokenizer=None, defaults=None) -> LocalServer:
+        model, tok, folder = tiny_parts
+        engine = Engine(model, tokenizer or tok, folder, "tiny", 512, defaults=defaults)
+        made.append(LocalServer(engine))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def test_a_failure_inside_generation_is_answered_and_the_server_goes_on(local, monkeypatch):
+    s = local()
+    real = s.engine.gen.stream
+    failures = iter([True, True])
+
+    def stream(*args, **kwargs):
+        if next(failures, False):
+            raise RuntimeError("the device fell over")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(s.engine.gen, "stream", stream)
+    status, answer = s.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3})
+    assert status == 500 and answer["error"]["code"] == "generation_error"
+    assert "the device fell over" in answer["error"]["message"]
+    status, text = s.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True})
+    assert status == 200
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "generation_error" and text.rstrip().endswith("data: [DONE]")
+    status, answer = s.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3
+    assert s.stats()["requests"]["failed"] == 2
+
+
+def test_a_template_error_is_a_400(local, tiny_parts):
+    _, tok, _ = tiny_parts
+    template = (
+        "{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no bombs here') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    s = local(tokenizer=Tokenizer(tok._tok, template, tok.special_tokens))
+    status, answer = s.request(
+        "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "BOOM"}]}
+    )
+    assert status == 400 and answer["error"]["code"] == "template_error"
+    assert "no bombs here" in answer["error"]["message"]
+    status, answer = s.request("POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 2})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+def test_shutting_down_answers_503_with_retry_after(local):
+    s = local()
+    s.engine.close()
+    status, answer = s.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3})
+    assert status == 503 and answer["error"]["code"] == "shutting_down"
+    assert s.headers["retry-after"] == "1"
+
+
+def test_server_wide_sampling_defaults(local):
+    from qwenlocal.options import SamplingOptions
+
+    # top_k 1 makes any temperature greedy; max_tokens 4 ends every reply that gives none
+    s = local(defaults=SamplingOptions(temperature=5.0, top_k=1, max_tokens=4))
+    ask = {"prompt": "The sky is"}
+    _, default = s.request("POST", "/v1/completions", ask)
+    _, greedy = s.request("POST", "/v1/completions", {**ask, "temperature": 0, "max_tokens": 4})
+    assert default["usage"]["completion_tokens"] == 4
+    assert default["choices"][0]["text"] == greedy["choices"][0]["text"]
+    _, own = s.request("POST", "/v1/completions", {**ask, "max_tokens": 2})  # the request's own value wins
+    assert own["usage"]["completion_tokens"] == 2
