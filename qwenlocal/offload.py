@@ -118,6 +118,7 @@ class OffloadedExperts(QuantExperts):
         self._router: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self._guess: dict[int, set[int]] = {}
         self._prefetched: dict[int, set[int]] = {}  # layer -> experts the prefetcher copied
+        self._prefetch_events: dict[int, list] = {}  # layer -> CUDA events of those copies
         self._waits: list[tuple[int, object, object]] = []  # (layer, start, end) CUDA events
 
     # -- memory ----------------------------------------------------------------------------------
@@ -261,6 +262,9 @@ class OffloadedExperts(QuantExperts):
         """The layer's hits (touched) and misses among `needed`, counted with the prefetch figures."""
         if self._waits:
             self.settle_waits()
+        # a prefetched slot may be read only once its copy has landed (a wait on the device)
+        for event in self._prefetch_events.pop(layer, []):
+            self._wait(layer, event)
         policy, stats = self.policies[layer], self.stats.layers[layer]
         stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(needed))
         guess = self._guess.pop(layer, None)
@@ -330,9 +334,12 @@ class OffloadedExperts(QuantExperts):
         self._guess[layer] = guess
         policy = self.policies[layer]
         copied = self._prefetched[layer] = set()
+        events = self._prefetch_events[layer] = []
         for e in guess:
             if e not in policy:
-                self._load(layer, e, guess)
+                _, event = self._load(layer, e, guess)
+                if event is not None:
+                    events.append(event)
                 copied.add(e)
         self.stats.layers[layer].prefetched += len(copied)
 
