@@ -15,21 +15,10 @@ from qwenlocal.cold import ColdExperts, Timing, cold_report, should_promote, spl
 from qwenlocal.experts import QuantExperts
 from qwenlocal.offload import OffloadedExperts
 
-from .conftest import TINY
+from . import test_offload
 from .test_offload import LAYERS, PROMPT, greedy
 
-
-@pytest.fixture(scope="module")
-def qckpt(checkpoint_factory):
-    """The offload tests' quantized folder: 8 experts, top-2, 3 MoE layers."""
-    from quant.recipe import Recipe
-    from qwenlocal.quantize import quantize_checkpoint
-
-    src = checkpoint_factory("offload-src", {**TINY, "num_hidden_layers": LAYERS}, dtype=torch.bfloat16)
-    out = src.parent / "offload-q"
-    if not out.exists():
-        quantize_checkpoint(src, out, Recipe.from_preset("mixed"))
-    return out
+qckpt = test_offload.qckpt  # the offload tests' quantized folder: 8 experts, top-2, 3 MoE layers
 
 
 @pytest.fixture(scope="module")
