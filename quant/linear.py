@@ -82,6 +82,8 @@ class QuantLinear(nn.Module):
         self.spec, self._q = q.spec, q
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda:  # the op's CPU body is qlinear; calling it here keeps q's kernel cache
+            return qlinear(x, self.qtensor, self.bias)
         return qmatmul(x, self.qtensor, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
