@@ -34,6 +34,11 @@ INT4_KERNEL_MAX_ROWS = 8
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # The plain path dequantizes a large int8 weight (the lm_head) this many elements at a time.
 PLAIN_CHUNK_ELEMS = 1 << 22
+# torch's int8 / int4 CPU kernels read the weight with aligned vector loads: on an AVX512 CPU a
+# weight that is not 16-byte aligned (one memory-mapped from a safetensors file, whose tensors are
+# only 8-byte aligned) crashes the process. Weights are moved to this alignment at load, and a
+# weight that is not gets the plain path.
+KERNEL_ALIGN = 64
 
 
 def qlinear(x: Tensor, q: QTensor, bias: Tensor | None = None) -> Tensor:
@@ -53,12 +58,16 @@ def pick_kernel(q: QTensor, x: Tensor):
     rows = x.numel() // x.shape[-1]
     if x.is_cuda:
         return bnb_matmul_4bit if q.fmt in ("nf4", "fp4") else plain
-    if x.dtype in _KERNEL_DTYPES:
+    if x.dtype in _KERNEL_DTYPES and is_aligned(q.weight):
         if q.fmt == "int8" and rows <= INT8_KERNEL_MAX_ROWS:
             return int8_kernel_cpu
         if q.fmt == "int4" and q.packing != "plain" and rows <= INT4_KERNEL_MAX_ROWS:
             return int4_kernel_cpu
     return plain
+
+
+def is_aligned(t: Tensor) -> bool:
+    return t.data_ptr() % KERNEL_ALIGN == 0
 
 
 @torch.no_grad()
@@ -130,9 +139,15 @@ def gemm_dtype_cpu(dtype: torch.dtype) -> torch.dtype:
 
 
 def to_kernel_layout(q: QTensor) -> QTensor:
-    """q as its device's kernels read it: an int4 tensor on the CPU is repacked in place (its
-    bytes are then only valid with packing set, as the returned QTensor and its spec say)."""
-    if q.fmt != "int4" or q.packing != "plain" or q.device.type != "cpu":
+    """q as its device's kernels read it. On the CPU an int8 or int4 weight that is not aligned
+    for the kernels (KERNEL_ALIGN) moves into an aligned copy, and an int4 weight is repacked in
+    place (its bytes are then only valid with packing set, as the returned QTensor and its spec say)."""
+    if q.device.type != "cpu" or q.fmt not in ("int8", "int4"):
+        return q
+    if not is_aligned(q.weight):  # the copy replaces the weight: the mapped pages are let go
+        q = dataclasses.replace(q, weight=q.weight.clone(memory_format=torch.contiguous_format))
+        assert is_aligned(q.weight), "torch's CPU allocator aligns to 64 bytes"
+    if q.fmt != "int4" or q.packing != "plain":
         return q
     packing = cpu_packing()
     if not cpu_packable(q.shape, packing):

@@ -77,8 +77,9 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def use_kernel_layout(self) -> None:
-        """Repack the weight for its device's kernels, in place (int4 on the CPU; quant/int4.py)."""
+        """The weight as its device's kernels read it: aligned, and int4 repacked (quant/kernels.py)."""
         q = to_kernel_layout(self.qtensor)
+        self.weight = q.weight  # an aligned copy where the loaded one was not (quant/kernels.py)
         self.spec, self._q = q.spec, q
 
     def forward(self, x: Tensor) -> Tensor:

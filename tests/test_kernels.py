@@ -157,6 +157,39 @@ def test_quant_linear_int4_module_repacks_once():
     assert "int4" in repr(m)
 
 
+def misaligned(t: torch.Tensor, offset: int = 8) -> torch.Tensor:
+    """A copy of t that starts `offset` bytes past an aligned address, as a tensor memory-mapped
+    from a safetensors file can (its tensors are only 8-byte aligned)."""
+    raw = torch.empty(t.numel() * t.element_size() + 64, dtype=torch.uint8)
+    assert raw.data_ptr() % 64 == 0
+    out = raw[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_misaligned_weights_never_reach_torchs_kernels(fmt):
+    """torch's int8 kernel crashes the process on AVX512 CPUs for a weight 8 bytes off alignment
+    and a few rows (a prefill of 12 tokens): such a weight takes the plain path, and at load
+    it moves into an aligned copy that the kernels then read."""
+    lin = torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16)
+    m = QuantLinear.from_linear(lin, fmt, 64)
+    m.weight = misaligned(m.weight)
+    m._q = None
+    x = torch.randn(12, 256, dtype=torch.bfloat16)
+    assert pick_kernel(m.qtensor, x) is plain
+    ref = F.linear(x.double(), dequantize(m.qtensor).double())
+    bf16_close(m(x), ref)
+    m.use_kernel_layout()
+    assert m.weight.data_ptr() % 64 == 0 and m.qtensor.weight is m.weight
+    if fmt == "int4" and cpu_packing() is None:
+        return
+    rows = x[: min(INT8_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS)]
+    assert pick_kernel(m.qtensor, rows) is (int8_kernel_cpu if fmt == "int8" else int4_kernel_cpu)
+    bf16_close(m(rows), ref[: rows.shape[0]])
+    assert m.state_dict()["weight"].data_ptr() == m.weight.data_ptr()
+
+
 def test_recipe_int4_group_sizes_and_narrow_tensors():
     r = Recipe.from_preset("mixed")
     assert r.format_for("experts") == "int4" and r.format_for("attention") == "int8"

@@ -385,7 +385,10 @@ def test_qlinear_matches_dequantized_linear(fmt, dq, xshape, xdtype):
     y = qlinear(x, q)
     assert y.dtype == xdtype and y.shape == (*xshape[:-1], 96)
     ref = F.linear(x.float(), bnb_dequantized(w, fmt, 64, dq))
-    torch.testing.assert_close(y.float(), ref, rtol=1e-5 if xdtype == torch.float32 else 1e-2, atol=1e-5)
+    if xdtype == torch.float32:
+        torch.testing.assert_close(y.float(), ref, rtol=1e-5, atol=1e-5)
+    else:  # bf16 in and out; the GEMM itself runs in bf16 on CPUs with native bf16 (AVX512-BF16)
+        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
     bias = torch.randn(96)
     torch.testing.assert_close(qlinear(x.float(), q, bias), ref + bias, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
