@@ -220,7 +220,7 @@ def main() -> None:
     rate = f"; pinned copy {copy_rate_gbs():.1f} GB/s" if args.device == "cuda" else ""
     print(f"machine: {machine()}{rate}")
     print(
-        f"random 48-layer model, mixed recipe (experts nf4+dq, attention int8), ctx {args.ctx:,}; "
+        f"random 48-layer model, mixed recipe (experts int4 g64, attention int8), ctx {args.ctx:,}; "
         f"prompt {args.prompt} tokens; greedy decode; grouped and loop agree on the first 16 tokens: {same}"
     )
     print(markdown_table(HEADERS, [fmt_row(r) for r in rows]))

@@ -1,8 +1,9 @@
 """One MoE layer at the real shape (hidden 2048, 768 per expert, top-8) on the CPU: the loop path
 (expert by expert) against the grouped path (plain-torch fallback: gather, dequantize, bmm) for a
-decode token and a 4-token batch, per expert format. Decides what `--moe auto` picks on the CPU.
+decode token and a 4-token batch, per expert format (int4 repacked for torch's CPU kernel, as
+loaded). Decides what `--moe auto` picks on the CPU.
 
-    python bench/moe_cpu.py
+    python bench/moe_cpu.py [FORMAT ...]       (int4 nf4+dq int8 bf16; default: all)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.test_grouped import make_experts, routing  # noqa: E402
 
 EXPERTS = 16  # a token's cost depends on its 8 picks, not on how many experts the layer holds
+FORMATS = {"int4": ("int4", False), "nf4+dq": ("nf4", True), "int8": ("int8", False), "bf16": ("bf16", False)}
 
 
 def best_ms(fn, repeat: int = 7) -> float:
@@ -33,8 +35,11 @@ def best_ms(fn, repeat: int = 7) -> float:
 def main() -> None:
     torch.manual_seed(0)
     rows = []
-    for fmt, dq in (("nf4", True), ("int8", False), ("bf16", False)):
+    for label in sys.argv[1:] or FORMATS:
+        fmt, dq = FORMATS[label]
         ex, dt = make_experts(fmt, dq, hidden=2048, inter=768, experts=EXPERTS)
+        if fmt == "int4":
+            ex.use_kernel_layout()  # as the loader leaves resident experts on the CPU
         for n in (1, 4):
             x = torch.randn(n, 2048).to(dt)
             ids, w = routing(n, 8, experts=EXPERTS, dtype=dt)
@@ -43,7 +48,6 @@ def main() -> None:
                 loop = best_ms(lambda ex=ex, x=x, ids=ids, w=w: ex(0, x, ids, w))
                 ex.moe = "grouped"
                 grouped = best_ms(lambda ex=ex, x=x, ids=ids, w=w: ex(0, x, ids, w))
-            label = fmt + ("+dq" if dq else "")
             rows.append([label, n, f"{loop:.1f}", f"{grouped:.1f}", f"{loop / grouped:.2f}"])
             print(rows[-1], flush=True)
     print(f"machine: {machine()}; threads {torch.get_num_threads()}")

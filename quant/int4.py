@@ -115,19 +115,21 @@ def _codes_for(g: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 
 
 def codes(weight: Tensor, shape: tuple[int, int], packing: str) -> Tensor:
-    """The 4-bit codes, uint8 [N, K], from the stored layout or a CPU kernel layout."""
+    """The 4-bit codes, uint8 [..., N, K], from the stored layout or a CPU kernel layout; weight
+    [..., N, K/2] is one matrix or several stacked (the grouped expert path reads k at once)."""
     n, k = shape
+    lead = weight.shape[:-2]
     if packing == "plain":
-        out = torch.empty(n, k // 2, 2, dtype=torch.uint8, device=weight.device)
-        torch.bitwise_right_shift(weight, 4, out=out[:, :, 0])
-        torch.bitwise_and(weight, 15, out=out[:, :, 1])
-        return out.view(n, k)
+        out = torch.empty(*lead, n, k // 2, 2, dtype=torch.uint8, device=weight.device)
+        torch.bitwise_right_shift(weight, 4, out=out[..., 0])
+        torch.bitwise_and(weight, 15, out=out[..., 1])
+        return out.view(*lead, n, k)
     block, style = _cpu_packing(packing)
-    p = weight.reshape(n // block, k, block // 2)
+    p = weight.reshape(-1, n // block, k, block // 2)
     lo, hi = p & 15, p >> 4
     # halves: byte j holds rows j and j + B/2; pairs: rows 2j and 2j + 1
-    both = torch.cat([lo, hi], dim=2) if style == "halves" else torch.stack([lo, hi], dim=3)
-    return both.reshape(n // block, k, block).transpose(1, 2).reshape(n, k)
+    both = torch.cat([lo, hi], dim=3) if style == "halves" else torch.stack([lo, hi], dim=4)
+    return both.reshape(-1, n // block, k, block).transpose(2, 3).reshape(*lead, n, k)
 
 
 def dequantize_int4(

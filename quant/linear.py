@@ -142,9 +142,8 @@ def _qmatmul_op(
     if (
         x.is_cuda
         and flat.shape[0] <= moe_kernels.MAX_GROUPED_TOKENS
-        and moe_kernels.use_triton(x)
+        and moe_kernels.use_triton(x, packing)
         and shape[1] % 2 == 0
-        and fmt in ("nf4", "fp4", "int8")
     ):
         y = moe_kernels.triton_qgemv(flat, q)
         if bias is not None:

@@ -8,12 +8,18 @@ row each (token, pick) reads, so resident experts (row = expert id) and the offl
 share one kernel:
 
     quantized   buf uint8 [R, B]: one quant.formats.pack blob per row; for each of gate, up, down the
-                byte offsets of (weight, absmax, quant_map, nested_absmax, nested_quant_map, offset)
-                within the row (-1: absent), every part 64-byte aligned.
+                byte offsets of (weight, absmax, quant_map, nested_absmax, nested_quant_map, offset,
+                scale_zero) within the row (-1: absent), every part 64-byte aligned.
                 nf4/fp4 weight: two codes a byte, high nibble first, over the row-major [out, in] matrix;
                 block b = element // blocksize scales by absmax[b] (fp32), or with double quant by
                 nested_quant_map[absmax[b]] * nested_absmax[b // 256] + offset (absmax uint8).
                 int8 weight [out, in], scaled per row by absmax[row] / 127 (bitsandbytes' formula).
+                int4 weight uint8 [out, in / 2], row-major, high nibble first (the nf4 byte order);
+                scale_zero bf16 [in / G, out, 2], G = blocksize:
+                W[n, k] = code * scale + (zero - 8 * scale) with (scale, zero) = scale_zero[k // G, n]
+                (quant/int4.py). On the CPU resident blobs are repacked for torch's int4 kernel
+                (`packing`, quant/kernels.py); only the torch path reads that, the Triton kernels
+                read the stored ("plain") layout, which is what every GPU blob holds.
     dense       gate_up [R, 2I, H] and down [R, H, I] in 16/32-bit (DenseExperts); offsets in elements.
 
 Two implementations, equal within bf16 rounding: Triton kernels (quant/moe_triton.py, imported on
@@ -35,15 +41,16 @@ import torch
 from torch import Tensor
 
 from .formats import NESTED_BLOCKSIZE
+from .int4 import codes
 
-# The parts these kernels read, by index (int4's scale_zero is not one of them yet).
-PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+# The parts these kernels read, by index.
+PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")
 
 # Tokens up to which the grouped kernels are used; a longer prefill reads each expert once per token
 # here, so the caller runs it expert by expert instead.
 MAX_GROUPED_TOKENS = 16
 INT8_SCALE = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
-FMT_IDS = {"dense": 0, "nf4": 1, "fp4": 1, "int8": 2}
+FMT_IDS = {"dense": 0, "nf4": 1, "fp4": 1, "int8": 2, "int4": 3}
 # (rows per program, input columns per step) of each stage: small row tiles give the down stage
 # (one program per output tile, k experts each) enough programs to fill a large GPU.
 TILES = {"gate_up": (32, 128), "down": (16, 128), "gemv": (16, 128)}
@@ -51,22 +58,27 @@ TILES = {"gate_up": (32, 128), "down": (16, 128), "gemv": (16, 128)}
 
 @dataclass(frozen=True)
 class GroupedSpec:
-    """How one layer's experts are stored (see the module docstring)."""
+    """How one layer's experts are stored (see the module docstring). Gate and up share a shape and so
+    their block size and packing; int4's down may differ in both (its group must divide I, and the CPU
+    layout needs the row count to be a multiple of its block)."""
 
-    fmt: str  # dense, nf4, fp4, int8
+    fmt: str  # dense, nf4, fp4, int8, int4
     double_quant: bool
-    blocksize: int
+    blocksize: int  # gate and up: nf4/fp4 elements per absmax, int4 the group size
     hidden: int
     inter: int
     gate: tuple[int, ...]
     up: tuple[int, ...]
     down: tuple[int, ...]
+    down_blocksize: int
+    packing: str  # gate and up, int4: "plain" as stored, or a CPU kernel layout (quant/int4.py)
+    down_packing: str
 
     @classmethod
     def from_layout(cls, layout) -> GroupedSpec:
         """From a quant.formats.PackLayout of gate_proj, up_proj and down_proj."""
         specs = layout.specs
-        g = specs["gate_proj"]
+        g, d = specs["gate_proj"], specs["down_proj"]
         offs = {name: [-1] * len(PARTS) for name in specs}
         for slot in layout.slots:
             if slot.part in PARTS:
@@ -81,20 +93,26 @@ class GroupedSpec:
             tuple(offs["gate_proj"]),
             tuple(offs["up_proj"]),
             tuple(offs["down_proj"]),
+            d.blocksize,
+            g.packing,
+            d.packing,
         )
 
     @classmethod
     def dense(cls, hidden: int, inter: int) -> GroupedSpec:
         """gate_up [R, 2I, H] (gate rows first) and down [R, H, I]."""
-        return cls("dense", False, 0, hidden, inter, (0,), (inter * hidden,), (0,))
+        return cls("dense", False, 0, hidden, inter, (0,), (inter * hidden,), (0,), 0, "plain", "plain")
 
 
 # --------------------------------------------------------------------------------------------
 # Dispatch
 
 
-def use_triton(x: Tensor) -> bool:
-    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1)."""
+def use_triton(x: Tensor, packing: str = "plain") -> bool:
+    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1).
+    Triton reads the stored layouts only: int4 repacked for the CPU's kernels takes the torch path."""
+    if packing != "plain":
+        return False
     if x.is_cuda:
         return _triton_available()
     return os.environ.get("QWENLOCAL_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -112,10 +130,19 @@ def grouped_swiglu(
     """x [N, H], rows and weights [N, k] (rows sorted by expert id) -> sum_j w_j * expert_j(x) [N, H]."""
     s = spec
     h = torch.ops.qwenlocal.grouped_gate_up(
-        x, rows, gate_up_buf, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up)
+        x, rows, gate_up_buf, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up), s.packing
     )
     return torch.ops.qwenlocal.grouped_down(
-        h, rows, weights, down_buf, s.fmt, s.double_quant, s.blocksize, s.hidden, list(s.down)
+        h,
+        rows,
+        weights,
+        down_buf,
+        s.fmt,
+        s.double_quant,
+        s.down_blocksize,
+        s.hidden,
+        list(s.down),
+        s.down_packing,
     )
 
 
@@ -130,13 +157,15 @@ def _gate_up_op(
     inter: int,
     gate: list[int],
     up: list[int],
+    packing: str,
 ) -> Tensor:
-    impl = triton_gate_up if use_triton(x) else torch_gate_up
-    return impl(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up)
+    if use_triton(x, packing):
+        return triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up)
+    return torch_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, packing)
 
 
 @_gate_up_op.register_fake
-def _(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up):
+def _(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, packing):
     return x.new_empty(rows.numel(), inter)
 
 
@@ -151,13 +180,15 @@ def _down_op(
     blocksize: int,
     hidden: int,
     down: list[int],
+    packing: str,
 ) -> Tensor:
-    impl = triton_down if use_triton(h) else torch_down
-    return impl(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down)
+    if use_triton(h, packing):
+        return triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down)
+    return torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down, packing)
 
 
 @_down_op.register_fake
-def _(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down):
+def _(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down, packing):
     return h.new_empty(rows.shape[0], hidden)
 
 
@@ -166,7 +197,13 @@ def _(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down):
 
 
 def dequantize_rows(
-    sel: Tensor, fmt: str, double_quant: bool, blocksize: int, offs: list[int], shape: tuple[int, int]
+    sel: Tensor,
+    fmt: str,
+    double_quant: bool,
+    blocksize: int,
+    offs: list[int],
+    shape: tuple[int, int],
+    packing: str = "plain",
 ) -> Tensor:
     """sel [M, B]: M gathered rows of `buf` -> their matrices [M, out, in] in fp32 (dense: as stored)."""
     m, (out, inn) = sel.shape[0], shape
@@ -181,10 +218,17 @@ def dequantize_rows(
     if fmt == "int8":
         w = part(0, torch.int8, n).view(m, out, inn)
         return w * part(1, torch.float32, out).unsqueeze(-1) * INT8_SCALE
+    if fmt == "int4":  # code * scale + (zero - 8 * scale), as quant.int4 computes it
+        groups = inn // blocksize
+        c = codes(part(0, torch.uint8, n // 2).view(m, out, inn // 2), shape, packing)
+        sz = part(6, torch.bfloat16, groups * out * 2).view(m, groups, out, 2).float().transpose(1, 2)
+        scale, zero = sz[..., 0:1], sz[..., 1:2]  # [M, out, groups, 1]
+        w = c.view(m, out, groups, blocksize).float()
+        return torch.addcmul(zero - 8 * scale, w, scale, out=w).view(m, out, inn)
     nblocks = -(-n // blocksize)
-    codes = part(0, torch.uint8, (n + 1) // 2)
+    packed = part(0, torch.uint8, (n + 1) // 2)
     qmap = part(2, torch.float32, 16)
-    pairs = torch.stack((codes >> 4, codes & 15), dim=-1).view(m, -1)[:, :n].long()
+    pairs = torch.stack((packed >> 4, packed & 15), dim=-1).view(m, -1)[:, :n].long()
     vals = qmap.gather(1, pairs)
     if double_quant:
         nested = part(3, torch.float32, -(-nblocks // NESTED_BLOCKSIZE))
@@ -216,7 +260,7 @@ def _compute_dtype(fmt: str, x: Tensor) -> torch.dtype:
     return x.dtype if fmt == "dense" else torch.float32
 
 
-def torch_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) -> Tensor:
+def torch_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, packing="plain") -> Tensor:
     n, hidden = x.shape
     k = rows.shape[1]
     sel = _gather(buf, rows)
@@ -224,15 +268,15 @@ def torch_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) -
     xs = x.to(dt).unsqueeze(-1)  # [N, H, 1]
     out = []
     for offs in (gate, up):
-        w = dequantize_rows(sel, fmt, double_quant, blocksize, offs, (inter, hidden))
+        w = dequantize_rows(sel, fmt, double_quant, blocksize, offs, (inter, hidden), packing)
         out.append(torch.bmm(w.reshape(n, k * inter, hidden), xs).view(n * k, inter).to(x.dtype))
     return torch.nn.functional.silu(out[0]) * out[1]
 
 
-def torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down) -> Tensor:
+def torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down, packing="plain") -> Tensor:
     m, inter = h.shape
     n, k = rows.shape
-    w = dequantize_rows(_gather(buf, rows), fmt, double_quant, blocksize, down, (hidden, inter))
+    w = dequantize_rows(_gather(buf, rows), fmt, double_quant, blocksize, down, (hidden, inter), packing)
     y = torch.bmm(w, h.to(w.dtype).unsqueeze(-1)).view(n, k, hidden).to(h.dtype)
     y = y * weights.to(h.dtype).unsqueeze(-1)
     out = y[:, 0].clone()
@@ -248,7 +292,7 @@ def torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down
 def _meta(fmt: str, double_quant: bool, blocksize: int, k: int, stage: str) -> dict:
     block_n, block_k = TILES[stage]
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
-    if fmt in ("nf4", "fp4"):
+    if fmt in ("nf4", "fp4", "int4"):  # int4: one group per step (K is a multiple of the group)
         block_k = min(block_k, blocksize)
     row_scale = fmt in ("nf4", "fp4") and k % blocksize == 0
     return {
@@ -306,7 +350,8 @@ def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, dow
 
 
 def triton_qgemv(x: Tensor, q) -> Tensor:
-    """x [T, K] @ dequantize(q).T for a QTensor q (nf4/fp4/int8), without dequantizing the matrix."""
+    """x [T, K] @ dequantize(q).T for a QTensor q (nf4/fp4/int8, int4 as stored), without dequantizing
+    the matrix."""
     from .moe_triton import gemv_kernel
 
     t, kdim = x.shape
@@ -314,7 +359,7 @@ def triton_qgemv(x: Tensor, q) -> Tensor:
     y = torch.empty(t, out, dtype=x.dtype, device=x.device)
     meta = _meta(q.fmt, q.double_quant, q.blocksize, kdim, "gemv")
     w = q.weight
-    ptrs = [q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.offset]
+    ptrs = [q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.offset, q.scale_zero]
     ptrs = [p if p is not None else w for p in ptrs]  # never read: the format has no such part
     grid = (t, -(-out // meta["BLOCK_N"]))
     gemv_kernel[grid](x.contiguous(), w, *ptrs, y, kdim, out, **meta)

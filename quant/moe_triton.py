@@ -27,9 +27,11 @@ def row_dots(
     na_ptr,
     nq_ptr,
     o_ptr,
+    sz_ptr,
     r,
     rmask,
     K,
+    N,
     FMT: tl.constexpr,
     DQ: tl.constexpr,
     BS: tl.constexpr,
@@ -37,12 +39,11 @@ def row_dots(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """W[r, :] @ x in fp32 for one matrix (see the module docstring for the layouts)."""
+    """W[r, :] @ x in fp32 for one matrix of N rows (see the module docstring for the layouts)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if FMT == 1:
+    if FMT == 1 or FMT == 3:  # two 4-bit codes a byte, high nibble first, row-major
         HALF: tl.constexpr = BLOCK_K // 2
         j = tl.arange(0, HALF)
-        qmap = q_ptr.to(tl.pointer_type(tl.float32))
         for k0 in range(0, K, BLOCK_K):
             jm = k0 + 2 * j < K
             xe = tl.load(x_ptr + k0 + 2 * j, mask=jm, other=0.0).to(tl.float32)
@@ -50,16 +51,28 @@ def row_dots(
             m2 = rmask[:, None] & jm[None, :]
             first = r * K + k0  # element index of each row's first column in this step
             byte = tl.load(w_ptr + (first // 2)[:, None] + j[None, :], mask=m2, other=0).to(tl.int32)
-            hi = tl.load(qmap + (byte >> 4))
-            lo = tl.load(qmap + (byte & 15))
-            prod = hi * xe[None, :] + lo * xo[None, :]
-            if ROW_SCALE:  # the step lies inside one block of each row
-                s = scale_of(first // BS, a_ptr, nq_ptr, na_ptr, o_ptr, rmask, DQ)
-                acc += tl.sum(prod, axis=1) * s
-            else:
-                blk = (first[:, None] + 2 * j[None, :]) // BS
-                s = scale_of(blk, a_ptr, nq_ptr, na_ptr, o_ptr, m2, DQ)
-                acc += tl.sum(prod * s, axis=1)
+            if FMT == 1:
+                qmap = q_ptr.to(tl.pointer_type(tl.float32))
+                hi = tl.load(qmap + (byte >> 4))
+                lo = tl.load(qmap + (byte & 15))
+                prod = hi * xe[None, :] + lo * xo[None, :]
+                if ROW_SCALE:  # the step lies inside one block of each row
+                    s = scale_of(first // BS, a_ptr, nq_ptr, na_ptr, o_ptr, rmask, DQ)
+                    acc += tl.sum(prod, axis=1) * s
+                else:
+                    blk = (first[:, None] + 2 * j[None, :]) // BS
+                    s = scale_of(blk, a_ptr, nq_ptr, na_ptr, o_ptr, m2, DQ)
+                    acc += tl.sum(prod * s, axis=1)
+            else:  # int4: the step lies inside group k0 // BS of every row
+                dot = tl.sum(
+                    (byte >> 4).to(tl.float32) * xe[None, :] + (byte & 15).to(tl.float32) * xo[None, :],
+                    axis=1,
+                )
+                sz = sz_ptr.to(tl.pointer_type(tl.bfloat16)) + ((k0 // BS) * N + r) * 2
+                s = tl.load(sz, mask=rmask, other=0.0).to(tl.float32)
+                z = tl.load(sz + 1, mask=rmask, other=0.0).to(tl.float32)
+                # sum_k (code_k * s + z - 8 s) x_k = s * (codes . x) + (z - 8 s) * sum(x)
+                acc += dot * s + tl.sum(xe + xo, axis=0) * (z - 8.0 * s)
     else:
         kk = tl.arange(0, BLOCK_K)
         wp = w_ptr
@@ -92,12 +105,14 @@ def gate_up_kernel(
     gna,
     gnq,
     go,
+    gsz,
     uw,
     ua,
     uq,
     una,
     unq,
     uo,
+    usz,
     TOPK: tl.constexpr,
     FMT: tl.constexpr,
     DQ: tl.constexpr,
@@ -111,10 +126,10 @@ def gate_up_kernel(
     rmask = r < INTER
     base = buf_ptr + tl.load(rows_ptr + m).to(tl.int64) * stride_row
     xp = x_ptr + (m // TOPK) * H
-    g = row_dots(xp, base + gw, base + ga, base + gq, base + gna, base + gnq, base + go, r, rmask, H,
-                 FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
-    u = row_dots(xp, base + uw, base + ua, base + uq, base + una, base + unq, base + uo, r, rmask, H,
-                 FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
+    g = row_dots(xp, base + gw, base + ga, base + gq, base + gna, base + gnq, base + go, base + gsz, r, rmask,
+                 H, INTER, FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
+    u = row_dots(xp, base + uw, base + ua, base + uq, base + una, base + unq, base + uo, base + usz, r, rmask,
+                 H, INTER, FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
     # round as the loop path does (each projection in x's dtype), then SiLU * up
     g = g.to(h_ptr.dtype.element_ty).to(tl.float32)
     u = u.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -138,6 +153,7 @@ def down_kernel(
     dna,
     dnq,
     do,
+    dsz,
     TOPK: tl.constexpr,
     FMT: tl.constexpr,
     DQ: tl.constexpr,
@@ -154,7 +170,7 @@ def down_kernel(
         m = n * TOPK + j
         base = buf_ptr + tl.load(rows_ptr + m).to(tl.int64) * stride_row
         y = row_dots(h_ptr + m * INTER, base + dw, base + da, base + dq, base + dna, base + dnq, base + do,
-                     r, rmask, INTER, FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
+                     base + dsz, r, rmask, INTER, H, FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
         acc += y * tl.load(wts_ptr + m).to(tl.float32)
     tl.store(out_ptr + n * H + r, acc.to(out_ptr.dtype.element_ty), mask=rmask)
 
@@ -168,6 +184,7 @@ def gemv_kernel(
     na_ptr,
     nq_ptr,
     o_ptr,
+    sz_ptr,
     y_ptr,
     K,
     OUT,
@@ -181,6 +198,6 @@ def gemv_kernel(
     t = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = r < OUT
-    y = row_dots(x_ptr + t * K, w_ptr, a_ptr, q_ptr, na_ptr, nq_ptr, o_ptr, r, rmask, K,
+    y = row_dots(x_ptr + t * K, w_ptr, a_ptr, q_ptr, na_ptr, nq_ptr, o_ptr, sz_ptr, r, rmask, K, OUT,
                  FMT, DQ, BS, ROW_SCALE, BLOCK_N, BLOCK_K)  # fmt: skip
     tl.store(y_ptr + t * OUT + r, y.to(y_ptr.dtype.element_ty), mask=rmask)

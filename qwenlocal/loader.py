@@ -238,9 +238,7 @@ def load_model(
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
     model.kv_dtype = kv_dtype
-    # the grouped kernels (quant/moe_kernels.py) read nf4/fp4/int8/16-bit experts, not int4 yet
-    int4_experts = recipe is not None and recipe.format_for("experts") == "int4"
-    model.experts.moe = "loop" if int4_experts else moe
+    model.experts.moe = moe
     model.eval()
     return model
 

@@ -167,7 +167,9 @@ def test_memory_estimate_against_the_allocator(qckpt):
 
 
 @cuda
-@pytest.mark.parametrize("fmt, dq", [("nf4", True), ("nf4", False), ("int8", False), ("bf16", False)])
+@pytest.mark.parametrize(
+    "fmt, dq", [("nf4", True), ("nf4", False), ("int8", False), ("int4", False), ("bf16", False)]
+)
 @pytest.mark.parametrize("n, k", [(1, 8), (4, 8)])
 def test_grouped_triton_equals_torch_on_gpu(fmt, dq, n, k):
     """The real shapes (hidden 2048, 768 per expert) through the compiled kernels."""
@@ -183,14 +185,14 @@ def test_grouped_triton_equals_torch_on_gpu(fmt, dq, n, k):
     ids, w = ids.sort(-1).values.cuda(), w.cuda()
     args = (gu, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up))
     h_ref, h = mk.torch_gate_up(x, ids, *args), mk.triton_gate_up(x, ids, *args)
-    dargs = (down, s.fmt, s.double_quant, s.blocksize, s.hidden, list(s.down))
+    dargs = (down, s.fmt, s.double_quant, s.down_blocksize, s.hidden, list(s.down))
     y_ref, y = mk.torch_down(h_ref, ids, w, *dargs), mk.triton_down(h_ref, ids, w, *dargs)
     for a, b in ((h, h_ref), (y, y_ref)):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
 
 
 @cuda
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "int4"])
 @pytest.mark.parametrize("rows", [1, 16, 40])
 def test_qmatmul_on_gpu(fmt, rows):
     """Attention's quantized matmul: the Triton GEMV up to 16 tokens, qlinear beyond."""

@@ -12,12 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from quant.int4 import GROUP_SIZES, cpu_packing
 from qwenlocal.config import Qwen3MoeConfig
 from qwenlocal.experts import DenseExperts, QuantExperts
 
 ROOT = Path(__file__).resolve().parent.parent
 # (format, double quant); "bf16"/"fp32": the stacked 16/32-bit experts
-FORMATS = [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False), ("bf16", False), ("fp32", False)]
+FORMATS = [
+    ("nf4", True),
+    ("nf4", False),
+    ("fp4", True),
+    ("int8", False),
+    ("int4", False),
+    ("bf16", False),
+    ("fp32", False),
+]
+
+
+def blocksize(fmt: str, width: int) -> int:
+    """64, or for int4 the largest group that divides the width (as the recipes choose): with the
+    small shapes here gate/up group by 64 and down by 32."""
+    return max(g for g in GROUP_SIZES if g <= 64 and width % g == 0) if fmt == "int4" else 64
 
 
 def make_experts(fmt: str, dq: bool, hidden: int = 64, inter: int = 32, experts: int = 8, seed: int = 0):
@@ -58,7 +73,10 @@ def make_experts(fmt: str, dq: bool, hidden: int = 64, inter: int = 32, experts:
     layout = None
     blobs = []
     for e in range(experts):
-        qs = {p: quantize(w.to(torch.bfloat16), fmt, 64, dq) for p, w in weights[e].items()}
+        qs = {
+            p: quantize(w.to(torch.bfloat16), fmt, blocksize(fmt, w.shape[1]), dq)
+            for p, w in weights[e].items()
+        }
         blob, layout = pack(qs)
         blobs.append(blob)
     ex = QuantExperts(config, layout)
@@ -110,6 +128,27 @@ def test_grouped_reads_the_rows_it_is_given():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_grouped_reads_int4_in_the_cpu_kernel_layout(n):
+    """Resident int4 experts on the CPU are repacked for torch's int4 kernel (the loop path's): the
+    grouped path reads the codes back from that layout, to the same result bit for bit."""
+    packing = cpu_packing()
+    if packing is None:
+        pytest.skip("torch's CPU int4 layout is not one quant.int4 reads: the blobs stay as stored")
+    ex, dt = make_experts("int4", False, hidden=64, inter=64)  # rows a multiple of every CPU block
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(2)).to(dt)
+    ids, w = routing(n, 2, dtype=dt)
+    ex.moe = "grouped"
+    stored = ex(0, x, ids, w)
+    ex.use_kernel_layout()
+    spec = ex.grouped_weights(0)[2]
+    assert spec.packing == spec.down_packing == packing
+    assert torch.equal(ex(0, x, ids, w), stored)
+    ex.moe = "loop"  # torch's int4 kernel
+    loop = ex(0, x, ids, w)
+    assert ((stored.float() - loop.float()).norm() / loop.float().norm()).item() < 2e-2
+
+
 def test_prefill_beyond_the_grouped_limit_takes_the_loop():
     from quant.moe_kernels import MAX_GROUPED_TOKENS
 
@@ -138,7 +177,7 @@ for fmt, dq in FORMATS:
             args = (gu, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up))
             h_ref = mk.torch_gate_up(x, ids, *args)
             h = mk.triton_gate_up(x, ids, *args)
-            dargs = (down, s.fmt, s.double_quant, s.blocksize, s.hidden, list(s.down))
+            dargs = (down, s.fmt, s.double_quant, s.down_blocksize, s.hidden, list(s.down))
             y_ref = mk.torch_down(h_ref, ids, w, *dargs)
             y = mk.triton_down(h_ref, ids, w, *dargs)
             for a, b in ((h, h_ref), (y, y_ref)):
@@ -147,9 +186,9 @@ for fmt, dq in FORMATS:
                 # bf16: the torch path rounds each of the k products and partial sums, the kernel once
                 assert err < (1e-5 if dt == torch.float32 else 2e-2), (fmt, dq, hidden, n, k, err)
 # the attention GEMV on quantized matrices
-for fmt, dq in (("int8", False), ("nf4", True), ("fp4", False)):
+for fmt, dq, bs in (("int8", False, 64), ("nf4", True, 64), ("fp4", False, 64), ("int4", False, 32)):
     for rows, cols in ((40, 96),):
-        q = quantize(torch.randn(rows, cols, dtype=torch.bfloat16), fmt, 64, dq)
+        q = quantize(torch.randn(rows, cols, dtype=torch.bfloat16), fmt, bs, dq)
         x = torch.randn(3, cols, dtype=torch.bfloat16)
         want = x.float() @ dequantize(q, torch.float32).T
         got = mk.triton_qgemv(x, q).float()
@@ -183,6 +222,9 @@ def _signature(fn, types: dict, meta: dict) -> dict:
         ("down", 2, False, False),
         ("gemv", 2, False, False),
         ("gemv", 1, True, True),
+        ("gate_up", 3, False, False),
+        ("down", 3, False, False),
+        ("gemv", 3, False, False),
     ],
 )
 def test_triton_kernels_compile_for_the_h200(kernel, fmt, dq, row_scale):
@@ -199,7 +241,7 @@ def test_triton_kernels_compile_for_the_h200(kernel, fmt, dq, row_scale):
         "x_ptr": dt, "h_ptr": dt, "out_ptr": dt, "y_ptr": dt, "wts_ptr": dt, "rows_ptr": "*i64",
         "buf_ptr": "*u8" if fmt else dt, "stride_row": "i64",
         "w_ptr": "*i8" if fmt == 2 else "*u8", "a_ptr": "*u8" if dq else "*fp32", "q_ptr": "*fp32",
-        "na_ptr": "*fp32", "nq_ptr": "*fp32", "o_ptr": "*fp32",
+        "na_ptr": "*fp32", "nq_ptr": "*fp32", "o_ptr": "*fp32", "sz_ptr": "*bf16",
     }  # fmt: skip
     meta = {"FMT": fmt, "DQ": dq, "BS": 64, "ROW_SCALE": row_scale, "BLOCK_N": 32, "BLOCK_K": 64}
     fn = getattr(mt, f"{kernel}_kernel")

@@ -104,6 +104,21 @@ def test_cpu_repack_is_torchs_layout_and_reads_back():
     assert to_kernel_layout(qk) is qk
 
 
+@pytest.mark.parametrize("packing", ["plain", "cpu"])
+def test_int4_codes_of_stacked_matrices(packing):
+    """The grouped expert path reads k matrices at once: the codes of a stack, in either layout, are
+    each matrix's documented nibbles (column 2j high, 2j + 1 low)."""
+    qs = [quantize(weights((128, 64), seed=s), "int4", 32) for s in range(3)]
+    want = torch.stack([torch.stack([q.weight >> 4, q.weight & 15], dim=-1).view(128, 64) for q in qs])
+    if packing == "cpu":
+        if cpu_packing() is None:
+            pytest.skip("torch's CPU int4 layout is not one quant.int4 reads")
+        qs = [to_kernel_layout(q) for q in qs]  # repacked in place
+        assert qs[0].packing == cpu_packing()
+    got = codes(torch.stack([q.weight for q in qs]), (128, 64), qs[0].packing)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("rows", [1, 3, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1, 40])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_int4_paths_equal_the_dequantized_linear(rows, xdtype):
