@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from . import moe_kernels
-from .formats import DEFAULT_BLOCKSIZE, PARTS, QSpec, QTensor, dequantize, quantize
+from .formats import QTensor, dequantize, quantize
 from .kernels import qlinear, to_kernel_layout
+from .spec import DEFAULT_BLOCKSIZE, PARTS, QSpec
 
 
 class QuantLinear(nn.Module):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .formats import NESTED_BLOCKSIZE
+from .spec import NESTED_BLOCKSIZE
 
 # The parts these kernels read, by index (int4's scale_zero is not one of them yet).
 PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")

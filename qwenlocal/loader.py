@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant.formats import PackLayout, QTensor
+from quant.formats import QTensor
 from quant.linear import QuantLinear
+from quant.pack import PackLayout
 from quant.recipe import DEFAULT_PRESET, Recipe
 
 from .cache_policy import DEFAULT_CACHE_POLICY

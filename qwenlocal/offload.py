@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quant.formats import unpack
+from quant.pack import unpack
 
 from .cache_policy import DEFAULT_CACHE_POLICY, make_policy
 from .config import Qwen3MoeConfig
