@@ -67,9 +67,10 @@ class CacheStats:
         return t
 
     @property
-    def hit_rate(self) -> float:
+    def hit_rate(self) -> float | None:
+        """Share of expert uses served from the cache; None before any use."""
         t = self.total()
-        return t.hits / (t.hits + t.misses) if t.hits + t.misses else 0.0
+        return t.hits / (t.hits + t.misses) if t.hits + t.misses else None
 
     @property
     def prefetch_recall(self) -> float | None:
