@@ -21,7 +21,7 @@ REFERENCE = r"""
 import sys, time, torch, bitsandbytes.functional as F
 from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.names import tensor_class
-from quant.formats import PackLayout, unpack
+from quant.pack import PackLayout, unpack
 src, out = Checkpoint(sys.argv[1]), Checkpoint(sys.argv[2])
 names = [n for n in src.weight_map if tensor_class(n) in ("attention", "experts")]
 t, nbytes, same, checked = time.perf_counter(), 0, 0, 0

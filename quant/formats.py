@@ -23,16 +23,15 @@ table lookup on the float's top 12 bits plus one comparison instead of a binary 
 cache-sized chunks, on one thread. The CPU path never imports bitsandbytes (its 0.50 import prints
 a warning on CPU-only machines); tests/test_quant_formats.py holds it to the installed bnb's bytes.
 
-Storage can be sized without quantizing anything (`storage_nbytes`, `QSpec`), and several QTensors
-(an expert's gate, up and down) pack into one aligned uint8 blob (`pack` / `unpack`), so one
-`copy_()` moves an expert between host and GPU.
+Storage is sized without quantizing anything in quant/spec.py; several QTensors pack into one blob
+in quant/pack.py.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,160 +46,23 @@ from .bnb_cpu import (
     quantize_dynamic_cpu,
     quantize_int8,
 )
-from .errors import UserError
-from .int4 import GROUP_SIZES, dequantize_int4, quantize_int4
+from .int4 import dequantize_int4, quantize_int4
 from .scratch import scratch
+from .spec import (
+    BNB_4BIT_FORMATS,
+    DEFAULT_BLOCKSIZE,
+    NESTED_BLOCKSIZE,
+    PARTS,
+    QSpec,
+    QuantFormatError,
+    check_format,
+    spec_from_meta,
+)
 
-FORMATS = ("nf4", "fp4", "int8", "int4")
-FOUR_BIT_FORMATS = ("nf4", "fp4", "int4")
-BNB_4BIT_FORMATS = ("nf4", "fp4")
-DEFAULT_BLOCKSIZE = 64
-# The block sizes bitsandbytes' quantize_4bit accepts.
-VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# Double quantization: the absmax is itself quantized in blocks of 256 with the dynamic 8-bit map.
-NESTED_BLOCKSIZE = 256
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Each piece of a packed blob starts at a multiple of this (fp32 views, cache lines, CUDA loads).
-PACK_ALIGN = 64
 
-# Part names, in storage order. `to_tensors(prefix)` writes f"{prefix}.{part}".
-PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")
-
-_DTYPE_NAMES = {
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float32: "float32",
-    torch.uint8: "uint8",
-    torch.int8: "int8",
-}
-_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
-
-
-# Per-thread caches: reusable scratch buffers and derived tables.
+# Per-thread cache of the 4-bit decode tables (_code_pairs).
 _local = threading.local()
-
-
-class QuantFormatError(UserError, ValueError):
-    """A bad format name, block size or input for quantization."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES[dtype]
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return _DTYPES_BY_NAME[name]
-    except KeyError:
-        raise QuantFormatError(f"Unknown dtype {name!r} in quantized tensor metadata.") from None
-
-
-def check_format(fmt: str, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = False) -> None:
-    """Raise `QuantFormatError` (a UserError and a ValueError) unless the recipe is valid."""
-    if fmt not in FORMATS:
-        raise QuantFormatError(f"Unknown quantization format {fmt!r}; expected one of {', '.join(FORMATS)}.")
-    if fmt in BNB_4BIT_FORMATS and blocksize not in VALID_BLOCKSIZES:
-        raise QuantFormatError(
-            f"Block size {blocksize!r} is not supported for {fmt}; use one of {', '.join(map(str, VALID_BLOCKSIZES))}."
-        )
-    if fmt == "int4" and blocksize not in GROUP_SIZES:
-        raise QuantFormatError(
-            f"Group size {blocksize!r} is not supported for int4; use one of {', '.join(map(str, GROUP_SIZES))}."
-        )
-    if fmt in ("int8", "int4") and double_quant:
-        raise QuantFormatError(
-            f"Double quantization applies to nf4/fp4 only, not to {fmt} (its scales stay 16-bit)."
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes, without quantizing anything
-
-
-@dataclass(frozen=True)
-class QSpec:
-    """Everything that fixes a QTensor's storage: usable by a memory estimator before quantizing."""
-
-    shape: tuple[int, ...]
-    fmt: str
-    blocksize: int = DEFAULT_BLOCKSIZE
-    double_quant: bool = False
-    dtype: torch.dtype = torch.bfloat16  # the original (dequantized) dtype
-    packing: str = "plain"  # int4 only: "plain" as stored, or a CPU kernel layout (quant/int4.py)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        check_format(self.fmt, self.blocksize, self.double_quant)
-        if self.fmt == "int4" and (len(self.shape) != 2 or self.shape[1] % self.blocksize):
-            raise QuantFormatError(
-                f"int4 needs a 2-D weight whose width divides into groups of {self.blocksize}, "
-                f"not {list(self.shape)}; choose a smaller --group-size or another format."
-            )
-        if self.fmt == "int8":
-            if len(self.shape) == 0:
-                raise QuantFormatError(
-                    "int8 row-wise quantization needs a tensor with at least one dimension."
-                )
-            object.__setattr__(self, "blocksize", self.shape[-1])
-
-    def meta(self) -> dict[str, Any]:
-        """The JSON-able form (spec_from_meta reads it back)."""
-        out = {
-            "format": self.fmt,
-            "shape": list(self.shape),
-            "dtype": dtype_name(self.dtype),
-            "blocksize": self.blocksize,
-            "double_quant": self.double_quant,
-        }
-        return out if self.packing == "plain" else {**out, "packing": self.packing}
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """(part name, dtype, shape) of every stored tensor, in storage order."""
-        n = self.numel
-        if self.fmt == "int8":
-            rows = n // self.shape[-1] if self.shape[-1] else 0
-            return [("weight", torch.int8, self.shape), ("absmax", torch.float32, (rows,))]
-        if self.fmt == "int4":
-            out_f, in_f = self.shape
-            return [
-                ("weight", torch.uint8, (out_f, in_f // 2)),
-                ("scale_zero", torch.bfloat16, (in_f // self.blocksize, out_f, 2)),
-            ]
-        blocks = -(-n // self.blocksize)
-        out = [("weight", torch.uint8, ((n + 1) // 2, 1))]
-        if self.double_quant:
-            out += [
-                ("absmax", torch.uint8, (blocks,)),
-                ("quant_map", torch.float32, (16,)),
-                ("nested_absmax", torch.float32, (-(-blocks // NESTED_BLOCKSIZE),)),
-                ("nested_quant_map", torch.float32, (256,)),
-                ("offset", torch.float32, ()),
-            ]
-        else:
-            out += [("absmax", torch.float32, (blocks,)), ("quant_map", torch.float32, (16,))]
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(shape) * dt.itemsize for _, dt, shape in self.parts())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / self.numel
-
-
-def storage_nbytes(
-    shape: tuple[int, ...] | torch.Size,
-    fmt: str,
-    blocksize: int = DEFAULT_BLOCKSIZE,
-    double_quant: bool = False,
-) -> int:
-    """Exact bytes of every tensor a QTensor of this recipe holds (packed codes, scales, code books)."""
-    return QSpec(tuple(shape), fmt, blocksize, double_quant).nbytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,17 +158,6 @@ class QTensor:
                 )
             found[name] = t
         return cls(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **found, packing=spec.packing)
-
-
-def spec_from_meta(meta: Mapping[str, Any]) -> QSpec:
-    return QSpec(
-        tuple(meta["shape"]),
-        meta["format"],
-        int(meta.get("blocksize", DEFAULT_BLOCKSIZE)),
-        bool(meta.get("double_quant", False)),
-        dtype_from_name(meta.get("dtype", "bfloat16")),
-        meta.get("packing", "plain"),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,95 +375,3 @@ def from_bnb(
         nested.code if nested else None,
         state.offset if nested else None,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Packing several QTensors into one blob
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One stored tensor inside a blob: bytes [offset, offset + nbytes)."""
-
-    name: str  # the QTensor's name in the pack, e.g. "gate_proj"
-    part: str  # "weight", "absmax", ...
-    offset: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class PackLayout:
-    """Where each QTensor's parts live in a packed blob; JSON-able through to_dict / from_dict."""
-
-    specs: dict[str, QSpec]
-    slots: tuple[Slot, ...]
-    nbytes: int
-    align: int = PACK_ALIGN
-
-    def __iter__(self) -> Iterator[Slot]:
-        return iter(self.slots)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "nbytes": self.nbytes,
-            "align": self.align,
-            "tensors": {name: s.meta() for name, s in self.specs.items()},
-            "slots": [
-                [sl.name, sl.part, sl.offset, dtype_name(sl.dtype), list(sl.shape)] for sl in self.slots
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PackLayout:
-        specs = {name: spec_from_meta(m) for name, m in d["tensors"].items()}
-        slots = tuple(Slot(n, p, int(o), dtype_from_name(dt), tuple(sh)) for n, p, o, dt, sh in d["slots"])
-        return cls(specs, slots, int(d["nbytes"]), int(d.get("align", PACK_ALIGN)))
-
-
-def pack_layout(specs: Mapping[str, QSpec], align: int = PACK_ALIGN) -> PackLayout:
-    """The blob layout for these QTensor specs, computed without any tensor (for memory planning)."""
-    slots = []
-    pos = 0
-    for name, spec in specs.items():
-        for part, dt, shape in spec.parts():
-            pos = -(-pos // align) * align
-            slots.append(Slot(name, part, pos, dt, shape))
-            pos += math.prod(shape) * dt.itemsize
-    total = -(-pos // align) * align
-    return PackLayout(dict(specs), tuple(slots), total, align)
-
-
-def pack(
-    qs: Mapping[str, QTensor], align: int = PACK_ALIGN, out: Tensor | None = None
-) -> tuple[Tensor, PackLayout]:
-    """Copy several QTensors into one contiguous uint8 blob (e.g. a pinned host buffer given as `out`)."""
-    layout = pack_layout({name: q.spec for name, q in qs.items()}, align)
-    if out is None:
-        device = next(iter(qs.values())).device if qs else torch.device("cpu")
-        out = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
-    elif out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < layout.nbytes:
-        raise ValueError(f"pack: out must be a 1-D uint8 tensor of at least {layout.nbytes} bytes")
-    for slot in layout.slots:
-        t = getattr(qs[slot.name], slot.part)
-        dst = out[slot.offset : slot.offset + slot.nbytes]
-        dst.copy_(t.contiguous().reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8))
-    return out, layout
-
-
-def unpack(blob: Tensor, layout: PackLayout) -> dict[str, QTensor]:
-    """QTensors whose tensors are views into `blob` (no copy): valid while the blob is."""
-    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() < layout.nbytes:
-        raise ValueError(f"unpack: blob must be a 1-D uint8 tensor of at least {layout.nbytes} bytes")
-    parts: dict[str, dict[str, Tensor]] = {name: {} for name in layout.specs}
-    for slot in layout.slots:
-        raw = blob[slot.offset : slot.offset + slot.nbytes]
-        parts[slot.name][slot.part] = raw.view(slot.dtype).view(slot.shape)
-    return {
-        name: QTensor(spec.fmt, spec.shape, spec.dtype, spec.blocksize, **parts[name], packing=spec.packing)
-        for name, spec in layout.specs.items()
-    }

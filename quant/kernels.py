@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .formats import PackLayout, QTensor, dequantize, scratch, unpack
+from .formats import QTensor, dequantize
 from .int4 import cpu_packable, cpu_packing, dequantize_int4_t, int4_mm_cpu, repack_for_cpu
+from .pack import PackLayout, unpack
+from .scratch import scratch
 
 # Rows up to which torch's int8 / int4 CPU kernels beat dequantize + GEMM (bench/kernels.py).
 INT8_KERNEL_MAX_ROWS = 16

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from . import moe_kernels
-from .formats import DEFAULT_BLOCKSIZE, PARTS, QSpec, QTensor, dequantize, quantize
+from .formats import QTensor, dequantize, quantize
 from .kernels import qlinear, to_kernel_layout
+from .spec import DEFAULT_BLOCKSIZE, PARTS, QSpec
 
 
 class QuantLinear(nn.Module):
@@ -104,19 +105,13 @@ def qmatmul(x: Tensor, q, bias: Tensor | None = None) -> Tensor:
     """x [..., in] @ dequantize(q).T (+ bias) through one torch op: on CUDA a few tokens take the
     Triton GEMV (no dequantized copy of the matrix per token); otherwise quant.linear.qlinear."""
     parts = [getattr(q, name) for name in PARTS]
-    return torch.ops.qwenlocal.qmatmul(x, *parts, bias, q.fmt, list(q.shape), q.dtype, q.blocksize, q.packing)
+    return torch.ops.qwenlocal.qmatmul(x, parts, bias, q.fmt, list(q.shape), q.dtype, q.blocksize, q.packing)
 
 
 @torch.library.custom_op("qwenlocal::qmatmul", mutates_args=())
 def _qmatmul_op(
     x: Tensor,
-    weight: Tensor,
-    absmax: Tensor | None,
-    quant_map: Tensor | None,
-    nested_absmax: Tensor | None,
-    nested_quant_map: Tensor | None,
-    offset: Tensor | None,
-    scale_zero: Tensor | None,
+    parts: list[Tensor | None],  # the QTensor's, in PARTS order
     bias: Tensor | None,
     fmt: str,
     shape: list[int],
@@ -124,20 +119,7 @@ def _qmatmul_op(
     blocksize: int,
     packing: str,
 ) -> Tensor:
-    q = QTensor(
-        fmt,
-        tuple(shape),
-        dtype,
-        blocksize,
-        weight,
-        absmax,
-        quant_map,
-        nested_absmax,
-        nested_quant_map,
-        offset,
-        scale_zero,
-        packing,
-    )
+    q = QTensor(fmt, tuple(shape), dtype, blocksize, **dict(zip(PARTS, parts, strict=True)), packing=packing)
     flat = x.reshape(-1, x.shape[-1])
     if (
         x.is_cuda
@@ -153,20 +135,5 @@ def _qmatmul_op(
 
 
 @_qmatmul_op.register_fake
-def _(
-    x,
-    weight,
-    absmax,
-    quant_map,
-    nested_absmax,
-    nested_quant_map,
-    offset,
-    scale_zero,
-    bias,
-    fmt,
-    shape,
-    dtype,
-    blocksize,
-    packing,
-):
+def _(x, parts, bias, fmt, shape, dtype, blocksize, packing):
     return x.new_empty(*x.shape[:-1], shape[0])

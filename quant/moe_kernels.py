@@ -7,7 +7,7 @@ Where the weights live. `buf` holds one row per expert (or per cache slot) and `
 row each (token, pick) reads, so resident experts (row = expert id) and the offload cache (row = slot)
 share one kernel:
 
-    quantized   buf uint8 [R, B]: one quant.formats.pack blob per row; for each of gate, up, down the
+    quantized   buf uint8 [R, B]: one quant.pack blob per row; for each of gate, up, down the
                 byte offsets of (weight, absmax, quant_map, nested_absmax, nested_quant_map, offset,
                 scale_zero) within the row (-1: absent), every part 64-byte aligned.
                 nf4/fp4 weight: two codes a byte, high nibble first, over the row-major [out, in] matrix;
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .formats import NESTED_BLOCKSIZE
 from .int4 import codes
+from .spec import NESTED_BLOCKSIZE
 
 # The parts these kernels read, by index.
 PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")
@@ -76,7 +76,7 @@ class GroupedSpec:
 
     @classmethod
     def from_layout(cls, layout) -> GroupedSpec:
-        """From a quant.formats.PackLayout of gate_proj, up_proj and down_proj."""
+        """From a quant.pack.PackLayout of gate_proj, up_proj and down_proj."""
         specs = layout.specs
         g, d = specs["gate_proj"], specs["down_proj"]
         offs = {name: [-1] * len(PARTS) for name in specs}

@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import UserError
-from .formats import DEFAULT_BLOCKSIZE, FOUR_BIT_FORMATS, VALID_BLOCKSIZES, QSpec
 from .int4 import GROUP_SIZES
+from .spec import DEFAULT_BLOCKSIZE, FOUR_BIT_FORMATS, VALID_BLOCKSIZES, QSpec
 
 QUANT_METHOD = "qwenlocal"
 FORMAT_VERSION = 1

@@ -230,8 +230,8 @@ def stats_panel(s: ChatSession, started: float) -> Panel:
         ("generated", f"{t.generated_tokens:,} tokens at {t.gen_tps:.1f} tok/s"),
     ]
     if t.expert_cache is not None:
-        c = t.expert_cache.total()
-        rate = f" ({100 * c.hits / (c.hits + c.misses):.1f}%)" if c.hits + c.misses else ""
+        c, hit_rate = t.expert_cache.total(), t.expert_cache.hit_rate
+        rate = "" if hit_rate is None else f" ({100 * hit_rate:.1f}%)"
         rows.append(("expert cache", f"{c.hits:,} hits, {c.misses:,} misses{rate}"))
         recall = t.expert_cache.prefetch_recall
         if recall is not None:

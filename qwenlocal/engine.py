@@ -106,7 +106,7 @@ def expert_cache_stats(stats: Stats, model) -> dict | None:
     return {
         "hits": t.hits,
         "misses": t.misses,
-        "hit_rate": t.hits / (t.hits + t.misses) if t.hits + t.misses else 0.0,
+        "hit_rate": stats.expert_cache.hit_rate,
         "bytes_copied": t.bytes_copied,
         "wait_seconds": t.wait_s,
         "prefetch_recall": stats.expert_cache.prefetch_recall,

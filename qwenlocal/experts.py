@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.formats import unpack
 from quant.kernels import kernel_pack_layout, qlinear
+from quant.pack import unpack
 
 from .config import Qwen3MoeConfig
 
@@ -178,7 +178,7 @@ class DenseExperts(Experts):
 
 class QuantExperts(Experts):
     """Quantized experts: per layer one uint8 tensor [E, blob bytes]; row e is expert e's packed
-    gate, up and down projections with their statistics (quant.formats.pack layout)."""
+    gate, up and down projections with their statistics (quant.pack layout)."""
 
     def __init__(self, config: Qwen3MoeConfig, layout):
         super().__init__(config)

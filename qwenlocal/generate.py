@@ -99,8 +99,28 @@ class TokenRecord:
     elapsed_s: float  # since the request started
 
 
+class Speeds:
+    """Prompt tok/s over prefilled tokens (not those reused from the KV cache), generation tok/s
+    over decode steps (the first token comes out of the prefill)."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    decoded_tokens: int
+    prompt_s: float
+    gen_s: float
+
+    @property
+    def prompt_tps(self) -> float:
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return prefilled / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return self.decoded_tokens / self.gen_s if self.gen_s > 0 else 0.0
+
+
 @dataclass
-class Summary:
+class Summary(Speeds):
     """The last record of a generation."""
 
     prompt_tokens: int = 0
@@ -115,22 +135,13 @@ class Summary:
     expert_cache: CacheStats | None = None  # offloaded experts: the counters of this generation
 
     @property
-    def prompt_tps(self) -> float:
-        prefilled = self.prompt_tokens - self.cached_tokens
-        return prefilled / self.prompt_s if self.prompt_s > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        decoded = max(self.generated_tokens - 1, 0)  # the first token comes from the prefill
-        return decoded / self.gen_s if self.gen_s > 0 else 0.0
+    def decoded_tokens(self) -> int:
+        return max(self.generated_tokens - 1, 0)
 
     @property
     def expert_hit_rate(self) -> float | None:
         """Share of expert uses served from the cache; None without offload or without uses."""
-        if self.expert_cache is None:
-            return None
-        t = self.expert_cache.total()
-        return t.hits / (t.hits + t.misses) if t.hits + t.misses else None
+        return None if self.expert_cache is None else self.expert_cache.hit_rate
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -139,16 +150,16 @@ class Summary:
 
 
 @dataclass
-class Totals:
+class Totals(Speeds):
     """Sums over many generations (a chat session, a server's life), with the same speeds as a
-    Summary: prompt tok/s over prefilled tokens, generation tok/s over decode steps."""
+    Summary."""
 
     turns: int = 0
     stopped: int = 0  # cancelled before the end
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
-    decoded_tokens: int = 0  # generated after the first, which comes out of the prefill
+    decoded_tokens: int = 0
     prompt_s: float = 0.0
     gen_s: float = 0.0
     peak_memory_bytes: int = 0
@@ -160,7 +171,7 @@ class Totals:
         self.prompt_tokens += s.prompt_tokens
         self.cached_tokens += s.cached_tokens
         self.generated_tokens += s.generated_tokens
-        self.decoded_tokens += max(s.generated_tokens - 1, 0)
+        self.decoded_tokens += s.decoded_tokens
         self.prompt_s += s.prompt_s
         self.gen_s += s.gen_s
         self.peak_memory_bytes = max(self.peak_memory_bytes, s.peak_memory_bytes)
@@ -168,15 +179,6 @@ class Totals:
             self.expert_cache = self.expert_cache or CacheStats()
             for layer, counts in s.expert_cache.layers.items():
                 self.expert_cache.layers.setdefault(layer, LayerStats()).add(counts)
-
-    @property
-    def prompt_tps(self) -> float:
-        prefilled = self.prompt_tokens - self.cached_tokens
-        return prefilled / self.prompt_s if self.prompt_s > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        return self.decoded_tokens / self.gen_s if self.gen_s > 0 else 0.0
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant.formats import PackLayout, QTensor
+from quant.formats import QTensor
 from quant.linear import QuantLinear
+from quant.pack import PackLayout
 from quant.recipe import DEFAULT_PRESET, Recipe
 
 from .cache_policy import DEFAULT_CACHE_POLICY
@@ -26,6 +27,7 @@ from .checkpoint import (
     resolve_model,
 )
 from .cold import DEFAULT_COLD_EXPERTS, ColdExperts, parse_cold_experts
+from .config import Qwen3MoeConfig
 from .errors import UserError
 from .experts import QuantExperts
 from .memory import estimate, fit_expert_slots, make_plan
@@ -175,6 +177,23 @@ def auto_budget(device: torch.device) -> int:
     return free - VRAM_RESERVE
 
 
+@dataclass(frozen=True)
+class ExpertCache:
+    """Experts kept in host RAM with a cache of them on the device: slots per MoE layer, eviction
+    policy, prefetch, and what a miss does (cold.py)."""
+
+    slots_per_layer: int
+    policy: str
+    prefetch: bool
+    cold_experts: str
+
+    def experts(self, config: Qwen3MoeConfig, layout: PackLayout, device: torch.device) -> OffloadedExperts:
+        args = (config, layout, self.slots_per_layer, device, self.policy, self.prefetch)
+        if self.cold_experts == "copy":
+            return OffloadedExperts(*args)
+        return ColdExperts(*args, mode=self.cold_experts)
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -222,19 +241,8 @@ def load_model(
         per_layer = None if slots is None else slots // max(len(config.moe_layers), 1)
         if per_layer is not None and per_layer >= config.num_experts:
             per_layer = None  # everything fits: a cache that never misses is no cache at all
-        model = _load_quantized(
-            ckpt,
-            config,
-            recipe,
-            prequantized,
-            device,
-            dtype,
-            progress,
-            per_layer,
-            policy,
-            prefetch,
-            cold_experts,
-        )
+        cache = None if per_layer is None else ExpertCache(per_layer, policy, prefetch, cold_experts)
+        model = _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress, cache)
     ckpt.close()
     model.recipe = recipe  # the memory model's plan reads it
     model.kv_dtype = kv_dtype
@@ -289,10 +297,7 @@ def _load_quantized(
     device,
     dtype,
     progress,
-    slots_per_layer: int | None,
-    policy: str,
-    prefetch: bool,
-    cold_experts: str = DEFAULT_COLD_EXPERTS,
+    cache: ExpertCache | None,
 ) -> Qwen3MoeForCausalLM:
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
@@ -316,14 +321,7 @@ def _load_quantized(
         items = quantized_stream(ckpt, recipe, quant_device, error_sample=0)  # no error statistics
 
     with torch.device("meta"):  # no memory until allocate(): the store and slots are sized once
-        if slots_per_layer is None:
-            experts = QuantExperts(config, layout)
-        elif cold_experts == "copy":
-            experts = OffloadedExperts(config, layout, slots_per_layer, device, policy, prefetch)
-        else:
-            experts = ColdExperts(
-                config, layout, slots_per_layer, device, policy, prefetch, mode=cold_experts
-            )
+        experts = QuantExperts(config, layout) if cache is None else cache.experts(config, layout, device)
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
     dense = dense_tensor_shapes(config)
@@ -355,9 +353,9 @@ def _load_quantized(
         if progress:
             progress(done, max(total, done))
     model.tie_weights()
-    if device.type == "cpu" and slots_per_layer is None:
+    if device.type == "cpu" and cache is None:
         _use_kernel_layouts(model)
-    if slots_per_layer is not None:
+    if cache is not None:
         experts.attach_router(expert_router(model))
     return model
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quant.formats import unpack
+from quant.pack import unpack
 
 from .cache_policy import DEFAULT_CACHE_POLICY, make_policy
 from .config import Qwen3MoeConfig
@@ -67,9 +67,10 @@ class CacheStats:
         return t
 
     @property
-    def hit_rate(self) -> float:
+    def hit_rate(self) -> float | None:
+        """Share of expert uses served from the cache; None before any use."""
         t = self.total()
-        return t.hits / (t.hits + t.misses) if t.hits + t.misses else 0.0
+        return t.hits / (t.hits + t.misses) if t.hits + t.misses else None
 
     @property
     def prefetch_recall(self) -> float | None:
@@ -163,16 +164,21 @@ class OffloadedExperts(QuantExperts):
         return views
 
     # -- moving experts ----------------------------------------------------------------------------
-    def _load(self, layer: int, expert: int, protect: set[int]) -> tuple[int, object]:
-        """Give `expert` a slot in its layer (evicting by policy) and start its copy."""
-        policy, stats = self.policies[layer], self.stats.layers[layer]
-        evicted = policy.admit(expert, protect=protect)
+    def _take_slot(self, layer: int, expert: int, protect: set[int]) -> int:
+        """A slot for `expert` in its layer: a free one, or the one the policy evicts."""
+        evicted = self.policies[layer].admit(expert, protect=protect)
         if evicted is not None:
             slot = self.slot_of.pop((layer, evicted))
-            stats.evictions += 1
+            self.stats.layers[layer].evictions += 1
         else:
             slot = self.free[layer].pop()
         self.slot_of[(layer, expert)] = slot
+        return slot
+
+    def _load(self, layer: int, expert: int, protect: set[int]) -> tuple[int, object]:
+        """Give `expert` a slot in its layer (evicting by policy) and start its copy."""
+        stats = self.stats.layers[layer]
+        slot = self._take_slot(layer, expert, protect)
         if self.slot_table is not None:
             self.slot_table[self.layer_index[layer], expert] = slot
         src, dst = self.blobs[layer][expert], self.slot_buf[slot]
@@ -228,22 +234,12 @@ class OffloadedExperts(QuantExperts):
 
     def _load_batch(self, layer: int, needed: list[int]) -> None:
         """Give every needed expert a slot; copy the misses host -> staging -> slots as one batch."""
-        policy, stats = self.policies[layer], self.stats.layers[layer]
         _, misses = self._lookup(layer, needed, decode=True)
         if not misses:
             return
         protect = set(needed)
-        slots = []
-        for e in misses:
-            evicted = policy.admit(e, protect=protect)
-            if evicted is not None:
-                slot = self.slot_of.pop((layer, evicted))
-                stats.evictions += 1
-            else:
-                slot = self.free[layer].pop()
-            self.slot_of[(layer, e)] = slot
-            slots.append(slot)
-        stats.bytes_copied += len(misses) * self.layout.nbytes
+        slots = [self._take_slot(layer, e, protect) for e in misses]
+        self.stats.layers[layer].bytes_copied += len(misses) * self.layout.nbytes
         dev, table = self.compute_device, self.slot_table[self.layer_index[layer]]
         k = self.staging.shape[0]
         for i in range(0, len(misses), k):  # a decode token's misses fit one batch

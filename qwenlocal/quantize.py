@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from quant.formats import PackLayout, QSpec, dequantize, pack, pack_layout, quantize
+from quant.formats import dequantize, quantize
+from quant.pack import PackLayout, pack, pack_layout
 from quant.recipe import Recipe
+from quant.spec import QSpec
 
 from .checkpoint import (
     Checkpoint,

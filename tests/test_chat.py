@@ -226,6 +226,7 @@ def test_reply_line_and_totals_read_the_records():
     assert reply_line(s, "GPU 1.00 of 24.0 GiB").endswith(
         "GPU 1.00 of 24.0 GiB · experts 75.0% hit · stopped"  # 6 of 8
     )
+    assert Summary(expert_cache=CacheStats({0: LayerStats()})).expert_hit_rate is None  # no uses yet
     t = Totals()
     t.add(s)
     t.add(

@@ -272,32 +272,82 @@ def test_choose_quant_both_ways(tiny_ckpt):
     assert "do not fit" in small.reason
 
 
+def lru_counts(steps: list[list[list[int]]], slots: int) -> tuple[int, int]:
+    """Hits and misses of one layer's LRU cache of `slots` experts over forward steps (each a list
+    of tokens' expert ids), written apart from offload.py but to its rules under --moe loop: a
+    step counts each distinct expert once, a hit if it was resident when the step began; hits
+    are touched in expert order; a prefill's misses are admitted in order of the last token that
+    uses them, one decode token's in expert order; misses beyond the room the hits leave stream
+    through the slots in waves and may evict this step's hits."""
+    cache: list[int] = []  # least recently used first
+    hits = misses = 0
+
+    def admit(e: int, protect: set[int]) -> None:
+        if len(cache) == slots:
+            cache.remove(next(r for r in cache if r not in protect))
+        cache.append(e)
+
+    for tokens in steps:
+        needed = sorted({e for ids in tokens for e in ids})
+        hit = [e for e in needed if e in cache]
+        miss = [e for e in needed if e not in cache]
+        hits, misses = hits + len(hit), misses + len(miss)
+        for e in hit:
+            cache.remove(e)
+            cache.append(e)
+        if len(tokens) > 1:
+            miss.sort(key=lambda e: max(t for t, ids in enumerate(tokens) if e in ids))
+        first, rest = miss[: slots - len(hit)], miss[slots - len(hit) :]
+        for e in first:
+            admit(e, {*hit, *first})
+        for i in range(0, len(rest), slots):
+            wave = rest[i : i + slots]
+            for e in wave:
+                admit(e, set(wave))
+    return hits, misses
+
+
+def test_lru_counts_by_hand():
+    # 2 slots. Prefill [1,2] [3,1]: 3 misses, admitted by last use 2, 1, 3 -> resident 1, 3.
+    # Decode [3, 4]: 3 hits, 4 evicts 1. Decode [1, 4]: 4 hits, 1 evicts 3.
+    assert lru_counts([[[1, 2], [3, 1]], [[3, 4]], [[1, 4]]], 2) == (2, 5)
+
+
 def test_offload_flags(tiny_ckpt, tmp_path):
     trace = tmp_path / "routing.jsonl"
+    gpu_experts = 6
     r = invoke(
         "generate",
         tiny_ckpt,
         "Hi",
         "-n",
-        3,
+        12,
         "--temp",
         0,
         "--json",
         "--quant",
         "mixed",
         "--gpu-experts",
-        4,
+        gpu_experts,
         "--record-routing",
         trace,
         "--cache-policy",
-        "lfu",
+        "lru",
         "--moe",
-        "grouped",
+        "loop",  # the path lru_counts follows (grouped steps admit a prefill's misses in expert order)
     )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout.strip().splitlines()[-1])
-    assert 0 <= d["expert_hit_rate"] <= 1
-    assert len(trace.read_text().splitlines()) == d["prompt_tokens"] + 2
+    tokens = [json.loads(line)["experts"] for line in trace.read_text().splitlines()]
+    prompt = d["prompt_tokens"]
+    assert len(tokens) == prompt + d["generated_tokens"] - 1  # the last token is never fed back
+    # one prefill chunk, then one step per fed-back token; the loader splits the slots evenly
+    steps = [tokens[:prompt]] + [[t] for t in tokens[prompt:]]
+    layers, slots = len(tokens[0]), gpu_experts // len(tokens[0])
+    counts = [lru_counts([[ids[layer] for ids in step] for step in steps], slots) for layer in range(layers)]
+    hits, misses = sum(h for h, _ in counts), sum(m for _, m in counts)
+    assert hits > 0 and misses > 0
+    assert d["expert_hit_rate"] == round(hits / (hits + misses), 4)
     bad = invoke("generate", tiny_ckpt, "Hi", "--cache-policy", "fifo")
     assert bad.exit_code == 2 and "Unknown --cache-policy" in bad.stderr
     bad = invoke("generate", tiny_ckpt, "Hi", "--quant", "mixed", "--gpu-experts", 1)

@@ -37,7 +37,8 @@ def blocksize(fmt: str, width: int) -> int:
 
 def make_experts(fmt: str, dq: bool, hidden: int = 64, inter: int = 32, experts: int = 8, seed: int = 0):
     """One MoE layer of random experts in the given storage."""
-    from quant.formats import pack, quantize
+    from quant.formats import quantize
+    from quant.pack import pack
 
     config = Qwen3MoeConfig.from_dict(
         {

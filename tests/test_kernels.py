@@ -22,7 +22,9 @@ from quant.kernels import (
     pick_kernel,
     plain,
 )
+from quant.linear import qmatmul
 from quant.recipe import Recipe
+from quant.spec import PARTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,6 +172,20 @@ def test_quant_linear_int4_module_repacks_once():
     assert m.spec.packing == cpu_packing() and m.qtensor.packing == m.spec.packing
     bf16_close(m(x), before)
     assert "int4" in repr(m)
+
+
+@pytest.mark.parametrize(("fmt", "dq"), [("nf4", True), ("int8", False), ("int4", False)])
+def test_qmatmul_op_and_its_fake_agree(fmt, dq):
+    """torch's own check of the op (schema, fake tensor, tracing): the decode step is traced and
+    captured through it."""
+    q = quantize(torch.randn(64, 128, dtype=torch.bfloat16), fmt, 64, dq)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    bias = torch.randn(64, dtype=torch.bfloat16)
+    parts = [getattr(q, name) for name in PARTS]
+    args = (x, parts, bias, q.fmt, list(q.shape), q.dtype, q.blocksize, q.packing)
+    result = torch.library.opcheck(torch.ops.qwenlocal.qmatmul.default, args)
+    assert set(result.values()) == {"SUCCESS"}
+    bf16_close(qmatmul(x, q, bias), F.linear(x.double(), dequantize(q).double(), bias.double()))
 
 
 def misaligned(t: torch.Tensor, offset: int = 8) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from quant.formats import PackLayout, dequantize, quantize, unpack
+from quant.formats import dequantize, quantize
+from quant.pack import PackLayout, unpack
 from quant.recipe import Recipe
 from qwenlocal import load_model
 from qwenlocal.checkpoint import Checkpoint
