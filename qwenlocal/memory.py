@@ -202,12 +202,26 @@ def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
     mlp = 3 * t * mlp_width * it
     scores = plan.batch * heads * plan.prefill_chunk * min(plan.ctx_size, 4096) * 4
     logits = plan.batch * config.vocab_size * 4 * 2
-    dequant = 0
-    if plan.recipe is not None:
-        # the widest projection; a quantized lm_head's last-position row goes through a kernel
-        # (quant/kernels.py) and is never dequantized whole
-        dequant = max(heads * d, h) * h * it
+    dequant = 0 if plan.recipe is None else dequant_bytes(config, plan)
     return {"hidden": hidden, "qkv": qkv, "mlp": mlp, "scores": scores, "logits": logits, "dequant": dequant}
+
+
+def dequant_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
+    """What multiplying by dequantizing (quant/kernels.py `plain`, a prefill chunk's path) holds
+    beside the activations. A quantized lm_head's last-position row goes through a kernel and is
+    never dequantized whole. On a GPU: the widest projection in the activation dtype. On the CPU,
+    per-thread scratch kept between calls: the widest weight of each format in the GEMM dtype
+    (fp32 at most), and for int4 also its codes (1 byte) and a bf16 copy for the GEMM (2 bytes)."""
+    h = config.hidden_size
+    attention = config.num_attention_heads * config.head_dim * h
+    if plan.device != "cpu":
+        return max(attention, h * h) * plan.dtype.itemsize
+    widest: dict[str, int] = {}
+    for cls, elements in (("attention", attention), ("experts", config.moe_intermediate_size * h)):
+        fmt = plan.recipe.format_for(cls)
+        if fmt is not None:
+            widest[fmt] = max(widest.get(fmt, 0), elements)
+    return sum(n * (4 + 1 + 2 if fmt == "int4" else 4) for fmt, n in widest.items())
 
 
 def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:
