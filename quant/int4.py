@@ -1,6 +1,6 @@
 """int4: group-wise affine 4-bit weights, the convention of torch's int4pack kernels and GPTQ/AWQ.
 
-Stored layout (checkpoint tensors, expert blobs, and what a GPU kernel reads), for a weight W of
+Stored layout (checkpoint tensors, expert blobs of a checkpoint or resident on a GPU), for a weight W of
 shape [N, K] (out, in) and group size G (32, 64 or 128; it divides K; "blocksize" in the metadata):
 
     weight      uint8    [N, K / 2]     row n, byte j: code of W[n, 2j] in the high nibble,
@@ -23,7 +23,9 @@ vectorization), stored K-major inside a block, each byte holding two rows' codes
 row j of the block in the low nibble and row j + B/2 in the high one ("halves"); otherwise rows 2j
 (low) and 2j + 1 (high) ("pairs"). `codes` reads either back, so the plain-torch reference path
 works on repacked tensors too. A self-check against torch's own packer (once) guards the guess;
-when it fails, tensors stay in the stored layout and the plain path computes them.
+when it fails, tensors stay in the stored layout and the plain path computes them. The host store
+of offloaded experts is repacked too (the CPU computes cold experts from it), so a GPU slot gets
+these bytes: the Triton kernels (quant/moe_triton.py) and `codes` read every packing.
 
 On CUDA (sm80+), `_weight_int4pack_mm` wants `_convert_weight_to_int4pack(weight, inner_k_tiles)`:
 an int32 [N / 8, K / (16 * inner_k_tiles), 32, inner_k_tiles / 2] tensor made from the stored uint8
@@ -124,7 +126,7 @@ def codes(weight: Tensor, shape: tuple[int, int], packing: str) -> Tensor:
         torch.bitwise_right_shift(weight, 4, out=out[..., 0])
         torch.bitwise_and(weight, 15, out=out[..., 1])
         return out.view(*lead, n, k)
-    block, style = _cpu_packing(packing)
+    block, style = cpu_packing_parts(packing)
     p = weight.reshape(-1, n // block, k, block // 2)
     lo, hi = p & 15, p >> 4
     # halves: byte j holds rows j and j + B/2; pairs: rows 2j and 2j + 1
@@ -155,7 +157,7 @@ def dequantize_int4_t(
         torch.bitwise_right_shift(weight.t(), 4, out=u3[:, 0])
         torch.bitwise_and(weight.t(), 15, out=u3[:, 1])
     else:
-        block, style = _cpu_packing(packing)
+        block, style = cpu_packing_parts(packing)
         p = weight.view(n // block, k, block // 2)
         lo, hi = p & 15, p >> 4
         if style == "halves":  # byte j of a block: rows j (low) and j + B/2 (high)
@@ -185,13 +187,14 @@ def cpu_packing() -> str | None:
     return _probe_cpu_packing(torch.backends.cpu.get_cpu_capability())
 
 
-def _cpu_packing(packing: str) -> tuple[int, str]:
+def cpu_packing_parts(packing: str) -> tuple[int, str]:
+    """The block of rows and how a byte pairs them: "cpu-halves64" -> (64, "halves")."""
     style, block = packing.removeprefix("cpu-")[:-2], int(packing[-2:])
     return block, style
 
 
 def cpu_packable(shape: tuple[int, ...], packing: str | None) -> bool:
-    return packing is not None and len(shape) == 2 and shape[0] % _cpu_packing(packing)[0] == 0
+    return packing is not None and len(shape) == 2 and shape[0] % cpu_packing_parts(packing)[0] == 0
 
 
 @cache
@@ -214,7 +217,7 @@ def pack_codes_for_cpu(c: Tensor, packing: str) -> Tensor:
     """codes uint8 [N, K] -> the CPU kernel layout, uint8 [N, K/2] (what torch's
     `_convert_weight_to_int4pack_for_cpu` makes, in plain torch and without its int32 copy)."""
     n, k = c.shape
-    block, style = _cpu_packing(packing)
+    block, style = cpu_packing_parts(packing)
     t = c.view(n // block, block, k).transpose(1, 2).contiguous()  # [NB, K, B], K-major per block
     lo, hi = (
         (t[..., : block // 2], t[..., block // 2 :]) if style == "halves" else (t[..., 0::2], t[..., 1::2])
@@ -223,8 +226,22 @@ def pack_codes_for_cpu(c: Tensor, packing: str) -> Tensor:
 
 
 def repack_for_cpu(weight: Tensor, shape: tuple[int, int], packing: str) -> None:
-    """Rewrite the stored bytes of `weight` (uint8 [N, K/2]) in place into the CPU kernel layout."""
-    weight.copy_(pack_codes_for_cpu(codes(weight, shape, "plain"), packing).view(weight.shape))
+    """Rewrite the stored bytes of `weight` (uint8 [N, K/2]) in place into the CPU kernel layout,
+    byte to byte: a stored byte holds columns 2j (high nibble) and 2j + 1 of one row, a CPU byte one
+    column of two rows (the first in the low nibble). Ten times `pack_codes_for_cpu`'s speed: the
+    host store of offloaded experts is repacked at every load."""
+    n, k = shape
+    block, style = cpu_packing_parts(packing)
+    if style == "halves":  # rows j and j + B/2 of a block share a byte
+        w = weight.view(n // block, 2, block // 2, k // 2)
+        first, second = w[:, 0], w[:, 1]
+    else:  # rows 2j and 2j + 1
+        w = weight.view(n // block, block // 2, 2, k // 2)
+        first, second = w[:, :, 0], w[:, :, 1]
+    out = torch.empty(n // block, k // 2, 2, block // 2, dtype=torch.uint8, device=weight.device)
+    out[:, :, 0].copy_(((first >> 4) | (second & 0xF0)).transpose(1, 2))  # column 2j
+    out[:, :, 1].copy_(((first & 15) | (second << 4)).transpose(1, 2))  # column 2j + 1
+    weight.copy_(out.view(weight.shape))
 
 
 def int4_mm_cpu(x: Tensor, weight: Tensor, scale_zero: Tensor, group: int) -> Tensor:

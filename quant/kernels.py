@@ -166,5 +166,7 @@ def kernel_pack_layout(layout: PackLayout, blobs: list[Tensor]) -> PackLayout:
     for blob in blobs:
         for e in range(blob.shape[0]):
             for name, q in unpack(blob[e], layout).items():
-                specs[name] = to_kernel_layout(q).spec
+                kq = to_kernel_layout(q)
+                assert kq.weight.data_ptr() == q.weight.data_ptr(), "blob rows are aligned: in place"
+                specs[name] = kq.spec
     return dataclasses.replace(layout, specs=specs)

@@ -14,12 +14,14 @@ share one kernel:
                 block b = element // blocksize scales by absmax[b] (fp32), or with double quant by
                 nested_quant_map[absmax[b]] * nested_absmax[b // 256] + offset (absmax uint8).
                 int8 weight [out, in], scaled per row by absmax[row] / 127 (bitsandbytes' formula).
-                int4 weight uint8 [out, in / 2], row-major, high nibble first (the nf4 byte order);
-                scale_zero bf16 [in / G, out, 2], G = blocksize:
-                W[n, k] = code * scale + (zero - 8 * scale) with (scale, zero) = scale_zero[k // G, n]
-                (quant/int4.py). On the CPU resident blobs are repacked for torch's int4 kernel
-                (`packing`, quant/kernels.py); only the torch path reads that, the Triton kernels
-                read the stored ("plain") layout, which is what every GPU blob holds.
+                int4 weight uint8 [out, in / 2], as stored ("plain": row-major, high nibble first,
+                the nf4 byte order) or in this CPU's int4 kernel layout (`packing`, quant/int4.py:
+                rows in blocks of B, K-major inside a block, two rows a byte); scale_zero bf16
+                [in / G, out, 2], G = blocksize:
+                W[n, k] = code * scale + (zero - 8 * scale) with (scale, zero) = scale_zero[k // G, n].
+                Resident blobs on the CPU and every host store of offloaded experts (and so the
+                device slots, which get the same bytes) hold the CPU layout; both paths read either,
+                each to the same result bit for bit whatever the packing.
     dense       gate_up [R, 2I, H] and down [R, H, I] in 16/32-bit (DenseExperts); offsets in elements.
 
 Two implementations, equal within bf16 rounding: Triton kernels (quant/moe_triton.py, imported on
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .int4 import codes
+from .int4 import codes, cpu_packing_parts
 from .spec import NESTED_BLOCKSIZE
 
 # The parts these kernels read, by index.
@@ -54,6 +56,8 @@ FMT_IDS = {"dense": 0, "nf4": 1, "fp4": 1, "int8": 2, "int4": 3}
 # (rows per program, input columns per step) of each stage: small row tiles give the down stage
 # (one program per output tile, k experts each) enough programs to fill a large GPU.
 TILES = {"gate_up": (32, 128), "down": (16, 128), "gemv": (16, 128)}
+# The Triton kernels' PACK constexpr for int4's packings (quant/int4.py).
+PACKINGS = {"plain": 0, "halves": 1, "pairs": 2}
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,8 @@ class GroupedSpec:
 # Dispatch
 
 
-def use_triton(x: Tensor, packing: str = "plain") -> bool:
-    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1).
-    Triton reads the stored layouts only: int4 repacked for the CPU's kernels takes the torch path."""
-    if packing != "plain":
-        return False
+def use_triton(x: Tensor) -> bool:
+    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1)."""
     if x.is_cuda:
         return _triton_available()
     return os.environ.get("QWENLOCAL_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,8 +160,8 @@ def _gate_up_op(
     up: list[int],
     packing: str,
 ) -> Tensor:
-    if use_triton(x, packing):
-        return triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up)
+    if use_triton(x):
+        return triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, packing)
     return torch_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, packing)
 
 
@@ -182,8 +183,8 @@ def _down_op(
     down: list[int],
     packing: str,
 ) -> Tensor:
-    if use_triton(h, packing):
-        return triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down)
+    if use_triton(h):
+        return triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down, packing)
     return torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down, packing)
 
 
@@ -289,17 +290,20 @@ def torch_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down
 # Triton
 
 
-def _meta(fmt: str, double_quant: bool, blocksize: int, k: int, stage: str) -> dict:
+def _meta(fmt: str, double_quant: bool, blocksize: int, k: int, stage: str, packing: str) -> dict:
     block_n, block_k = TILES[stage]
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
     if fmt in ("nf4", "fp4", "int4"):  # int4: one group per step (K is a multiple of the group)
         block_k = min(block_k, blocksize)
     row_scale = fmt in ("nf4", "fp4") and k % blocksize == 0
+    block, style = (0, "plain") if packing == "plain" else cpu_packing_parts(packing)
     return {
         "FMT": FMT_IDS[fmt],
         "DQ": bool(double_quant),
         "BS": max(blocksize, 1),
         "ROW_SCALE": row_scale,
+        "PACK": PACKINGS[style],
+        "PB": block,
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
     }
@@ -309,7 +313,7 @@ def _offsets(offs: list[int]) -> list[int]:
     return [max(o, 0) for o in offs] + [0] * (len(PARTS) - len(offs))
 
 
-def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) -> Tensor:
+def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, packing="plain") -> Tensor:
     from .moe_triton import gate_up_kernel
 
     n, hidden = x.shape
@@ -317,7 +321,7 @@ def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) 
     x = x.contiguous()
     rows = rows.contiguous()
     h = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)
-    meta = _meta(fmt, double_quant, blocksize, hidden, "gate_up")
+    meta = _meta(fmt, double_quant, blocksize, hidden, "gate_up", packing)
     grid = (n * k, -(-inter // meta["BLOCK_N"]))
     gate_up_kernel[grid](
         x, rows, buf, h, buf.stride(0), hidden, inter, *_offsets(gate), *_offsets(up), TOPK=k, **meta
@@ -325,13 +329,13 @@ def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up) 
     return h
 
 
-def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down) -> Tensor:
+def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, down, packing="plain") -> Tensor:
     from .moe_triton import down_kernel
 
     n, k = rows.shape
     inter = h.shape[1]
     out = torch.empty(n, hidden, dtype=h.dtype, device=h.device)
-    meta = _meta(fmt, double_quant, blocksize, inter, "down")
+    meta = _meta(fmt, double_quant, blocksize, inter, "down", packing)
     grid = (n, -(-hidden // meta["BLOCK_N"]))
     down_kernel[grid](
         h.contiguous(),
@@ -350,14 +354,14 @@ def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, dow
 
 
 def triton_qgemv(x: Tensor, q) -> Tensor:
-    """x [T, K] @ dequantize(q).T for a QTensor q (nf4/fp4/int8, int4 as stored), without dequantizing
-    the matrix."""
+    """x [T, K] @ dequantize(q).T for a QTensor q (nf4/fp4/int8, int4 in any packing), without
+    dequantizing the matrix."""
     from .moe_triton import gemv_kernel
 
     t, kdim = x.shape
     out = q.shape[0]
     y = torch.empty(t, out, dtype=x.dtype, device=x.device)
-    meta = _meta(q.fmt, q.double_quant, q.blocksize, kdim, "gemv")
+    meta = _meta(q.fmt, q.double_quant, q.blocksize, kdim, "gemv", q.packing)
     w = q.weight
     ptrs = [q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.offset, q.scale_zero]
     ptrs = [p if p is not None else w for p in ptrs]  # never read: the format has no such part

@@ -353,18 +353,20 @@ def _load_quantized(
         if progress:
             progress(done, max(total, done))
     model.tie_weights()
-    if device.type == "cpu" and cache is None:
-        _use_kernel_layouts(model)
+    if device.type == "cpu" or cache is not None:
+        _use_kernel_layouts(model, dense=device.type == "cpu")
     if cache is not None:
         experts.attach_router(expert_router(model))
     return model
 
 
-def _use_kernel_layouts(model: nn.Module) -> None:
-    """Repack quantized weights computed on the CPU into its kernels' layout (int4), once."""
+def _use_kernel_layouts(model: nn.Module, dense: bool) -> None:
+    """Repack quantized weights computed on the CPU into its kernels' layout (int4), once: the
+    experts (resident on a CPU device, or the host store of offloaded ones, whatever the device:
+    offload.py) and, with `dense`, the other quantized layers."""
     if isinstance(model.experts, QuantExperts):
         model.experts.use_kernel_layout()
-    for module in model.modules():
+    for module in model.modules() if dense else ():
         if isinstance(module, QuantLinear):
             module.use_kernel_layout()
 

@@ -9,6 +9,10 @@ bit for bit.
 With moe="grouped" a decode token's layer reads its k expert ids back once, copies the misses as
 one batch, and computes all k (hits and misses) with the grouped kernels through a per-layer slot
 table (expert -> slot) held on the device.
+
+int4 experts in the host store are kept in this CPU's int4 kernel layout (quant/int4.py), whatever
+the device: a cold expert computed on the CPU (cold.py) runs torch's int4 kernel on them as they
+are, and a slot gets the same bytes, which the device's kernels read too (quant/moe_kernels.py).
 """
 
 from __future__ import annotations
@@ -156,6 +160,13 @@ class OffloadedExperts(QuantExperts):
 
     def _apply(self, fn, recurse=True):  # the store stays on the host; slots are placed at allocate()
         return torch.nn.Module._apply(self, fn, recurse)
+
+    def use_kernel_layout(self) -> None:
+        """Once every blob is loaded: the host store's int4 in the CPU's kernel layout (see the
+        module docstring); slots filled before are let go, since they hold the old layout."""
+        super().use_kernel_layout()
+        self._slot_views.clear()
+        self.reset_cache()
 
     def slot_qtensors(self, slot: int) -> dict:
         views = self._slot_views.get(slot)

@@ -6,10 +6,13 @@ from its slot; the split of `auto` is a pure function tested on its own."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 
+from quant import kernels
+from quant.int4 import cpu_packing
 from qwenlocal import UserError, cold, load_model
 from qwenlocal.cold import ColdExperts, Timing, cold_report, should_promote, split_misses
 from qwenlocal.experts import QuantExperts
@@ -132,6 +135,45 @@ def test_scripted_counters_and_promotion(qckpt, resident, monkeypatch):
     report = cold_report(experts.stats, experts)
     assert report["layers"]["0"]["cpu_computed"] == 8 and report["layers"]["0"]["promoted"] == 4
     assert report["total"]["copied"] == 0 and report["mode"] == "cpu"
+
+
+def test_cold_int4_experts_run_torchs_int4_kernel(qckpt, monkeypatch):
+    """The host store keeps int4 in this CPU's kernel layout, as the resident model does: a cold
+    expert (bf16, one token) runs torch's int4 kernel in the pool for every projection in that
+    layout, and the model in bf16 equals the resident one bit for bit."""
+    packing = cpu_packing()
+    if packing is None:
+        pytest.skip("torch's CPU int4 layout is not one quant.int4 reads: the blobs stay as stored")
+    resident = load_model(qckpt, dtype=torch.bfloat16)
+    model = load_model(qckpt, dtype=torch.bfloat16, gpu_experts=2 * LAYERS, cold_experts="cpu")
+    experts = model.experts
+    packed = [name for name, s in experts.layout.specs.items() if s.fmt == "int4" and s.packing == packing]
+    assert packed and experts.layout == resident.experts.layout
+    calls: list[str] = []
+    real = kernels.int4_kernel_cpu
+
+    def counting(x, q):
+        calls.append(threading.current_thread().name)
+        return real(x, q)
+
+    monkeypatch.setattr(kernels, "int4_kernel_cpu", counting)
+    x = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    w = torch.tensor([[0.6, 0.4]], dtype=torch.bfloat16)
+    st = experts.stats.layers[0]
+    for ids in ((0, 1), (2, 3), (4, 5), (6, 7), (0, 2)):  # 0 and 1 take the free slots, then hits
+        before = st.cpu_computed
+        calls.clear()
+        ids_t = torch.tensor([ids])
+        with torch.inference_mode():
+            got = experts(0, x, ids_t, w)
+            want = QuantExperts.forward(resident.experts, 0, x, ids_t, w)
+        assert torch.equal(got, want)
+        on_cpu = st.cpu_computed - before
+        assert sum(name.startswith("cold-expert") for name in calls) == on_cpu * len(packed)
+    assert st.cpu_computed == 9
+    prompt = torch.tensor([PROMPT])
+    assert torch.equal(model(prompt), resident(prompt))
+    assert greedy(model) == greedy(resident)
 
 
 def test_split_misses_by_hand():

@@ -4,6 +4,7 @@ subprocess) equal the plain-torch path."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.int4 import GROUP_SIZES, cpu_packing
+from quant.formats import unpack
+from quant.int4 import GROUP_SIZES, cpu_packing, repack_for_cpu
+from quant.moe_kernels import GroupedSpec, torch_down, torch_gate_up
 from qwenlocal.config import Qwen3MoeConfig
 from qwenlocal.experts import DenseExperts, QuantExperts
 
@@ -93,6 +96,21 @@ def routing(n: int, k: int, experts: int = 8, dtype=torch.bfloat16, seed: int = 
     return ids, w
 
 
+CPU_PACKINGS = ("cpu-halves64", "cpu-halves32", "cpu-pairs32")  # every layout of quant/int4.py
+
+
+def repacked(ex: QuantExperts, packing: str):
+    """A copy of ex's layer-0 blobs with every int4 weight rewritten in `packing` (whatever this
+    CPU's own is), and its GroupedSpec."""
+    buf = ex.blobs[0].clone()
+    specs = dict(ex.layout.specs)
+    for e in range(buf.shape[0]):
+        for name, q in unpack(buf[e], ex.layout).items():
+            repack_for_cpu(q.weight, q.shape, packing)
+            specs[name] = dataclasses.replace(q.spec, packing=packing)
+    return buf, GroupedSpec.from_layout(dataclasses.replace(ex.layout, specs=specs))
+
+
 @pytest.mark.parametrize("fmt, dq", FORMATS)
 @pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("k", [1, 2, 8])
@@ -150,6 +168,27 @@ def test_grouped_reads_int4_in_the_cpu_kernel_layout(n):
     assert ((stored.float() - loop.float()).norm() / loop.float().norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("packing", CPU_PACKINGS)
+def test_torch_reference_reads_every_cpu_packing(packing):
+    """The grouped torch path on int4 blobs repacked into any CPU layout equals it on the stored
+    bytes, bit for bit (the codes are the same; only their order in memory moves)."""
+    ex, dt = make_experts("int4", False, hidden=64, inter=128)
+    buf, spec = ex.grouped_weights(0)[0], ex.grouped_weights(0)[2]
+    pbuf, pspec = repacked(ex, packing)
+    assert pspec.packing == pspec.down_packing == packing and not torch.equal(pbuf, buf)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(dt)
+    ids, w = routing(3, 2, dtype=dt)
+    ids = ids.sort(-1).values
+
+    def grouped(b: torch.Tensor, s: GroupedSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch_gate_up(x, ids, b, s.fmt, False, s.blocksize, s.inter, list(s.gate), list(s.up), s.packing)
+        y = torch_down(h, ids, w, b, s.fmt, False, s.down_blocksize, s.hidden, list(s.down), s.down_packing)
+        return h, y
+
+    (h, y), (hp, yp) = grouped(buf, spec), grouped(pbuf, pspec)
+    assert torch.equal(hp, h) and torch.equal(yp, y)
+
+
 def test_prefill_beyond_the_grouped_limit_takes_the_loop():
     from quant.moe_kernels import MAX_GROUPED_TOKENS
 
@@ -159,42 +198,74 @@ def test_prefill_beyond_the_grouped_limit_takes_the_loop():
 
 
 TRITON_SCRIPT = r"""
-import sys, torch
+import dataclasses, sys, torch
 sys.path.insert(0, sys.argv[1])
 from quant import moe_kernels as mk
 from quant.formats import dequantize, quantize
-from tests.test_grouped import FORMATS, make_experts, routing
+from quant.int4 import repack_for_cpu
+from tests.test_grouped import CPU_PACKINGS, FORMATS, make_experts, repacked, routing
 assert mk.use_triton(torch.zeros(1))
 worst = 0.0
+
+
+def gate_up(impl, x, ids, buf, s):
+    fn = mk.torch_gate_up if impl == "torch" else mk.triton_gate_up
+    return fn(x, ids, buf, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up), s.packing)
+
+
+def down(impl, h, ids, w, buf, s):
+    fn = mk.torch_down if impl == "torch" else mk.triton_down
+    return fn(h, ids, w, buf, s.fmt, s.double_quant, s.down_blocksize, s.hidden, list(s.down), s.down_packing)
+
+
+def check(ref, got, hidden, dt, what, same_as=None):
+    # the torch path on `ref` (buffer, spec) against Triton on `got`: the same weights; Triton on
+    # `same_as` (the same weights in another packing) must give Triton's result on `got` bit for bit
+    global worst
+    for n, k in ((1, 8), (3, 2)):
+        x = torch.randn(n, hidden).to(dt)
+        ids, w = routing(n, k, dtype=dt)
+        ids = ids.sort(-1).values
+        h_ref = gate_up("torch", x, ids, *ref)
+        y_ref = down("torch", h_ref, ids, w, *ref)
+        h, y = gate_up("triton", x, ids, *got), down("triton", h_ref, ids, w, *got)
+        if same_as is not None:
+            assert torch.equal(h, gate_up("triton", x, ids, *same_as)), what
+            assert torch.equal(y, down("triton", h_ref, ids, w, *same_as)), what
+        for a, b in ((h, h_ref), (y, y_ref)):
+            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            worst = max(worst, err)
+            # bf16: the torch path rounds each of the k products and partial sums, the kernel once
+            assert err < (1e-5 if dt == torch.float32 else 2e-2), (what, n, k, err)
+
+
 for fmt, dq in FORMATS:
-    for hidden, inter in ((64, 32),):  # gate/up: one scale per row step; down (32 < 64): per element
-        ex, dt = make_experts(fmt, dq, hidden, inter)
-        gu, down, spec = ex.grouped_weights(0)
-        s = spec
-        for n, k in ((1, 8), (3, 2)):
-            x = torch.randn(n, hidden).to(dt)
-            ids, w = routing(n, k, dtype=dt)
-            ids = ids.sort(-1).values
-            args = (gu, s.fmt, s.double_quant, s.blocksize, s.inter, list(s.gate), list(s.up))
-            h_ref = mk.torch_gate_up(x, ids, *args)
-            h = mk.triton_gate_up(x, ids, *args)
-            dargs = (down, s.fmt, s.double_quant, s.down_blocksize, s.hidden, list(s.down))
-            y_ref = mk.torch_down(h_ref, ids, w, *dargs)
-            y = mk.triton_down(h_ref, ids, w, *dargs)
-            for a, b in ((h, h_ref), (y, y_ref)):
-                err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-                worst = max(worst, err)
-                # bf16: the torch path rounds each of the k products and partial sums, the kernel once
-                assert err < (1e-5 if dt == torch.float32 else 2e-2), (fmt, dq, hidden, n, k, err)
+    # gate/up: one scale per row step; down (32 < 64): per element
+    ex, dt = make_experts(fmt, dq, 64, 32)
+    gu, _, spec = ex.grouped_weights(0)
+    check((gu, spec), (gu, spec), 64, dt, (fmt, dq))
+# int4 in each CPU layout (the bytes an offloaded expert's slot gets), against the stored layout
+ex, dt = make_experts("int4", False, 64, 128)  # gate/up: two blocks of 64 rows, down one
+plain = ex.grouped_weights(0)
+plain = (plain[0], plain[2])
+for packing in CPU_PACKINGS:
+    check(plain, repacked(ex, packing), 64, dt, packing, same_as=plain)
 # the attention GEMV on quantized matrices
-for fmt, dq, bs in (("int8", False, 64), ("nf4", True, 64), ("fp4", False, 64), ("int4", False, 32)):
-    for rows, cols in ((40, 96),):
-        q = quantize(torch.randn(rows, cols, dtype=torch.bfloat16), fmt, bs, dq)
-        x = torch.randn(3, cols, dtype=torch.bfloat16)
-        want = x.float() @ dequantize(q, torch.float32).T
-        got = mk.triton_qgemv(x, q).float()
-        err = ((got - want).norm() / want.norm()).item()
-        assert err < 1e-2, (fmt, dq, rows, cols, err)
+cases = [("int8", False, 64, "plain"), ("nf4", True, 64, "plain"), ("fp4", False, 64, "plain")]
+cases += [("int4", False, 32, p) for p in ("plain", *CPU_PACKINGS)]
+for fmt, dq, bs, packing in cases:
+    rows, cols = (40, 96) if packing == "plain" else (128, 96)
+    q = quantize(torch.randn(rows, cols, dtype=torch.bfloat16), fmt, bs, dq)
+    x = torch.randn(3, cols, dtype=torch.bfloat16)
+    want = x.float() @ dequantize(q, torch.float32).T
+    as_stored = mk.triton_qgemv(x, q)
+    if packing != "plain":
+        q = dataclasses.replace(q, weight=q.weight.clone(), packing=packing)
+        repack_for_cpu(q.weight, q.shape, packing)
+    got = mk.triton_qgemv(x, q)
+    assert torch.equal(got, as_stored), (fmt, packing)
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err < 1e-2, (fmt, dq, packing, rows, cols, err)
 print("ok", worst)
 """
 
@@ -215,20 +286,23 @@ def _signature(fn, types: dict, meta: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    "kernel, fmt, dq, row_scale",
+    "kernel, fmt, dq, row_scale, pack, pb",
     [
-        ("gate_up", 1, True, True),
-        ("gate_up", 0, False, False),
-        ("down", 1, True, False),
-        ("down", 2, False, False),
-        ("gemv", 2, False, False),
-        ("gemv", 1, True, True),
-        ("gate_up", 3, False, False),
-        ("down", 3, False, False),
-        ("gemv", 3, False, False),
+        ("gate_up", 1, True, True, 0, 0),
+        ("gate_up", 0, False, False, 0, 0),
+        ("down", 1, True, False, 0, 0),
+        ("down", 2, False, False, 0, 0),
+        ("gemv", 2, False, False, 0, 0),
+        ("gemv", 1, True, True, 0, 0),
+        ("gate_up", 3, False, False, 0, 0),
+        ("down", 3, False, False, 0, 0),
+        ("gemv", 3, False, False, 0, 0),
+        ("gate_up", 3, False, False, 1, 64),  # int4 in the CPU layouts (offloaded experts' slots)
+        ("down", 3, False, False, 2, 32),
+        ("gemv", 3, False, False, 1, 32),
     ],
 )
-def test_triton_kernels_compile_for_the_h200(kernel, fmt, dq, row_scale):
+def test_triton_kernels_compile_for_the_h200(kernel, fmt, dq, row_scale, pack, pb):
     """The interpreter runs Python, not the compiler: build the real sm_90 cubin (Triton's own
     ptxas, no GPU needed) for each kernel and format."""
     triton = pytest.importorskip("triton")
@@ -244,7 +318,8 @@ def test_triton_kernels_compile_for_the_h200(kernel, fmt, dq, row_scale):
         "w_ptr": "*i8" if fmt == 2 else "*u8", "a_ptr": "*u8" if dq else "*fp32", "q_ptr": "*fp32",
         "na_ptr": "*fp32", "nq_ptr": "*fp32", "o_ptr": "*fp32", "sz_ptr": "*bf16",
     }  # fmt: skip
-    meta = {"FMT": fmt, "DQ": dq, "BS": 64, "ROW_SCALE": row_scale, "BLOCK_N": 32, "BLOCK_K": 64}
+    meta = {"FMT": fmt, "DQ": dq, "BS": 64, "ROW_SCALE": row_scale, "PACK": pack, "PB": pb}
+    meta |= {"BLOCK_N": 32, "BLOCK_K": 64}
     fn = getattr(mt, f"{kernel}_kernel")
     if kernel != "gemv":
         meta["TOPK"] = 8

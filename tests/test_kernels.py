@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from quant import QuantLinear, dequantize, qlinear, quantize, to_kernel_layout
-from quant.int4 import codes, cpu_packing, pack_codes_for_cpu, quantize_int4
+from quant.int4 import codes, cpu_packing, pack_codes_for_cpu, quantize_int4, repack_for_cpu
 from quant.kernels import (
     INT4_KERNEL_MAX_ROWS,
     INT8_KERNEL_MAX_ROWS,
@@ -101,9 +101,21 @@ def test_cpu_repack_is_torchs_layout_and_reads_back():
     assert torch.equal(pack_codes_for_cpu(c, packing).view(-1), torch_packed.view(-1))
     qk = to_kernel_layout(q)
     assert qk.packing == packing and qk.weight.data_ptr() == q.weight.data_ptr()  # in place
+    assert torch.equal(qk.weight.view(-1), torch_packed.view(-1))
     assert torch.equal(codes(qk.weight, qk.shape, qk.packing), c)
     assert torch.equal(dequantize(qk, torch.float32), before)
     assert to_kernel_layout(qk) is qk
+
+
+@pytest.mark.parametrize("packing", ["cpu-halves64", "cpu-halves32", "cpu-pairs32"])
+def test_repack_byte_to_byte_equals_packing_the_codes(packing):
+    """repack_for_cpu (stored bytes straight to the CPU layout, at every load) makes the bytes that
+    packing the codes one by one does, in every layout (torch's packer checks this CPU's only)."""
+    q = quantize(weights((128, 256)), "int4", 64)
+    want = pack_codes_for_cpu(codes(q.weight, q.shape, "plain"), packing)
+    w = q.weight.clone()
+    repack_for_cpu(w, q.shape, packing)
+    assert torch.equal(w, want)
 
 
 @pytest.mark.parametrize("packing", ["plain", "cpu"])

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from quant.int4 import cpu_packing
 from qwenlocal import UserError, load_model
 from qwenlocal.experts import QuantExperts
 from qwenlocal.generate import Generator, SamplingParams
@@ -59,6 +60,22 @@ def test_offloaded_equals_resident(qckpt, resident, per_layer, prefetch):
     if not prefetch:
         s = model.experts.stats.total()
         assert s.prefetched == s.prefetch_useful == s.predicted == 0
+
+
+@pytest.mark.parametrize("per_layer", [2, 5])
+def test_offloaded_int4_is_stored_as_the_resident_model_keeps_it(qckpt, per_layer):
+    """The host store, and so the slots, hold int4 in this CPU's kernel layout, as resident experts
+    on the CPU do: in bf16 both run torch's int4 kernel and agree bit for bit."""
+    packing = cpu_packing()
+    if packing is None:
+        pytest.skip("torch's CPU int4 layout is not one quant.int4 reads: the blobs stay as stored")
+    resident = load_model(qckpt, dtype=torch.bfloat16)
+    model = load_model(qckpt, dtype=torch.bfloat16, gpu_experts=per_layer * LAYERS)
+    assert model.experts.layout == resident.experts.layout
+    assert any(s.packing == packing for s in model.experts.layout.specs.values())
+    prompt = torch.tensor([PROMPT])
+    assert torch.equal(model(prompt), resident(prompt))
+    assert greedy(model) == greedy(resident)
 
 
 def test_nothing_allocated_during_generation(qckpt):
