@@ -24,3 +24,8 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device | st
         if numel * dtype.itemsize <= SCRATCH_KEEP_BYTES:
             cache[key] = buf
     return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Drop this thread's buffers: their memory goes back, and the next call allocates afresh."""
+    _local.__dict__.pop("scratch", None)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.formats import unpack
 from quant.int4 import GROUP_SIZES, cpu_packing, repack_for_cpu
 from quant.moe_kernels import GroupedSpec, torch_down, torch_gate_up
+from quant.pack import unpack
 from qwenlocal.config import Qwen3MoeConfig
 from qwenlocal.experts import DenseExperts, QuantExperts
 
