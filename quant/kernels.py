@@ -97,7 +97,6 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
     return F.linear(x.to(dt), w.view(q.shape)).to(x.dtype)
 
 
-@torch.no_grad()
 def int8_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
     """torch's int8 weight-only kernel on the bnb int8 bytes as stored: x @ (w * scale).T."""
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q.weight, int8_scales(q, x.dtype))
@@ -112,12 +111,12 @@ def int8_scales(q: QTensor, dtype: torch.dtype) -> Tensor:
     return cached
 
 
-@torch.no_grad()
 def int4_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
     """torch's int4 group-wise kernel on the weight repacked at load (quant/int4.py)."""
     assert q.scale_zero is not None
-    xb = x.to(torch.bfloat16).contiguous()
-    return int4_mm_cpu(xb, q.weight, q.scale_zero, q.blocksize).to(x.dtype)
+    if x.dtype == torch.bfloat16:  # the decode case: no conversions to pay for
+        return int4_mm_cpu(x.contiguous(), q.weight, q.scale_zero, q.blocksize)
+    return int4_mm_cpu(x.to(torch.bfloat16).contiguous(), q.weight, q.scale_zero, q.blocksize).to(x.dtype)
 
 
 def bnb_matmul_4bit(x: Tensor, q: QTensor) -> Tensor:

@@ -103,10 +103,24 @@ class Experts(nn.Module):
         self.record(layer, ids)
         if self.use_grouped(x):
             return self.grouped(layer, x, ids, weights)
+        if x.shape[0] == 1:
+            return self.one_token(layer, x, ids[0], weights[0])
         out = torch.zeros_like(x)
         for expert, tokens, w in group_by_expert(ids, weights):
             y = self.expert_forward(layer, expert, x[tokens])
             out.index_add_(0, tokens, y * w[:, None])
+        return out
+
+    def one_token(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """A decode token: its k experts' outputs, weighted and summed in expert-id order, as
+        `forward` sums a batch (the same additions, without its gathers and scatters)."""
+        order = ids.argsort()
+        out = None
+        for expert, w in zip(ids[order].tolist(), weights[order].unbind(), strict=True):
+            y = self.expert_forward(layer, expert, x) * w
+            out = y if out is None else out.add_(y)
         return out
 
 

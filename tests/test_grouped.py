@@ -130,6 +130,21 @@ def test_grouped_equals_loop(fmt, dq, n, k):
         assert torch.allclose(got, loop, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt, dq", [("int4", False), ("int8", False), ("nf4", True), ("bf16", False)])
+def test_one_token_loop_equals_the_batch_loop_bit_for_bit(fmt, dq):
+    """A decode token skips the batch loop's gathers and scatters; the sums stay the batch loop's:
+    index_add_ of each expert's weighted output into zeros, in expert-id order (written here)."""
+    ex, dt = make_experts(fmt, dq)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)).to(dt)
+    ids, w = routing(1, 8, dtype=dt)
+    want = torch.zeros_like(x)
+    for e in sorted(ids[0].tolist()):
+        j = ids[0].tolist().index(e)
+        want.index_add_(0, torch.tensor([0]), ex.expert_forward(0, e, x) * w[:, j : j + 1])
+    got = ex(0, x, ids, w)
+    assert got.dtype == dt and torch.equal(got, want)
+
+
 def test_grouped_reads_the_rows_it_is_given():
     """The offload cache passes slot rows instead of expert ids: same weights, same result, bit for bit."""
     from quant.moe_kernels import grouped_swiglu
