@@ -5,7 +5,8 @@
     device  format        rows <= crossover                          more rows (prefill)
     cpu     int8          torch's _weight_int8pack_mm (bf16/fp16 x)  dequantize + GEMM
     cpu     int4 (cpu)    torch's _weight_int4pack_mm_for_cpu        dequantize + GEMM
-    cpu     nf4 / fp4     dequantize + GEMM                          dequantize + GEMM
+    cpu     nf4 / fp4     the faster, measured once on this CPU, of bitsandbytes' matmul_4bit
+                          (its C++ dequantize on AVX512-BF16 CPUs) and dequantize + GEMM
     cuda    nf4 / fp4     bitsandbytes' matmul_4bit (its gemv at one row, dequantize + GEMM above)
     cuda    int8 / int4   dequantize + GEMM
 
@@ -19,6 +20,8 @@ bench/kernels.py (BENCHMARKS.md). On the CPU the GEMM runs in bf16 where the CPU
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from functools import cache
 
 import torch
@@ -65,6 +68,10 @@ def pick_kernel(q: QTensor, x: Tensor):
             return int8_kernel_cpu
         if q.fmt == "int4" and q.packing != "plain" and rows <= INT4_KERNEL_MAX_ROWS:
             return int4_kernel_cpu
+        # bitsandbytes' CPU kernels assume each block lies within a row (they misread a
+        # 32-wide weight in blocks of 64)
+        if q.fmt in ("nf4", "fp4") and q.shape[1] % q.blocksize == 0 and bnb_4bit_faster_on_cpu():
+            return bnb_matmul_4bit
     return plain
 
 
@@ -120,9 +127,50 @@ def int4_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
 
 
 def bnb_matmul_4bit(x: Tensor, q: QTensor) -> Tensor:
-    import bitsandbytes as bnb
+    return quiet_bitsandbytes().matmul_4bit(x, q.weight, q.bnb_quant_state())
 
-    return bnb.matmul_4bit(x, q.weight, q.bnb_quant_state())
+
+def quiet_bitsandbytes():
+    """bitsandbytes, imported without its CPU backend's start-up warning (about a hub kernel it
+    looks for on AVX512-BF16 CPUs) reaching the user."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        logger.setLevel(level)
+    return bitsandbytes
+
+
+@cache
+def bnb_4bit_faster_on_cpu() -> bool:
+    """Whether bitsandbytes' CPU matmul_4bit beats our dequantize + GEMM on this CPU, timed once on
+    one expert-sized NF4 matrix and one row. Its C++ dequantize is about 3.5x faster on a Zen 4
+    (AVX512-BF16); on a CPU without AVX512 its fallback was 2x slower (BENCHMARKS.md)."""
+    try:
+        quiet_bitsandbytes()
+    except ImportError:
+        return False
+    from .formats import quantize
+
+    w = torch.randn(768, 2048, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    q = quantize(w * 0.02, "nf4", 64, True)
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.inference_mode():
+        return best_seconds(lambda: bnb_matmul_4bit(x, q)) < best_seconds(lambda: plain(x, q))
+
+
+def best_seconds(fn, repeat: int = 5) -> float:
+    """The fastest of `repeat` timed calls, after three untimed ones (first calls set things up)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 @cache
@@ -140,10 +188,10 @@ def gemm_dtype_cpu(dtype: torch.dtype) -> torch.dtype:
 
 
 def to_kernel_layout(q: QTensor) -> QTensor:
-    """q as its device's kernels read it. On the CPU an int8 or int4 weight that is not aligned
-    for the kernels (KERNEL_ALIGN) moves into an aligned copy, and an int4 weight is repacked in
+    """q as its device's kernels read it. On the CPU a weight that is not aligned for the kernels
+    (KERNEL_ALIGN) moves into an aligned copy, and an int4 weight is repacked in
     place (its bytes are then only valid with packing set, as the returned QTensor and its spec say)."""
-    if q.device.type != "cpu" or q.fmt not in ("int8", "int4"):
+    if q.device.type != "cpu":
         return q
     if not is_aligned(q.weight):  # the copy replaces the weight: the mapped pages are let go
         q = dataclasses.replace(q, weight=q.weight.clone(memory_format=torch.contiguous_format))

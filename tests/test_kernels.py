@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant import QuantLinear, dequantize, qlinear, quantize, to_kernel_layout
+from quant import QuantLinear, dequantize, kernels, qlinear, quantize, to_kernel_layout
 from quant.int4 import codes, cpu_packing, pack_codes_for_cpu, quantize_int4, repack_for_cpu
 from quant.kernels import (
     INT4_KERNEL_MAX_ROWS,
     INT8_KERNEL_MAX_ROWS,
+    bnb_4bit_faster_on_cpu,
+    bnb_matmul_4bit,
     int4_kernel_cpu,
     int8_kernel_cpu,
     pick_kernel,
@@ -251,8 +253,9 @@ def test_recipe_int4_group_sizes_and_narrow_tensors():
 
 @pytest.mark.parametrize("quant", ["mixed", "nf4"])
 def test_cpu_generate_never_imports_bitsandbytes(tiny_ckpt, quant):
-    """bitsandbytes 0.50 prints a warning at import on CPU-only machines; the CPU path (quantize
-    while loading, dequantize, every kernel) must not need it."""
+    """bitsandbytes 0.50 prints a warning at import on CPU-only machines. The default recipe's CPU
+    path (quantize while loading, dequantize, every kernel) must not import it; NF4 may, to time
+    bitsandbytes' own matmul_4bit against ours, and its warning must not reach the user."""
     code = (
         "import sys\n"
         "from qwenlocal.cli import app\n"
@@ -267,8 +270,39 @@ def test_cpu_generate_never_imports_bitsandbytes(tiny_ckpt, quant):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "bitsandbytes imported: False" in r.stderr
+    if quant == "mixed":
+        assert "bitsandbytes imported: False" in r.stderr
     assert "kernels-community" not in r.stderr and "Failed to load" not in r.stderr
+
+
+@pytest.mark.parametrize("fmt, dq", [("nf4", True), ("nf4", False), ("fp4", False)])
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bnb_matmul_4bit_on_the_cpu_equals_the_dequantized_linear(fmt, dq, rows, xdtype):
+    pytest.importorskip("bitsandbytes")
+    q = quantize(weights((96, 256)), fmt, 64, dq)
+    x = torch.randn(rows, 256).to(xdtype)
+    y = bnb_matmul_4bit(x, q)
+    assert y.dtype == xdtype and y.shape == (rows, 96)
+    bf16_close(y, F.linear(x.double(), dequantize(q).double()))
+
+
+@pytest.mark.parametrize("bnb_faster", [True, False])
+def test_nf4_on_the_cpu_takes_the_kernel_measured_faster(monkeypatch, bnb_faster):
+    """The choice follows the timing (bitsandbytes' matmul_4bit is timed first, then ours)."""
+    pytest.importorskip("bitsandbytes")
+    times = iter([1.0, 2.0] if bnb_faster else [2.0, 1.0])
+    monkeypatch.setattr(kernels, "best_seconds", lambda fn: next(times))
+    bnb_4bit_faster_on_cpu.cache_clear()
+    try:
+        q = quantize(weights((96, 256)), "nf4", 64, True)
+        x = torch.randn(1, 256, dtype=torch.bfloat16)
+        assert pick_kernel(q, x) is (bnb_matmul_4bit if bnb_faster else plain)
+        assert pick_kernel(q, x.float()) is plain  # fp32 stays exact
+        narrow = quantize(weights((64, 32)), "nf4", 64, True)  # blocks across rows
+        assert pick_kernel(narrow, torch.randn(1, 32, dtype=torch.bfloat16)) is plain
+    finally:
+        bnb_4bit_faster_on_cpu.cache_clear()
 
 
 def test_int8_plain_path_in_row_slices_for_a_large_weight(monkeypatch):
