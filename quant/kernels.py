@@ -35,7 +35,7 @@ from .scratch import scratch
 
 # Rows up to which torch's int8 / int4 CPU kernels beat dequantize + GEMM (bench/kernels.py).
 INT8_KERNEL_MAX_ROWS = 16
-INT4_KERNEL_MAX_ROWS = 8
+INT4_KERNEL_MAX_ROWS = 16
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # The plain path dequantizes a large int8 weight (the lm_head) this many elements at a time.
 PLAIN_CHUNK_ELEMS = 1 << 22
