@@ -3,7 +3,7 @@
 x [M, 2048] @ W[768, 2048].T, bf16 activations, W cycling through `--weights` distinct matrices
 (more than the caches hold, as in decode, where every expert matrix is read once per token). The
 paths: bf16 / fp32 F.linear on 16-bit weights, our `plain` path (dequantize + GEMM) per format,
-torch's int8 and int4 kernels, our `qlinear` dispatch, and bitsandbytes' matmul_4bit (NF4).
+int8's GEMM on the codes followed by the row scales, torch's int8 and int4 kernels, our `qlinear` dispatch, and bitsandbytes' matmul_4bit (NF4).
 
     python bench/kernels.py --rows 1 2 4 8 16 32 64
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common import machine, markdown_table
 
 from quant import qlinear, quantize, to_kernel_layout
-from quant.kernels import int4_kernel_cpu, int8_kernel_cpu, plain
+from quant.kernels import int4_kernel_cpu, int8_gemm_cpu, int8_kernel_cpu, kernel_max_rows, plain
 
 
 def timed_us(fn, n_weights: int, repeats: int) -> float:
@@ -55,6 +55,7 @@ def main() -> None:
         "fp32 F.linear": lambda x, i: F.linear(x.float(), w32[i]),
         "int8 kernel": lambda x, i: int8_kernel_cpu(x, q8[i]),
         "int8 dequant+GEMM": lambda x, i: plain(x, q8[i]),
+        "int8 GEMM, then row scales": lambda x, i: int8_gemm_cpu(x, q8[i]),
         "int4 kernel": lambda x, i: int4_kernel_cpu(x, q4[i]),
         "int4 dequant+GEMM": lambda x, i: plain(x, q4[i]),
         "nf4+dq qlinear": lambda x, i: qlinear(x, nf4[i]),
@@ -82,6 +83,7 @@ def main() -> None:
         f"x [M, {k}] bf16 @ W[{n}, {k}].T, {args.weights} distinct weights cycled; µs per call (median of {args.repeats})"
     )
     print(markdown_table(["path", *[f"M={m}" for m in args.rows]], rows))
+    print(f"crossovers timed by qlinear's probe: int8 {kernel_max_rows('int8')} rows, int4 {kernel_max_rows('int4')}")
 
 
 if __name__ == "__main__":

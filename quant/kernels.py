@@ -3,7 +3,8 @@
 `qlinear` chooses by device, format, layout and the number of rows of x:
 
     device  format        rows <= crossover                          more rows (prefill)
-    cpu     int8          torch's _weight_int8pack_mm (bf16/fp16 x)  dequantize + GEMM
+    cpu     int8          torch's _weight_int8pack_mm (bf16/fp16 x)  the codes as the GEMM's dtype, GEMM,
+                                                                     then the row scales (int8_gemm_cpu)
     cpu     int4 (cpu)    torch's _weight_int4pack_mm_for_cpu        dequantize + GEMM
     cpu     nf4 / fp4     the faster, measured once on this CPU, of bitsandbytes' matmul_4bit
                           (its C++ dequantize on AVX512-BF16 CPUs) and dequantize + GEMM
@@ -12,8 +13,9 @@
 
 `plain` (dequantize, then F.linear) is the reference every other path equals within bf16 rounding;
 the tests hold each kernel to it. An fp32 x always takes the plain path on the CPU (exact, and
-torch's int8/int4 CPU kernels are slow in fp32). The crossovers were measured with
-bench/kernels.py (BENCHMARKS.md). On the CPU the GEMM runs in bf16 where the CPU has native bf16
+torch's int8/int4 CPU kernels are slow in fp32). The crossover is timed once per process on this
+CPU (`kernel_max_rows`): the kernels' time grows with the rows and the GEMM's barely, and where
+they cross depends on the CPU (16 rows on an AVX2 EPYC, 32-64 on AVX512-BF16 ones: BENCHMARKS.md). On the CPU the GEMM runs in bf16 where the CPU has native bf16
 (AVX512-BF16 / AMX) and in fp32 elsewhere, where fp32 GEMM is several times faster than bf16.
 """
 
@@ -33,9 +35,9 @@ from .int4 import cpu_packable, cpu_packing, dequantize_int4_t, int4_mm_cpu, rep
 from .pack import PackLayout, unpack
 from .scratch import scratch
 
-# Rows up to which torch's int8 / int4 CPU kernels beat dequantize + GEMM (bench/kernels.py).
-INT8_KERNEL_MAX_ROWS = 16
-INT4_KERNEL_MAX_ROWS = 16
+# The row counts at which `kernel_max_rows` times torch's int8 / int4 CPU kernels against the GEMM
+# path, in order: the crossover is the last count where the kernel is faster (1 when it is not at 4).
+KERNEL_ROWS_LADDER = (4, 8, 16, 32, 64)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # The plain path dequantizes a large int8 weight (the lm_head) this many elements at a time.
 PLAIN_CHUNK_ELEMS = 1 << 22
@@ -64,9 +66,9 @@ def pick_kernel(q: QTensor, x: Tensor):
     if x.is_cuda:
         return bnb_matmul_4bit if q.fmt in ("nf4", "fp4") else plain
     if x.dtype in _KERNEL_DTYPES and is_aligned(q.weight):
-        if q.fmt == "int8" and rows <= INT8_KERNEL_MAX_ROWS:
-            return int8_kernel_cpu
-        if q.fmt == "int4" and q.packing != "plain" and rows <= INT4_KERNEL_MAX_ROWS:
+        if q.fmt == "int8":
+            return int8_kernel_cpu if rows <= kernel_max_rows("int8") else int8_gemm_cpu
+        if q.fmt == "int4" and q.packing != "plain" and rows <= kernel_max_rows("int4"):
             return int4_kernel_cpu
         # bitsandbytes' CPU kernels assume each block lies within a row (they misread a
         # 32-wide weight in blocks of 64)
@@ -107,6 +109,24 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
 def int8_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
     """torch's int8 weight-only kernel on the bnb int8 bytes as stored: x @ (w * scale).T."""
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q.weight, int8_scales(q, x.dtype))
+
+
+def int8_gemm_cpu(x: Tensor, q: QTensor) -> Tensor:
+    """Many rows of x through an int8 weight: x @ (w * s).T computed as (x @ w.T) * s, which is what
+    torch's int8 kernel computes, but with a GEMM. The int8 codes convert exactly into the GEMM's
+    dtype (bf16 holds every integer up to 256), and each output column then takes its row's scale.
+    That is one pass over the weight where dequantize makes three (3x faster for a 4096 x 2048
+    projection at 127 rows on a Xeon). A large weight (the lm_head) goes in row slices."""
+    n, k = q.shape
+    dt = gemm_dtype_cpu(x.dtype)
+    xg, scale = x.to(dt), int8_scales(q, torch.float32)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    step = max(1, min(n, PLAIN_CHUNK_ELEMS // k))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        w = scratch("qlinear_w", (r1 - r0) * k, dt).view(r1 - r0, k).copy_(q.weight[r0:r1])
+        torch.mul(F.linear(xg, w), scale[r0:r1], out=out[:, r0:r1])
+    return out
 
 
 def int8_scales(q: QTensor, dtype: torch.dtype) -> Tensor:
@@ -159,6 +179,29 @@ def bnb_4bit_faster_on_cpu() -> bool:
     x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     with torch.inference_mode():
         return best_seconds(lambda: bnb_matmul_4bit(x, q)) < best_seconds(lambda: plain(x, q))
+
+
+@cache
+def kernel_max_rows(fmt: str) -> int:
+    """The most rows of x for which torch's `fmt` ("int8" or "int4") CPU kernel is faster than the
+    GEMM path on this CPU. It is timed once per process on one expert-sized matrix (768 x 2048, as
+    loaded) at each count of KERNEL_ROWS_LADDER, stopping at the first count where the kernel loses.
+    That takes about 0.1 s, on the first quantized call with a few rows."""
+    from .formats import quantize
+
+    w = torch.randn(768, 2048, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    q = to_kernel_layout(quantize(w * 0.02, fmt, 64))
+    kernel, gemm = (int8_kernel_cpu, int8_gemm_cpu) if fmt == "int8" else (int4_kernel_cpu, plain)
+    if fmt == "int4" and q.packing == "plain":
+        return 0  # this CPU's int4 layout is not one we pack: no kernel to time
+    best = 1
+    with torch.inference_mode():
+        for rows in KERNEL_ROWS_LADDER:
+            x = torch.randn(rows, 2048, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+            if best_seconds(lambda x=x: kernel(x, q), 3) >= best_seconds(lambda x=x: gemm(x, q), 3):
+                break
+            best = rows
+    return best
 
 
 def best_seconds(fn, repeat: int = 5) -> float:

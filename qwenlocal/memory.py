@@ -207,21 +207,25 @@ def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
 
 
 def dequant_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
-    """What multiplying by dequantizing (quant/kernels.py `plain`, a prefill chunk's path) holds
-    beside the activations. A quantized lm_head's last-position row goes through a kernel and is
-    never dequantized whole. On a GPU: the widest projection in the activation dtype. On the CPU,
-    per-thread scratch kept between calls: the widest weight of each format in the GEMM dtype
-    (fp32 at most), and for int4 also its codes (1 byte) and a bf16 copy for the GEMM (2 bytes)."""
+    """What multiplying by dequantizing (quant/kernels.py, a prefill chunk's path above the kernels'
+    crossover) holds beside the activations. A quantized lm_head's last-position row goes through
+    a kernel and is never dequantized whole. On a GPU: the widest projection in the activation
+    dtype. On the CPU, per-thread scratch kept between calls, for the widest weight of each format:
+    int8's codes in the GEMM dtype (2 bytes where the CPU has native bf16, else 4); int4's weight in
+    fp32 (4), its codes (1) and a bf16 copy for the GEMM (2); other formats' weight in fp32 (4)."""
     h = config.hidden_size
     attention = config.num_attention_heads * config.head_dim * h
     if plan.device != "cpu":
         return max(attention, h * h) * plan.dtype.itemsize
+    from quant.kernels import gemm_dtype_cpu
+
+    per_element = {"int8": gemm_dtype_cpu(plan.dtype).itemsize, "int4": 4 + 1 + 2}
     widest: dict[str, int] = {}
     for cls, elements in (("attention", attention), ("experts", config.moe_intermediate_size * h)):
         fmt = plan.recipe.format_for(cls)
         if fmt is not None:
             widest[fmt] = max(widest.get(fmt, 0), elements)
-    return sum(n * (4 + 1 + 2 if fmt == "int4" else 4) for fmt, n in widest.items())
+    return sum(n * per_element.get(fmt, 4) for fmt, n in widest.items())
 
 
 def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from quant import QuantLinear, dequantize, kernels, qlinear, quantize, to_kernel_layout
 from quant.int4 import codes, cpu_packing, pack_codes_for_cpu, quantize_int4, repack_for_cpu
 from quant.kernels import (
-    INT4_KERNEL_MAX_ROWS,
-    INT8_KERNEL_MAX_ROWS,
+    KERNEL_ROWS_LADDER,
     bnb_4bit_faster_on_cpu,
     bnb_matmul_4bit,
     int4_kernel_cpu,
+    int8_gemm_cpu,
     int8_kernel_cpu,
+    kernel_max_rows,
     pick_kernel,
     plain,
 )
@@ -135,14 +136,20 @@ def test_int4_codes_of_stacked_matrices(packing):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("rows", [1, 3, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1, 40])
+def rows_of(which: str, fmt: str) -> int:
+    """A row count: a number, or "max" / "max+1" around this CPU's measured kernel crossover."""
+    return {"max": kernel_max_rows(fmt), "max+1": kernel_max_rows(fmt) + 1}.get(which) or int(which)
+
+
+@pytest.mark.parametrize("rows", ["1", "3", "max", "max+1", "80"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_int4_paths_equal_the_dequantized_linear(rows, xdtype):
+    rows = rows_of(rows, "int4")
     w = weights((128, 256))
     q = to_kernel_layout(quantize(w, "int4", 64))
     x = torch.randn(rows, 256).to(xdtype)
     ref = F.linear(x.double(), int4_from_spec(*_stored_int4(w, 64), 64))
-    expected = int4_kernel_cpu if rows <= INT4_KERNEL_MAX_ROWS and xdtype != torch.float32 else plain
+    expected = int4_kernel_cpu if rows <= kernel_max_rows("int4") and xdtype != torch.float32 else plain
     assert pick_kernel(q, x) is expected
     for kernel in (int4_kernel_cpu, plain):
         y = kernel(x, q)
@@ -158,19 +165,23 @@ def _stored_int4(w, group):
     return q.weight, q.scale_zero
 
 
-@pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", ["1", "max", "max+1", "80"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_int8_paths_equal_bnb_dequantized_linear(rows, xdtype):
     bnbf = pytest.importorskip("bitsandbytes.functional")
+    rows = rows_of(rows, "int8")
     w = weights((96, 256))
     q = quantize(w, "int8")
     data, row_stats, _ = bnbf.int8_vectorwise_quant(w.clone())
     ref = F.linear(
         x := torch.randn(rows, 256).to(xdtype), bnbf.int8_vectorwise_dequant(data, row_stats).to(x.dtype)
     )
-    expected = int8_kernel_cpu if rows <= INT8_KERNEL_MAX_ROWS and xdtype != torch.float32 else plain
+    if xdtype == torch.float32:
+        expected = plain
+    else:
+        expected = int8_kernel_cpu if rows <= kernel_max_rows("int8") else int8_gemm_cpu
     assert pick_kernel(q, x) is expected
-    for kernel in (int8_kernel_cpu, plain):
+    for kernel in (int8_kernel_cpu, int8_gemm_cpu, plain):
         y = kernel(x, q)
         assert y.dtype == xdtype and y.shape == (rows, 96)
         bf16_close(y, F.linear(x.double(), bnbf.int8_vectorwise_dequant(data, row_stats).double()))
@@ -229,7 +240,7 @@ def test_misaligned_weights_never_reach_torchs_kernels(fmt):
     assert m.weight.data_ptr() % 64 == 0 and m.qtensor.weight is m.weight
     if fmt == "int4" and cpu_packing() is None:
         return
-    rows = x[: min(INT8_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS)]
+    rows = x[: min(kernel_max_rows("int8"), kernel_max_rows("int4"))]
     assert pick_kernel(m.qtensor, rows) is (int8_kernel_cpu if fmt == "int8" else int4_kernel_cpu)
     bf16_close(m(rows), ref[: rows.shape[0]])
     assert m.state_dict()["weight"].data_ptr() == m.weight.data_ptr()
@@ -305,7 +316,8 @@ def test_nf4_on_the_cpu_takes_the_kernel_measured_faster(monkeypatch, bnb_faster
         bnb_4bit_faster_on_cpu.cache_clear()
 
 
-def test_int8_plain_path_in_row_slices_for_a_large_weight(monkeypatch):
+@pytest.mark.parametrize("path", [plain, int8_gemm_cpu], ids=["plain", "gemm"])
+def test_int8_paths_in_row_slices_for_a_large_weight(monkeypatch, path):
     import quant.kernels
 
     monkeypatch.setattr(quant.kernels, "PLAIN_CHUNK_ELEMS", 256 * 10)
@@ -313,7 +325,35 @@ def test_int8_plain_path_in_row_slices_for_a_large_weight(monkeypatch):
     q = quantize(w, "int8")
     x = torch.randn(20, 256).to(torch.bfloat16)
     ref = F.linear(x.double(), dequantize(q, torch.float64))
-    bf16_close(plain(x, q), ref)
+    bf16_close(path(x, q), ref)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("loses_at", [4, 16, 32, None])
+def test_kernel_crossover_is_the_last_row_count_where_the_kernel_was_faster(monkeypatch, fmt, loses_at):
+    """The probe times the kernel, then the GEMM path, at each count of the ladder, and stops at
+    the first count where the kernel is not faster (here scripted by the count being timed)."""
+    if fmt == "int4" and cpu_packing() is None:
+        pytest.skip("torch's CPU int4 layout is not one quant.int4 reads")
+    timed = []
+
+    def fake_best_seconds(fn, repeat=5):
+        timed.append(fn)
+        rows = KERNEL_ROWS_LADDER[(len(timed) - 1) // 2]
+        kernel_turn = len(timed) % 2 == 1
+        return 1.0 if kernel_turn != (loses_at is not None and rows >= loses_at) else 2.0
+
+    monkeypatch.setattr(kernels, "best_seconds", fake_best_seconds)
+    kernel_max_rows.cache_clear()
+    try:
+        got = kernel_max_rows(fmt)
+    finally:
+        kernel_max_rows.cache_clear()
+    ladder = list(KERNEL_ROWS_LADDER)
+    want = 1 if loses_at == ladder[0] else ladder[-1] if loses_at is None else ladder[ladder.index(loses_at) - 1]
+    assert got == want
+    stop = len(ladder) if loses_at is None else ladder.index(loses_at) + 1
+    assert len(timed) == 2 * stop
 
 
 def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckpt):
