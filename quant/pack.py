@@ -84,13 +84,17 @@ def pack(
     layout = pack_layout({name: q.spec for name, q in qs.items()}, align)
     if out is None:
         device = next(iter(qs.values())).device if qs else torch.device("cpu")
-        out = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+        out = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
     elif out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < layout.nbytes:
         raise ValueError(f"pack: out must be a 1-D uint8 tensor of at least {layout.nbytes} bytes")
+    pos = 0
     for slot in layout.slots:
+        out[pos : slot.offset].zero_()  # the alignment padding before it: the same bytes every time
         t = getattr(qs[slot.name], slot.part)
         dst = out[slot.offset : slot.offset + slot.nbytes]
         dst.copy_(t.contiguous().reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8))
+        pos = slot.offset + slot.nbytes
+    out[pos : layout.nbytes].zero_()
     return out, layout
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from quant.formats import QTensor
+from quant.int4 import cpu_packing_parts
 
 from .checkpoint import Checkpoint, DequantizingCheckpoint
 from .errors import UserError
@@ -174,11 +175,16 @@ class GptqCheckpoint(DequantizingCheckpoint):
         scale_zero = torch.stack([s, (8 - zeros) * s], dim=-1).to(torch.bfloat16)
         if group > spec.blocksize:  # a GPTQ group of 128 (or all rows) is several int4 groups
             scale_zero = scale_zero.repeat_interleave(group // spec.blocksize, 0)
-        # A word holds input rows 8r..8r+7, two to a byte, the even row in the low nibble; int4
-        # wants the even row in the high nibble: the same bytes, transposed, nibbles swapped.
-        b = qweight.T.contiguous().view(torch.uint8)  # [out, in / 2]
-        weight = (b << 4).bitwise_or_(b >> 4)
-        return QTensor("int4", (out, n_in), spec.dtype, spec.blocksize, weight, scale_zero=scale_zero)
+        if spec.packing == "plain":
+            # A word holds input rows 8r..8r+7, two to a byte, the even row in the low nibble; int4
+            # wants the even row in the high nibble: the same bytes, transposed, nibbles swapped.
+            b = qweight.T.contiguous().view(torch.uint8)  # [out, in / 2]
+            weight = (b << 4).bitwise_or_(b >> 4)
+        else:
+            weight = words_to_cpu_layout(qweight, (out, n_in), spec.packing)
+        return QTensor(
+            "int4", (out, n_in), spec.dtype, spec.blocksize, weight, scale_zero=scale_zero, packing=spec.packing
+        )
 
     def dequantized(self, name: str) -> torch.Tensor:
         if not self.is_packed(name):
@@ -190,6 +196,25 @@ class GptqCheckpoint(DequantizingCheckpoint):
         # in fp32, exact: (code - zero) is a small integer and an fp16 scale is an fp32 number
         w = (codes.float() - zeros[g_idx].float()) * scales[g_idx].float()
         return w.T.contiguous()
+
+
+def words_to_cpu_layout(qweight: torch.Tensor, shape: tuple[int, int], packing: str) -> torch.Tensor:
+    """GPTQ's 4-bit words, int32 [K / 8, N], straight into a CPU int4 kernel layout, uint8 [N, K / 2]
+    (quant/int4.py), in one pass. Both are K-major: word byte b of row r holds input rows
+    k = 8r + 2b (low nibble) and 8r + 2b + 1 (high) of one output n; a kernel-layout byte holds
+    one input row k of two outputs of a block (the first in the low nibble)."""
+    n, k = shape
+    block, style = cpu_packing_parts(packing)
+    q = qweight.view(torch.uint8).view(k // 8, n // block, block, 4)  # [r, block, row in block, b]
+    if style == "halves":  # outputs j and j + B/2 of a block share a byte
+        first, second = q[:, :, : block // 2], q[:, :, block // 2 :]
+    else:  # outputs 2j and 2j + 1
+        first, second = q[:, :, 0::2], q[:, :, 1::2]
+    first, second = first.permute(1, 0, 3, 2), second.permute(1, 0, 3, 2)  # [block, r, b, j]
+    out = torch.empty(n // block, k // 8, 4, 2, block // 2, dtype=torch.uint8)  # k = 8r + 2b + h
+    torch.bitwise_or(first & 15, second << 4, out=out[:, :, :, 0])
+    torch.bitwise_or(first >> 4, second & 0xF0, out=out[:, :, :, 1])
+    return out.view(n, k // 2)
 
 
 @functools.cache

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from quant.formats import QTensor
+from quant.int4 import cpu_packing
 from quant.linear import QuantLinear
 from quant.pack import PackLayout
 from quant.recipe import DEFAULT_PRESET, Recipe
@@ -315,15 +316,23 @@ def _load_quantized(
         items = _checkpoint_items(ckpt, shapes)
     else:
         ckpt.check({**dense_tensor_shapes(config), **expert_tensor_shapes(config)})
-        layout = expert_layout(config, recipe, ckpt.get("model.norm.weight").dtype)
+        # experts the CPU computes or keeps are streamed straight into its int4 kernel layout (a
+        # GPTQ source's codes go there in one pass); _use_kernel_layouts then finds them done
+        packing = cpu_packing() if device.type == "cpu" or cache is not None else None
+        layout = expert_layout(config, recipe, ckpt.get("model.norm.weight").dtype, packing)
         total = 0
         quant_device = device if device.type == "cuda" else None
-        items = quantized_stream(ckpt, recipe, quant_device, error_sample=0)  # no error statistics
 
     with torch.device("meta"):  # no memory until allocate(): the store and slots are sized once
         experts = QuantExperts(config, layout) if cache is None else cache.experts(config, layout, device)
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
+    if not prequantized:  # expert blobs kept on the host are packed where they stay: no second copy
+        host = all(b.device.type == "cpu" for b in experts.blobs.values())
+        blob_out = (lambda layer, e: experts.blobs[layer][e]) if host else None
+        items = quantized_stream(
+            ckpt, recipe, quant_device, error_sample=0, packing=packing, blob_out=blob_out
+        )  # no error statistics
     dense = dense_tensor_shapes(config)
     specs = {}
     for name, shape in dense.items():

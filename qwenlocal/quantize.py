@@ -7,6 +7,7 @@ one contiguous blob `model.layers.L.mlp.experts.E.blob`, so one copy moves an ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 
 from quant.formats import dequantize, quantize
+from quant.int4 import cpu_packable
+from quant.kernels import to_kernel_layout
 from quant.pack import PackLayout, pack, pack_layout
 from quant.recipe import Recipe
 from quant.spec import QSpec
@@ -38,13 +41,25 @@ from .sources import open_source
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
 
-def expert_specs(config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype) -> dict[str, QSpec]:
+def expert_specs(
+    config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype, packing: str | None = None
+) -> dict[str, QSpec]:
+    """The spec of each expert projection; with `packing` (a CPU kernel layout, quant/int4.py),
+    int4 projections that the layout can hold are in it instead of the stored layout."""
     shapes = expert_proj_shapes(config)
-    return {proj: recipe.spec("experts", shapes[proj], dtype) for proj in EXPERT_PROJS}
+    specs = {proj: recipe.spec("experts", shapes[proj], dtype) for proj in EXPERT_PROJS}
+    return {
+        proj: dataclasses.replace(s, packing=packing)
+        if s is not None and s.fmt == "int4" and cpu_packable(s.shape, packing)
+        else s
+        for proj, s in specs.items()
+    }
 
 
-def expert_layout(config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype = torch.bfloat16) -> PackLayout:
-    return pack_layout(expert_specs(config, recipe, dtype))
+def expert_layout(
+    config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dtype = torch.bfloat16, packing: str | None = None
+) -> PackLayout:
+    return pack_layout(expert_specs(config, recipe, dtype, packing))
 
 
 def quantized_shapes(
@@ -147,13 +162,16 @@ def _measure(stats: ClassStats, w: torch.Tensor, q) -> None:
 
 
 def _quantized(ckpt, name: str, spec: QSpec, device: torch.device, measure: bool):
-    """(QTensor, the 16-bit weight or None). A source that stores `name` quantized already (a GPTQ
-    checkpoint) hands it over repacked, with no float step; the 16-bit weight is read only to
-    quantize it or to `measure` the error."""
+    """(QTensor in `spec`'s storage, the 16-bit weight or None). A source that stores `name`
+    quantized already (a GPTQ checkpoint) hands it over repacked, with no float step, straight into
+    spec.packing; the 16-bit weight is read only to quantize it or to `measure` the error."""
     q = ckpt.repacked(name, spec)
     w = ckpt.get(name) if q is None or measure else None
     if q is None:
         q = quantize(w.to(device), spec.fmt, spec.blocksize, spec.double_quant).to("cpu")
+        if spec.packing != "plain":
+            q = to_kernel_layout(q)
+    assert q.packing == spec.packing, (name, q.packing, spec.packing)
     return q, w
 
 
@@ -164,13 +182,19 @@ def quantized_stream(
     stats: ConvertStats | None = None,
     progress: Callable[[int, int], None] | None = None,
     error_sample: int = 64,
+    packing: str | None = None,
+    blob_out: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the quantized checkpoint, read and quantized one source tensor at a time.
 
     Shards are read one after the other and released when done, so the source's mapped pages
     never add up to more than one shard. `device` is where quantization runs (the GPU when there
     is one); results come back on the CPU. Every `error_sample`-th expert (and every dense
-    tensor) is dequantized to measure the error (0: none is).
+    tensor) is dequantized to measure the error (0: none is). `packing`: the CPU kernel layout the
+    int4 expert blobs are to come in (`expert_layout(..., packing)` describes them), for a loader
+    whose experts the CPU computes or keeps; None for the stored layout of a checkpoint.
+    `blob_out(layer, expert)`: where to pack that expert's blob (a row of the loader's store,
+    on the CPU), which is then what the stream yields; None: a new tensor.
     """
     config = ckpt.config
     device = device or torch.device("cpu")
@@ -197,7 +221,7 @@ def quantized_stream(
             done += nbytes
             if name in experts:
                 layer, e, proj = experts[name]
-                specs = specs or expert_specs(config, recipe, ckpt.dtype_of(name))
+                specs = specs or expert_specs(config, recipe, ckpt.dtype_of(name), packing)
                 spec = specs[proj]
                 if spec is None:
                     raise UserError(
@@ -213,7 +237,7 @@ def quantized_stream(
                 if all(p in got for p in EXPERT_PROJS):
                     del pending[(layer, e)]
                     qs = {p: got[p] for p in EXPERT_PROJS}
-                    blob, _ = pack(qs)
+                    blob, _ = pack(qs, out=blob_out(layer, e) if blob_out else None)
                     fmt = spec.fmt + ("+dq" if spec.double_quant else "")
                     stats.add(
                         "experts", fmt, sum(x.numel for x in qs.values()), got["bytes"], blob.numel(), 3

@@ -169,10 +169,36 @@ def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
     )
     model = load_model(folder, dtype=torch.float32)
     q = model.model.layers[0].self_attn.k_proj.qtensor
-    codes = unpack_rows(read_tensors(folder)["model.layers.0.self_attn.k_proj.qweight"], 4).T
+    stored = read_tensors(folder)
+    codes = unpack_rows(stored["model.layers.0.self_attn.k_proj.qweight"], 4).T
     from quant.int4 import codes as int4_codes
+    from quant.int4 import cpu_packing
 
     assert torch.equal(int4_codes(q.weight, q.shape, q.packing), codes)
+    # the experts went straight from GPTQ's words into this CPU's kernel layout
+    expert = model.experts.qtensors(0, 3)["down_proj"]
+    assert expert.packing == (cpu_packing() or "plain")
+    codes = unpack_rows(stored["model.layers.0.mlp.experts.3.down_proj.qweight"], 4).T
+    assert torch.equal(int4_codes(expert.weight, expert.shape, expert.packing), codes)
+
+
+@pytest.mark.parametrize("packing", ["cpu-halves64", "cpu-halves32", "cpu-pairs32"])
+def test_gptq_words_go_straight_into_each_cpu_kernel_layout(packing):
+    """GPTQ's words into a CPU kernel layout in one pass: the same bytes as the plain-torch packer
+    of that layout (checked against torch's own packer in test_kernels) makes from the codes that
+    an independent GPTQ packer put in; for every layout, whichever this CPU uses."""
+    from quant.int4 import codes as int4_codes
+    from quant.int4 import pack_codes_for_cpu
+    from qwenlocal.gptq import words_to_cpu_layout
+
+    from .prequant_packers import pack_words
+
+    n, k = 128, 256
+    c = torch.randint(0, 16, (k, n), generator=torch.Generator().manual_seed(3))  # [in, out]
+    got = words_to_cpu_layout(pack_words(c, 4), (n, k), packing)
+    want = c.T.to(torch.uint8).contiguous()
+    assert torch.equal(got, pack_codes_for_cpu(want, packing))
+    assert torch.equal(int4_codes(got, (n, k), packing), want)
 
 
 def test_memory_model_and_vram_equal_what_loads(gptq):

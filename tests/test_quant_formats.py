@@ -446,3 +446,21 @@ def test_bad_recipes_raise_clear_errors():
     with pytest.raises(ValueError):
         quantize(torch.empty(0, 64), "nf4")
     assert math.isclose(QSpec((8, 64), "nf4", 4096).bits_per_weight, (256 + 4 + 64) * 8 / 512)
+
+
+def test_pack_into_a_used_buffer_gives_the_bytes_of_a_fresh_blob():
+    """Packing into a loader's row (out=) that held something before: the parts and the zero
+    padding between them, byte for byte what a new blob gets."""
+    expert = {
+        "gate_proj": quantize(weights((96, 256), torch.bfloat16, 1), "nf4", 64, True),
+        "router": quantize(weights((8, 250), torch.bfloat16, 4), "int8"),  # padding after it
+    }
+    fresh, layout = pack(expert)
+    used = torch.full((layout.nbytes + 64,), 0xAB, dtype=torch.uint8)
+    blob, _ = pack(expert, out=used)
+    assert blob is used and torch.equal(used[: layout.nbytes], fresh)
+    assert torch.equal(used[layout.nbytes :], torch.full((64,), 0xAB, dtype=torch.uint8))
+    gaps = torch.ones(layout.nbytes, dtype=torch.bool)
+    for slot in layout:
+        gaps[slot.offset : slot.offset + slot.nbytes] = False
+    assert gaps.any() and not fresh[gaps].any()
