@@ -22,7 +22,9 @@ they cross depends on the CPU (16 rows on an AVX2 EPYC, 32-64 on AVX512-BF16 one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import threading
 import time
 from functools import cache
 
@@ -163,7 +165,22 @@ def quiet_bitsandbytes():
     return bitsandbytes
 
 
-@cache
+def measured_once(fn):
+    """functools.cache for a timing probe, with a lock: when several threads ask at once (the
+    cold-expert workers on their first token), one of them times it and the others wait for its
+    answer, so no probe is timed against another."""
+    cached, lock = cache(fn), threading.RLock()
+
+    @functools.wraps(fn)
+    def once(*args):
+        with lock:
+            return cached(*args)
+
+    once.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return once
+
+
+@measured_once
 def bnb_4bit_faster_on_cpu() -> bool:
     """Whether bitsandbytes' CPU matmul_4bit beats our dequantize + GEMM on this CPU, timed once on
     one expert-sized NF4 matrix and one row. Its C++ dequantize is about 3.5x faster on a Zen 4
@@ -181,7 +198,7 @@ def bnb_4bit_faster_on_cpu() -> bool:
         return best_seconds(lambda: bnb_matmul_4bit(x, q)) < best_seconds(lambda: plain(x, q))
 
 
-@cache
+@measured_once
 def kernel_max_rows(fmt: str) -> int:
     """The most rows of x for which torch's `fmt` ("int8" or "int4") CPU kernel is faster than the
     GEMM path on this CPU. It is timed once per process on one expert-sized matrix (768 x 2048, as

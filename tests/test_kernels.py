@@ -368,3 +368,30 @@ def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckp
         plain_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
         a, b = fast(ids).float(), plain_model(ids)
     assert ((a - b).norm() / b.norm()).item() < 0.03
+
+
+def test_the_crossover_is_timed_once_when_threads_ask_together(monkeypatch):
+    """The cold-expert workers can all reach their first quantized matmul at once: one probe runs,
+    and every thread gets its answer."""
+    import threading
+
+    timings = []
+
+    def slow_best_seconds(fn, repeat=5):
+        timings.append(fn)
+        threading.Event().wait(0.01)  # long enough for the other threads to arrive
+        return 1.0 if len(timings) % 2 else 2.0  # the kernel always faster
+
+    monkeypatch.setattr(kernels, "best_seconds", slow_best_seconds)
+    kernel_max_rows.cache_clear()
+    got = []
+    try:
+        threads = [threading.Thread(target=lambda: got.append(kernel_max_rows("int8"))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        kernel_max_rows.cache_clear()
+    assert got == [KERNEL_ROWS_LADDER[-1]] * 4
+    assert len(timings) == 2 * len(KERNEL_ROWS_LADDER)
