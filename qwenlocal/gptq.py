@@ -149,10 +149,9 @@ class GptqCheckpoint(DequantizingCheckpoint):
             raise UserError(
                 f"GPTQ tensor {prefix}.g_idx in {self.folder} does not give each of {n_in} rows a group."
             )
-        zeros = qzeros.long()
-        if self.format == "gptq":
-            zeros = (zeros + V1_ZERO_OFFSET[p.bits]) & 0xFFFFFFFF
-        return self.raw(prefix + ".qweight"), unpack_rows(zeros.T, p.bits).T.to(torch.int32), scales, g_idx
+        if self.format == "gptq":  # the same 32 bits after the add (int64 -> int32 keeps the low bits)
+            qzeros = (qzeros.long() + V1_ZERO_OFFSET[p.bits]).to(torch.int32)
+        return self.raw(prefix + ".qweight"), unpack_cols(qzeros, p.bits), scales, g_idx
 
     def repacked(self, name: str, spec) -> QTensor | None:
         """`name` in the int4 format of `spec`, moved from its GPTQ codes without a float step, or
@@ -171,10 +170,12 @@ class GptqCheckpoint(DequantizingCheckpoint):
         group = self.params(name).group(n_in)
         if group % spec.blocksize or sys.byteorder != "little":
             return None
-        s = scales.float()
-        scale_zero = torch.stack([s, (8 - zeros) * s], dim=-1).to(torch.bfloat16)
-        if group > spec.blocksize:  # a GPTQ group of 128 (or all rows) is several int4 groups
-            scale_zero = scale_zero.repeat_interleave(group // spec.blocksize, 0)
+        s, groups = scales.float(), scales.shape[0]
+        split = group // spec.blocksize  # a GPTQ group of 128 (or all rows) is several int4 groups
+        scale_zero = torch.empty(groups * split, out, 2, dtype=torch.bfloat16)
+        both = scale_zero.view(groups, split, out, 2)
+        both[..., 0].copy_(s.unsqueeze(1).expand(groups, split, out))
+        both[..., 1].copy_(((8 - zeros) * s).unsqueeze(1).expand(groups, split, out))
         if spec.packing == "plain":
             # A word holds input rows 8r..8r+7, two to a byte, the even row in the low nibble; int4
             # wants the even row in the high nibble: the same bytes, transposed, nibbles swapped.
@@ -221,6 +222,17 @@ def words_to_cpu_layout(qweight: torch.Tensor, shape: tuple[int, int], packing: 
 def _ordered(n_in: int, group: int) -> torch.Tensor:
     """The g_idx of groups in order: row k is in group k // group."""
     return torch.arange(n_in) // group
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [rows, cols / p] holding p = 32 / bits codes per word (lowest first) -> int32 [rows, cols],
+    read from the words' bytes on a little-endian machine (code j of a word is in byte j * bits / 8)."""
+    if sys.byteorder != "little":
+        return unpack_rows(packed.T, bits).T.to(torch.int32)
+    b = packed.contiguous().view(torch.uint8)  # [rows, cols * bits / 8]
+    if bits == 8:
+        return b.to(torch.int32)
+    return torch.stack([b & 15, b >> 4], dim=-1).view(b.shape[0], -1).to(torch.int32)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
