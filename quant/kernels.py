@@ -15,8 +15,9 @@
 the tests hold each kernel to it. An fp32 x always takes the plain path on the CPU (exact, and
 torch's int8/int4 CPU kernels are slow in fp32). The crossover is timed once per process on this
 CPU (`kernel_max_rows`): the kernels' time grows with the rows and the GEMM's barely, and where
-they cross depends on the CPU (16 rows on an AVX2 EPYC, 32-64 on AVX512-BF16 ones: BENCHMARKS.md). On the CPU the GEMM runs in bf16 where the CPU has native bf16
-(AVX512-BF16 / AMX) and in fp32 elsewhere, where fp32 GEMM is several times faster than bf16.
+they cross depends on the CPU (16 rows on an AVX2 EPYC, 32-64 on AVX512-BF16 ones: BENCHMARKS.md).
+On the CPU the GEMM runs in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX) and in fp32
+elsewhere, where fp32 GEMM is several times faster than bf16.
 """
 
 from __future__ import annotations

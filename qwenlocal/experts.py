@@ -209,9 +209,7 @@ class QuantExperts(Experts):
         self._views.clear()
 
     def set_blob(self, layer: int, expert: int, blob: torch.Tensor) -> None:
-        dst = self.blobs[layer][expert]
-        if blob.data_ptr() != dst.data_ptr():  # else it was packed in place (quantized_stream's blob_out)
-            dst.copy_(blob)
+        self.blobs[layer][expert].copy_(blob)
 
     def use_kernel_layout(self) -> None:
         """Once every blob is loaded: repack them in place for the kernels of their device (int4 on

@@ -184,7 +184,13 @@ class GptqCheckpoint(DequantizingCheckpoint):
         else:
             weight = words_to_cpu_layout(qweight, (out, n_in), spec.packing)
         return QTensor(
-            "int4", (out, n_in), spec.dtype, spec.blocksize, weight, scale_zero=scale_zero, packing=spec.packing
+            "int4",
+            (out, n_in),
+            spec.dtype,
+            spec.blocksize,
+            weight,
+            scale_zero=scale_zero,
+            packing=spec.packing,
         )
 
     def dequantized(self, name: str) -> torch.Tensor:

@@ -300,6 +300,7 @@ def _load_quantized(
     progress,
     cache: ExpertCache | None,
 ) -> Qwen3MoeForCausalLM:
+    on_host = device.type == "cpu" or cache is not None  # the CPU computes or keeps the experts
     if prequantized:
         layout = PackLayout.from_dict(config.quantization_config["expert_layout"])
         shapes = quantized_shapes(config, recipe, layout.specs["gate_proj"].dtype)
@@ -316,9 +317,10 @@ def _load_quantized(
         items = _checkpoint_items(ckpt, shapes)
     else:
         ckpt.check({**dense_tensor_shapes(config), **expert_tensor_shapes(config)})
-        # experts the CPU computes or keeps are streamed straight into its int4 kernel layout (a
-        # GPTQ source's codes go there in one pass); _use_kernel_layouts then finds them done
-        packing = cpu_packing() if device.type == "cpu" or cache is not None else None
+        # experts the CPU keeps are streamed straight into its int4 kernel layout (a GPTQ
+        # source's codes go there in one pass) and packed into their rows of the store;
+        # _use_kernel_layouts then finds them done
+        packing = cpu_packing() if on_host else None
         layout = expert_layout(config, recipe, ckpt.get("model.norm.weight").dtype, packing)
         total = 0
         quant_device = device if device.type == "cuda" else None
@@ -327,9 +329,9 @@ def _load_quantized(
         experts = QuantExperts(config, layout) if cache is None else cache.experts(config, layout, device)
         model = Qwen3MoeForCausalLM(config, experts)
     experts.allocate(device)
-    if not prequantized:  # expert blobs kept on the host are packed where they stay: no second copy
-        host = all(b.device.type == "cpu" for b in experts.blobs.values())
-        blob_out = (lambda layer, e: experts.blobs[layer][e]) if host else None
+    blob_out = None  # where the stream packs each expert blob itself (then nothing is copied)
+    if not prequantized:
+        blob_out = (lambda layer, e: experts.blobs[layer][e]) if on_host else None
         items = quantized_stream(
             ckpt, recipe, quant_device, error_sample=0, packing=packing, blob_out=blob_out
         )  # no error statistics
@@ -345,7 +347,8 @@ def _load_quantized(
     for name, tensor in items:
         done += tensor.numel() * tensor.element_size()
         if is_blob_name(name):
-            model.experts.set_blob(*blob_layer_expert(name), tensor)
+            if blob_out is None:
+                model.experts.set_blob(*blob_layer_expert(name), tensor)
         elif name in dense and name.removesuffix(".weight") not in specs:
             assign(model, name, tensor.to(device=_place(name, config, device), dtype=dtype))
         else:
@@ -362,7 +365,7 @@ def _load_quantized(
         if progress:
             progress(done, max(total, done))
     model.tie_weights()
-    if device.type == "cpu" or cache is not None:
+    if on_host:
         _use_kernel_layouts(model, dense=device.type == "cpu")
     if cache is not None:
         experts.attach_router(expert_router(model))

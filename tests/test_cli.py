@@ -173,20 +173,23 @@ def test_ctrl_c_exits_130_and_keeps_the_routing_trace(tiny_ckpt, tmp_path):
     assert len(trace.read_text().splitlines()) > 3  # the prompt's tokens at least, closed on the way out
 
 
+def generate_processes(cmd: list[str], tiny_ckpt, bad_folder, *flags):
+    """`cmd generate` as real processes: on the tiny model with `flags`, then on a missing folder."""
+
+    def run(*args):
+        return subprocess.run([*cmd, "generate", *args], capture_output=True, text=True, timeout=120)
+
+    return run(str(tiny_ckpt), "Hi", *flags), run(str(bad_folder), "Hi")
+
+
 def test_installed_console_script(tiny_ckpt, tmp_path):
     script = Path(sys.executable).parent / "qwenlocal"
     assert script.is_file(), "the qwenlocal console script is not installed (pip install -e .)"
-    ok = subprocess.run(
-        [str(script), "generate", str(tiny_ckpt), "Hi", "-n", "2", "--json", "--quant", "bf16"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    ok, bad = generate_processes(
+        [str(script)], tiny_ckpt, tmp_path / "x", "-n", "2", "--json", "--quant", "bf16"
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["generated_tokens"] == 2
-    bad = subprocess.run(
-        [str(script), "generate", str(tmp_path / "x"), "Hi"], capture_output=True, text=True, timeout=120
-    )
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 
@@ -222,17 +225,9 @@ def test_parse_tokens():
 def test_console_script_process(tiny_ckpt, tmp_path):
     """The installed entry point, as a real process: output, then exit 2 on a bad folder."""
     cmd = [sys.executable, "-m", "qwenlocal.cli"]
-    ok = subprocess.run(
-        [*cmd, "generate", str(tiny_ckpt), "Hi", "-n", "3", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok, bad = generate_processes(cmd, tiny_ckpt, tmp_path / "x", "-n", "3", "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["generated_tokens"] == 3
-    bad = subprocess.run(
-        [*cmd, "generate", str(tmp_path / "x"), "Hi"], capture_output=True, text=True, timeout=120
-    )
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
