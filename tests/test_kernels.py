@@ -138,7 +138,9 @@ def test_int4_codes_of_stacked_matrices(packing):
 
 def rows_of(which: str, fmt: str) -> int:
     """A row count: a number, or "max" / "max+1" around this CPU's measured kernel crossover."""
-    return {"max": kernel_max_rows(fmt), "max+1": kernel_max_rows(fmt) + 1}.get(which) or int(which)
+    if which in ("max", "max+1"):
+        return kernel_max_rows(fmt) + (which == "max+1")
+    return int(which)
 
 
 @pytest.mark.parametrize("rows", ["1", "3", "max", "max+1", "80"])
