@@ -167,17 +167,23 @@ def quiet_bitsandbytes():
 
 
 def measured_once(fn):
-    """functools.cache for a timing probe, with a lock: when several threads ask at once (the
-    cold-expert workers on their first token), one of them times it and the others wait for its
-    answer, so no probe is timed against another."""
-    cached, lock = cache(fn), threading.RLock()
+    """A cache for a timing probe that several threads may ask at once (the cold-expert workers on
+    their first token): one of them times it under a lock and the others wait for its answer, so
+    no probe is timed against another. Once known, an answer is read without the lock (every
+    quantized matmul on the CPU asks)."""
+    answers: dict[tuple, object] = {}
+    lock = threading.Lock()
 
     @functools.wraps(fn)
     def once(*args):
+        if args in answers:
+            return answers[args]
         with lock:
-            return cached(*args)
+            if args not in answers:
+                answers[args] = fn(*args)
+            return answers[args]
 
-    once.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    once.cache_clear = answers.clear  # type: ignore[attr-defined]
     return once
 
 
