@@ -203,11 +203,20 @@ class Generator:
         self.cache = model.new_cache(ctx_size)
         model.rope_tables(ctx_size)  # allocated once, before generation
         self.graph = decode_graph(model, self.cache)  # decode replayed as a CUDA graph, where it can be
-        self.cached: list[int] = []  # the tokens whose keys/values the cache holds
+        self._fed: list[int] = []  # tokens given to the model in order; the cache holds a prefix
+
+    @property
+    def cached(self) -> list[int]:
+        """The tokens whose keys/values the cache holds. The cache's own length counts them: a step
+        stopped before it stored its keys (Ctrl-C, a failed capture) does not count."""
+        return self._fed[: self.cache.length]
 
     def reset(self) -> None:
         self.cache.reset()
-        self.cached = []
+        self._fed = []
+
+    def _feed(self, tokens: list[int]) -> None:
+        self._fed = self._fed[: self.cache.length] + tokens
 
     def _reuse_prefix(self, prompt: list[int]) -> int:
         n = 0
@@ -217,14 +226,13 @@ class Generator:
             n += 1
         n = min(n, len(prompt) - 1)  # the last prompt token is always run again for its logits
         self.cache.truncate(n)
-        self.cached = self.cached[:n]
         return n
 
     def prefill(self, tokens: list[int], cancel: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """Run tokens after what the cache holds; return the last position's logits [V], or None
         when `cancel()` turned true between chunks."""
         if len(tokens) == 1 and self.graph is not None:
-            self.cached.extend(tokens)
+            self._feed(tokens)
             return self.graph(tokens[0])  # a view of the graph's output: read it before the next step
         device = self.model.input_device  # ids on the embedding's device: no copy back from the GPU
         logits = None
@@ -232,8 +240,8 @@ class Generator:
             if cancel is not None and i and cancel():
                 return None
             chunk = tokens[i : i + self.prefill_chunk]
+            self._feed(chunk)
             logits = self.model(torch.tensor([chunk], device=device), cache=self.cache, last_only=True)
-            self.cached.extend(chunk)
         return logits[0, -1]
 
     def run(self, prompt: list[int], params: SamplingParams, **kw) -> Summary:
@@ -300,7 +308,7 @@ class Generator:
                 if stop and any(x in text[-(len(piece) + len(x)) :] for x in stop):
                     s.finish_reason = "stop"
                     break
-                if len(generated) >= max_tokens or len(self.cached) >= self.ctx_size:
+                if len(generated) >= max_tokens or self.cache.length >= self.ctx_size:
                     s.finish_reason = "length"
                     break
                 logits = self.prefill([token])

@@ -183,3 +183,26 @@ def test_fp8_kv_cache_stores_rounded_keys_at_half_the_size(tiny_ckpt):
     # a random model amplifies the 3-mantissa-bit rounding; the logits still point the same way
     cos = torch.nn.functional.cosine_similarity(logits.float(), ref_logits.float(), dim=0)
     assert cos > 0.8
+
+
+def test_an_interrupted_graph_step_leaves_no_phantom_token(tiny):
+    """A Ctrl-C (or a capture error) inside the graph decode before the replay: the next turn
+    reuses only what the cache really holds and equals a fresh run."""
+    model, tok = tiny
+    greedy = SamplingParams(temperature=0)
+    prompt = tok.encode("one two three four")
+
+    def interrupted(token: int) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+    gen = Generator(model, tok, ctx_size=64)
+    gen.graph = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        gen.run(prompt, greedy, max_tokens=3, eos_ids=())
+    gen.graph = None
+    first = Generator(model, tok, ctx_size=64).run(prompt, greedy, max_tokens=1, eos_ids=()).token_ids
+    assert gen.cached == prompt and gen.cache.length == len(prompt)
+    follow_up = prompt + first + tok.encode(" five six")
+    again = gen.run(follow_up, greedy, max_tokens=4, eos_ids=())
+    fresh = Generator(model, tok, ctx_size=64).run(follow_up, greedy, max_tokens=4, eos_ids=())
+    assert again.cached_tokens == len(prompt) and again.token_ids == fresh.token_ids
