@@ -230,6 +230,9 @@ class ChatApp:
         self.console.print(info_panel("qwenlocal chat", startup_rows(s, self.model_label), memory_rows(s)))
         self.muted("/help lists the commands. Ctrl-C stops a reply; Ctrl-D leaves.")
         exit_armed = False
+        # Ctrl-C at the prompt as during a reply, even when started with SIGINT ignored (a
+        # background job of a script), which Python would otherwise keep
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 mark = self.history.mark()
@@ -251,6 +254,7 @@ class ChatApp:
                 if not self.handle(text, multiline):
                     break
         finally:
+            signal.signal(signal.SIGINT, previous)
             warning = self.history.save()
             if warning:
                 self.muted(warning)

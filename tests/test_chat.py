@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -426,7 +427,10 @@ def test_stats_with_offloaded_experts(tiny_ckpt, tok, tmp_path):
 
 
 # -- the real command in a pseudo-terminal -----------------------------------------------------
-def spawn(cwd: Path, *args) -> pexpect.spawn:
+def spawn(cwd: Path, *args, sigint=signal.SIG_DFL) -> pexpect.spawn:
+    """`qwenlocal chat` in a pseudo-terminal. SIGINT starts at `sigint`: at its default, as in a
+    user's terminal, however the suite was started (a background job of a script inherits it
+    ignored, and Python keeps it ignored)."""
     env = dict(os.environ, TERM="dumb", COLUMNS="100", PYTHONIOENCODING="utf-8", NO_COLOR="1")
     env["OMP_NUM_THREADS"] = "1"  # as one_thread above
     child = pexpect.spawn(
@@ -437,9 +441,22 @@ def spawn(cwd: Path, *args) -> pexpect.spawn:
         encoding="utf-8",
         timeout=60,
         dimensions=(50, 100),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
     )
     child.logfile_read = io.StringIO()  # the whole session, for failure messages
     return child
+
+
+def ctrl_c_at_the_prompt(child) -> None:
+    """Ctrl-C once the chat waits for a key. Readline shows the prompt before it waits: a SIGINT
+    in between is only seen at the next key (CPython's readline), so wait for the child to sleep
+    in select() on the terminal, which Linux shows in /proc."""
+    wchan = Path(f"/proc/{child.pid}/wchan")
+    for _ in range(6000):
+        if not wchan.exists() or "poll" in wchan.read_text() or "select" in wchan.read_text():
+            break
+        time.sleep(0.01)
+    child.sendcontrol("c")
 
 
 def say(child, line, expect=r">>> "):
@@ -540,9 +557,9 @@ def test_chat_session_in_a_terminal(tiny_ckpt, tmp_path):
         assert "error: Cannot read" in say(child, "/load missing.json")
         assert reply(child, "One more after loading")[0] > 0
 
-        child.sendcontrol("c")
+        ctrl_c_at_the_prompt(child)
         child.expect(r"Ctrl-C again or Ctrl-D to leave")
-        child.sendcontrol("c")
+        ctrl_c_at_the_prompt(child)
         child.expect(pexpect.EOF)
     finally:
         child.close()
@@ -551,6 +568,22 @@ def test_chat_session_in_a_terminal(tiny_ckpt, tmp_path):
     assert "Traceback" not in log
     lines = history.read_text().splitlines()
     assert "Hello there" in lines and "/retry" in lines
+
+
+def test_ctrl_c_at_the_prompt_when_started_with_sigint_ignored(tiny_ckpt, tmp_path):
+    """A chat started with SIGINT ignored (a background job of a script) still answers Ctrl-C at
+    the prompt as it does during a reply."""
+    child = spawn(tmp_path, tiny_ckpt, "--device", "cpu", "--max-tokens", "2",
+                  "--history-file", tmp_path / "h", sigint=signal.SIG_IGN)  # fmt: skip
+    try:
+        child.expect(">>> ")
+        ctrl_c_at_the_prompt(child)
+        child.expect(r"Ctrl-C again or Ctrl-D to leave")
+        ctrl_c_at_the_prompt(child)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.logfile_read.getvalue()
 
 
 def test_chat_context_full_and_history_across_sessions(tiny_ckpt, tmp_path):

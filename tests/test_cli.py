@@ -161,6 +161,9 @@ def test_ctrl_c_exits_130_and_keeps_the_routing_trace(tiny_ckpt, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
+        # SIGINT at its default, as in a user's terminal: a suite started as a background job of a
+        # script inherits it ignored, and Python (so `generate`) rightly keeps it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         proc.stdout.read(1)  # the reply has begun to stream
