@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .scratch import scratch
+from .threads import thread_count
 
 # Elements quantized per step on the CPU: bounds temporary memory, keeps the working set in cache.
 CPU_CHUNK_ELEMS = 1 << 18
@@ -137,23 +138,10 @@ def one_thread() -> Iterator[None]:
     Its hot op (index_select) is serial anyway, so a second thread adds little when the machine
     is idle, and when another process holds a core the per-op thread barriers cost several times
     the work (measured on 2 cores: 500 MB/s on one thread vs 30-160 MB/s on two, contended).
-    With OpenMP the setting is per calling thread; MKL's is process-wide while this runs.
+    Only where the count is per thread (quant.threads).
     """
-    n = torch.get_num_threads()
-    if n == 1 or not _openmp_backend():
+    with thread_count(1):
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-@cache
-def _openmp_backend() -> bool:
-    """With OpenMP the thread count is per calling thread; other backends only warn on changes."""
-    return "OpenMP" in torch.__config__.parallel_info()
 
 
 class _Scratch4bit:

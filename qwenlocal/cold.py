@@ -18,8 +18,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
+
+from quant.threads import set_thread_count
 
 from .errors import UserError
 from .experts import group_by_expert, quant_swiglu
@@ -112,9 +115,9 @@ class ColdExperts(OffloadedExperts):
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             threads = max(1, (os.cpu_count() or 1) // self.workers)
-            # torch's intra-op threads are per calling thread: split the cores between the workers,
-            # but leave them alone when the device is the CPU (the tests, and one worker)
-            init = (lambda: torch.set_num_threads(threads)) if self.compute_device.type == "cuda" else None
+            # split the cores between the workers (where the count is per thread), but leave them
+            # alone when the device is the CPU (the tests, and one worker)
+            init = partial(set_thread_count, threads) if self.compute_device.type == "cuda" else None
             self._pool = ThreadPoolExecutor(self.workers, "cold-expert", initializer=init)
         return self._pool
 

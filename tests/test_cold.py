@@ -6,6 +6,7 @@ from its slot; the split of `auto` is a pure function tested on its own."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -287,3 +288,30 @@ def test_vram_cpu_bandwidth_flag():
     assert "--cold-experts cpu on" in text and "RTX 4060 Ti 8GB" in text
     bad = runner.invoke(app, ["vram", "--gpu", "4090", "--cpu-bandwidth", "0"])
     assert bad.exit_code == 2 and "--cpu-bandwidth must be positive" in bad.stderr
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+def test_pool_threads_stay_in_the_pool(qckpt, monkeypatch, openmp):
+    """Beside a GPU the pool splits the cores between its workers: with OpenMP the count is per
+    thread, so each worker sets its own; elsewhere (native or TBB pools) a set would change the
+    whole process's, so the pool leaves it alone. Faked: the build's backend, and a process-wide
+    set_num_threads that records its calls."""
+    from quant import threads
+
+    backend = "ATen parallel backend: OpenMP" if openmp else "ATen parallel backend: native thread pool"
+    monkeypatch.setattr(torch.__config__, "parallel_info", lambda: backend)
+    threads.per_thread.cache_clear()
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    before = torch.get_num_threads()
+    try:
+        model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS, cold_experts="cpu")
+        experts = model.experts
+        experts.set_workers(2)
+        experts.compute_device = torch.device("cuda")  # the pool's side of a GPU run; nothing runs there
+        experts._executor().submit(lambda: None).result()
+        experts.set_workers(1)
+    finally:
+        threads.per_thread.cache_clear()
+    assert calls == ([max(1, (os.cpu_count() or 1) // 2)] if openmp else [])
+    assert torch.get_num_threads() == before
