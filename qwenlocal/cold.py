@@ -25,8 +25,8 @@ import torch
 from quant.threads import set_thread_count
 
 from .errors import UserError
-from .experts import group_by_expert, quant_swiglu
-from .offload import OffloadedExperts
+from .experts import quant_swiglu
+from .offload import CopyMisses, OffloadedExperts
 
 COLD_MODES = ("copy", "cpu", "auto")
 DEFAULT_COLD_EXPERTS = "copy"  # today's cache, until the GPU benchmark shows `auto` ahead on every card
@@ -88,6 +88,48 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(MAX_WORKERS, (os.cpu_count() or 2) // 2))
 
 
+class CpuMisses(CopyMisses):
+    """`cpu`: every miss is computed on the CPU from the host store, fewest tokens first; the
+    experts the CPU keeps computing are promoted into slots."""
+
+    copies_only = False
+
+    def __init__(self, experts: ColdExperts):
+        self.experts = experts
+
+    def split(
+        self, layer: int, x: torch.Tensor, misses: list[int], by_expert: dict
+    ) -> tuple[list[int], list[int]]:
+        order = sorted(misses, key=lambda e: by_expert[e][0].numel())
+        k = self.on_cpu(layer, x, [by_expert[e][0].numel() for e in order])
+        return order[:k], order[k:]
+
+    def on_cpu(self, layer: int, x: torch.Tensor, tokens: list[int]) -> int:
+        """How many of the misses (their token counts, ascending) the CPU computes."""
+        return len(tokens)
+
+    def start(self, layer: int, x: torch.Tensor, elsewhere: list[int], by_expert: dict) -> object:
+        self.experts.stats.layers[layer].cpu_computed += len(elsewhere)
+        return self.experts.start_cpu(layer, x, elsewhere, by_expert)
+
+    def finish(self, layer: int, x: torch.Tensor, started: object, by_expert: dict, outputs: dict) -> None:
+        self.experts.finish_cpu(layer, started, by_expert, outputs, x.device)
+        self.experts.promote(layer, [e for e, _ in started[1]], set(by_expert))
+
+
+class SplitMisses(CpuMisses):
+    """`auto`: the misses split between the CPU and copies by the measured times (`split_misses`)."""
+
+    def on_cpu(self, layer: int, x: torch.Tensor, tokens: list[int]) -> int:
+        ex = self.experts
+        if ex.timing is None:
+            ex.timing = ex.calibrate(layer, x)
+        return split_misses(tokens, ex.timing, ex.workers) if tokens else 0
+
+
+MISS_STRATEGIES = {"copy": lambda experts: CopyMisses(), "cpu": CpuMisses, "auto": SplitMisses}
+
+
 class ColdExperts(OffloadedExperts):
     """OffloadedExperts whose misses run on the CPU (`cpu`) or are split between the CPU and
     copies by measured times (`auto`)."""
@@ -95,13 +137,13 @@ class ColdExperts(OffloadedExperts):
     def __init__(self, *args, mode: str = "cpu", workers: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mode = parse_cold_experts(mode)
+        self.misses = MISS_STRATEGIES[self.mode](self)
         self.timing: Timing | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.workers = workers or default_workers(self.compute_device)
 
     def reset_cache(self) -> None:
         super().reset_cache()
-        self._pending: dict[tuple[int, int], object] = {}  # promotions whose copy may be in flight
         self._heat: dict[int, dict[int, tuple[float, int]]] = {layer: {} for layer in self.config.moe_layers}
         self._clock = dict.fromkeys(self.config.moe_layers, 0)
 
@@ -128,7 +170,7 @@ class ColdExperts(OffloadedExperts):
         end = time.perf_counter()
         return y, end - t, end
 
-    def _start_cpu(self, layer: int, x: torch.Tensor, cold: list[int], by_expert: dict):
+    def start_cpu(self, layer: int, x: torch.Tensor, cold: list[int], by_expert: dict):
         host = x.to("cpu")  # decode: one row, 4 KB at the real shape
         if x.shape[0] == 1:
             rows = [host] * len(cold)
@@ -139,7 +181,7 @@ class ColdExperts(OffloadedExperts):
         jobs = [(e, pool.submit(self._cpu_expert, layer, e, r)) for e, r in zip(cold, rows, strict=True)]
         return start, jobs
 
-    def _finish_cpu(self, layer: int, started, by_expert: dict, outputs: dict, device) -> None:
+    def finish_cpu(self, layer: int, started, by_expert: dict, outputs: dict, device) -> None:
         start, jobs = started
         stats = self.stats.layers[layer]
         busy, last, waited = 0.0, start, 0.0
@@ -160,20 +202,11 @@ class ColdExperts(OffloadedExperts):
     def _load(self, layer: int, expert: int, protect: set[int]) -> tuple[int, object]:
         t = time.perf_counter()
         slot, event = super()._load(layer, expert, protect)
-        if event is None:  # a synchronous copy (no CUDA stream): its time is known now
-            if self.timing is not None:
-                self.timing.copy_s += EMA * (time.perf_counter() - t - self.timing.copy_s)
-        else:
-            self._pending[(layer, expert)] = event
+        if event is None and self.timing is not None:  # a synchronous copy: its time is known now
+            self.timing.copy_s += EMA * (time.perf_counter() - t - self.timing.copy_s)
         return slot, event
 
-    def _slot_of(self, layer: int, expert: int) -> int:
-        event = self._pending.pop((layer, expert), None)
-        if event is not None:  # a promotion or prefetch: the compute stream waits on the device only
-            self._wait(layer, event)
-        return self.slot_of[(layer, expert)]
-
-    def _promote(self, layer: int, cold: list[int], needed: set[int]) -> None:
+    def promote(self, layer: int, cold: list[int], needed: set[int]) -> None:
         """Count the layer's CPU computations (fading); hot ones are copied into a slot."""
         clock = self._clock[layer] = self._clock[layer] + 1
         heat, policy, stats = self._heat[layer], self.policies[layer], self.stats.layers[layer]
@@ -223,60 +256,6 @@ class ColdExperts(OffloadedExperts):
         one = pool_round(host)
         many = pool_round(host.expand(CALIBRATE_TOKENS, -1).contiguous())
         return Timing(copy_s, one, max(0.0, (many - one) / (CALIBRATE_TOKENS - 1)))
-
-    # -- forward ------------------------------------------------------------------------------------
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.mode == "copy":
-            return super().forward(layer, x, ids, weights)
-        if self.mode == "auto" and self.timing is None:
-            self.timing = self.calibrate(layer, x)
-        self.record(layer, ids)
-        if self._waits:
-            self.settle_waits()
-        self._guess.pop(layer, None)  # a prefetch guess only counts in the copy path
-        policy, stats = self.policies[layer], self.stats.layers[layer]
-        groups = list(group_by_expert(ids, weights))
-        by_expert = {e: (t, w) for e, t, w in groups}
-        stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(by_expert))
-        hits = [e for e, _, _ in groups if e in policy]
-        for e in hits:
-            policy.touch(e)
-        misses = sorted((e for e, _, _ in groups if e not in policy), key=lambda e: by_expert[e][0].numel())
-        stats.hits += len(hits)
-        stats.misses += len(misses)
-        k = len(misses)
-        if self.mode == "auto" and misses:
-            k = split_misses([by_expert[e][0].numel() for e in misses], self.timing, self.workers)
-        cold, copied = misses[:k], misses[k:]
-        stats.cpu_computed += len(cold)
-        outputs: dict[int, torch.Tensor] = {}
-
-        def compute(e: int, slot: int) -> None:
-            t, w = by_expert[e]
-            outputs[e] = quant_swiglu(x[t], self.slot_qtensors(slot)) * w[:, None]
-
-        started = self._start_cpu(layer, x, cold, by_expert) if cold else None
-        if x.shape[0] > 1:  # a prefill: the experts of the last tokens stay resident (loaded last)
-            copied.sort(key=lambda e: int(by_expert[e][0].max()))
-        # copies into slots no hit holds start first; the device computes the hits meanwhile
-        room = self.slots_per_layer - len(hits)
-        waves = [copied[:room]] + [
-            copied[i : i + self.slots_per_layer] for i in range(room, len(copied), self.slots_per_layer)
-        ]
-        loads = [(e, *self._load(layer, e, set(hits) | set(waves[0]))) for e in waves[0]]
-        for e in hits:
-            compute(e, self._slot_of(layer, e))
-        for wave in waves[1:] + [None]:
-            for e, _, _ in loads:
-                compute(e, self._slot_of(layer, e))
-            loads = [] if wave is None else [(e, *self._load(layer, e, set(wave))) for e in wave]
-        if started is not None:
-            self._finish_cpu(layer, started, by_expert, outputs, x.device)
-            self._promote(layer, cold, set(by_expert))
-        out = torch.zeros_like(x)
-        for e, t, _ in groups:  # expert-id order: the same sums as the resident model
-            out.index_add_(0, t, outputs[e])
-        return out
 
 
 def cold_report(stats, experts=None) -> dict | None:

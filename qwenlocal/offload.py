@@ -93,6 +93,27 @@ class CacheStats:
         return out
 
 
+class CopyMisses:
+    """How a layer serves the experts without a slot: this one copies every miss into a slot (in
+    waves when they outnumber the layer's slots). cold.py's strategies compute some or all of them
+    on the CPU from the host store instead, started before the copies and finished after them."""
+
+    copies_only = True  # every expert gets a slot: the grouped kernels may read them through the slot table
+
+    def split(
+        self, layer: int, x: torch.Tensor, misses: list[int], by_expert: dict
+    ) -> tuple[list[int], list[int]]:
+        """(computed elsewhere, copied) among the layer's misses, each in the order to run them."""
+        return [], misses
+
+    def start(self, layer: int, x: torch.Tensor, elsewhere: list[int], by_expert: dict) -> object:
+        """Start computing `elsewhere`, while the device computes the hits and copies."""
+        return None
+
+    def finish(self, layer: int, x: torch.Tensor, started: object, by_expert: dict, outputs: dict) -> None:
+        """Put the outputs of what `start` began into `outputs` (weighted, on x's device)."""
+
+
 class OffloadedExperts(QuantExperts):
     """QuantExperts whose blobs live in host RAM; `slots_per_layer` of each layer's experts sit in
     a preallocated device buffer, chosen by a per-layer policy (`DEFAULT_CACHE_POLICY`, LFU with
@@ -118,12 +139,12 @@ class OffloadedExperts(QuantExperts):
         self.stats = CacheStats({layer: LayerStats() for layer in config.moe_layers})
         self.slot_buf: torch.Tensor | None = None
         self.slot_table: torch.Tensor | None = None  # [MoE layer, expert] -> slot, on the device
+        self.misses: CopyMisses = CopyMisses()
         self.reset_cache()
         self.copy_stream = None
         self._router: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self._guess: dict[int, set[int]] = {}
         self._prefetched: dict[int, set[int]] = {}  # layer -> experts the prefetcher copied
-        self._prefetch_events: dict[int, list] = {}  # layer -> CUDA events of those copies
         self._waits: list[tuple[int, object, object]] = []  # (layer, start, end) CUDA events
 
     # -- memory ----------------------------------------------------------------------------------
@@ -153,6 +174,7 @@ class OffloadedExperts(QuantExperts):
             layer: list(range(i * self.slots_per_layer, (i + 1) * self.slots_per_layer))[::-1]
             for layer, i in ((layer, self.layer_index[layer]) for layer in self.config.moe_layers)
         }
+        self._pending: dict[tuple[int, int], object] = {}  # (layer, expert) -> its copy's CUDA event
 
     @property
     def device_nbytes(self) -> int:
@@ -205,7 +227,14 @@ class OffloadedExperts(QuantExperts):
             dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
+        self._pending[(layer, expert)] = event
         return slot, event
+
+    def _slot_of(self, layer: int, expert: int) -> int:
+        """The expert's slot, once the compute stream may read it: a copy still in flight (this
+        layer's, a prefetch's or a promotion's) is waited for on the device."""
+        self._wait(layer, self._pending.pop((layer, expert), None))
+        return self.slot_of[(layer, expert)]
 
     def _wait(self, layer: int, event) -> None:
         """Make the compute stream wait for a copy; time the stall on the device."""
@@ -234,7 +263,7 @@ class OffloadedExperts(QuantExperts):
         return self.slot_buf, self.slot_buf, super().grouped_weights(layer)[2]
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.use_grouped(x):
+        if self.misses.copies_only and self.use_grouped(x):
             needed = ids.unique().tolist()  # the layer's one host read
             if len(needed) <= self.slots_per_layer:
                 self.record(layer, ids)
@@ -269,11 +298,11 @@ class OffloadedExperts(QuantExperts):
         """The layer's hits (touched) and misses among `needed`, counted with the prefetch figures."""
         if self._waits:
             self.settle_waits()
-        # a prefetched slot may be read only once its copy has landed (a wait on the device)
-        for event in self._prefetch_events.pop(layer, []):
-            self._wait(layer, event)
         policy, stats = self.policies[layer], self.stats.layers[layer]
-        stats.prefetch_useful += len(self._prefetched.pop(layer, set()).intersection(needed))
+        prefetched = self._prefetched.pop(layer, set())
+        stats.prefetch_useful += len(prefetched.intersection(needed))
+        for e in prefetched:  # a prefetched slot may be read once its copy has landed (a wait on the device)
+            self._wait(layer, self._pending.pop((layer, e), None))
         guess = self._guess.pop(layer, None)
         if guess is not None and decode:
             stats.predicted += len(guess & set(needed))
@@ -289,37 +318,39 @@ class OffloadedExperts(QuantExperts):
     def _forward_loop(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        """Hits from their slots; misses as `self.misses` decides: copied into slots (in waves
+        when they outnumber them) or computed elsewhere at the same time."""
         self.record(layer, ids)
         groups = list(group_by_expert(ids, weights))
-        hits, misses = self._lookup(layer, [g[0] for g in groups], x.shape[0] == 1)
-        # a prefill: keep the experts of the last tokens resident at the end (loaded last)
-        if len(misses) > 1 and x.shape[0] > 1:
-            last_use = {e: int(t.max()) for e, t, _ in groups}
-            misses.sort(key=lambda e: last_use[e])
-        outputs: dict[int, torch.Tensor] = {}
         by_expert = {e: (t, w) for e, t, w in groups}
+        hits, misses = self._lookup(layer, list(by_expert), x.shape[0] == 1)
+        elsewhere, copied = self.misses.split(layer, x, misses, by_expert)
+        started = self.misses.start(layer, x, elsewhere, by_expert) if elsewhere else None
+        # a prefill: keep the experts of the last tokens resident at the end (loaded last)
+        if len(copied) > 1 and x.shape[0] > 1:
+            copied.sort(key=lambda e: int(by_expert[e][0].max()))
+        outputs: dict[int, torch.Tensor] = {}
 
-        def compute(e: int, slot: int) -> None:
+        def compute(e: int) -> None:
             t, w = by_expert[e]
-            outputs[e] = quant_swiglu(x[t], self.slot_qtensors(slot)) * w[:, None]
+            outputs[e] = quant_swiglu(x[t], self.slot_qtensors(self._slot_of(layer, e))) * w[:, None]
 
-        # first wave: start copies into slots that no hit occupies, compute hits meanwhile
-        room = self.slots_per_layer - len(hits)
-        first, rest = misses[:room], misses[room:]
-        protect = set(hits) | set(first)
-        started = [(e, *self._load(layer, e, protect)) for e in first]
-        for e in hits:
-            compute(e, self.slot_of[(layer, e)])
-        for e, slot, event in started:
-            self._wait(layer, event)
-            compute(e, slot)
+        # copies into slots that no hit holds start first; the device computes the hits meanwhile;
         # the rest stream through the layer's slots in waves
-        for i in range(0, len(rest), self.slots_per_layer):
-            wave = rest[i : i + self.slots_per_layer]
-            started = [(e, *self._load(layer, e, set(wave))) for e in wave]
-            for e, slot, event in started:
-                self._wait(layer, event)
-                compute(e, slot)
+        n, room = self.slots_per_layer, self.slots_per_layer - len(hits)
+        waves = [copied[:room]] + [copied[i : i + n] for i in range(room, len(copied), n)]
+        for e in waves[0]:
+            self._load(layer, e, set(hits) | set(waves[0]))
+        for e in hits:
+            compute(e)
+        for i, wave in enumerate(waves):
+            if i:
+                for e in wave:
+                    self._load(layer, e, set(wave))
+            for e in wave:
+                compute(e)
+        if elsewhere:
+            self.misses.finish(layer, x, started, by_expert, outputs)
         out = torch.zeros_like(x)
         for e, t, _ in groups:  # expert-id order: the same sums as the resident model
             out.index_add_(0, t, outputs[e])
@@ -341,12 +372,9 @@ class OffloadedExperts(QuantExperts):
         self._guess[layer] = guess
         policy = self.policies[layer]
         copied = self._prefetched[layer] = set()
-        events = self._prefetch_events[layer] = []
         for e in guess:
             if e not in policy:
-                _, event = self._load(layer, e, guess)
-                if event is not None:
-                    events.append(event)
+                self._load(layer, e, guess)
                 copied.add(e)
         self.stats.layers[layer].prefetched += len(copied)
 
