@@ -142,7 +142,7 @@ def quantization_row(model) -> str:
 def residency_row(model) -> tuple[str, str] | None:
     experts = model.experts
     total = model.config.num_experts * len(model.config.moe_layers)
-    slots = getattr(experts, "slots_per_layer", None)
+    slots = experts.slots_per_layer
     on_device = total if slots is None else slots * len(model.config.moe_layers)
     if not total:
         return None

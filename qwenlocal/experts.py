@@ -18,6 +18,7 @@ from torch import nn
 from quant.kernels import kernel_pack_layout, qlinear
 from quant.pack import unpack
 
+from .cache_stats import CacheStats
 from .config import Qwen3MoeConfig
 
 
@@ -56,13 +57,30 @@ MOE_MODES = ("auto", "grouped", "loop")
 
 
 class Experts(nn.Module):
-    """All MoE layers' experts. Call: experts(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]."""
+    """All MoE layers' experts. Call: experts(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H].
+
+    What the rest of the program asks of any storage: the attributes below, `prefetch` and `held`.
+    A storage whose experts all sit on the compute device answers with these defaults; an expert
+    cache (offload.py) overrides them."""
+
+    slots_per_layer: int | None = None  # device slots per MoE layer; None: every expert is resident
+    policy_name: str | None = None  # the cache's eviction policy
+    stats: CacheStats | None = None  # the cache's counters since the load
 
     def __init__(self, config: Qwen3MoeConfig):
         super().__init__()
         self.config = config
         self.recorder: RoutingRecorder | None = None
         self.moe = "loop"  # or "grouped" (set by the loader from load_model(moe=...))
+
+    def prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        """Called before `layer` runs on one decode token, with its input: a cache may start copying
+        the experts it guesses. Nothing to do when every expert is resident."""
+
+    def held(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors the storage holds besides its parameters and buffers, each with its component
+        in the memory report ("experts", or "expert_store" for the host store behind a cache)."""
+        return iter(())
 
     def record(self, layer: int, ids: torch.Tensor) -> None:
         if self.recorder is not None:
@@ -220,6 +238,10 @@ class QuantExperts(Experts):
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self.blobs.values())
+
+    def held(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for blob in self.blobs.values():
+            yield "experts", blob
 
     def qtensors(self, layer: int, expert: int) -> dict:
         key = (layer, expert)

@@ -277,7 +277,7 @@ class Generator:
         device = self.model.device
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         s = Summary(prompt_tokens=len(prompt))
-        counters: CacheStats | None = getattr(self.model.experts, "stats", None)
+        counters: CacheStats | None = self.model.experts.stats
         before = counters.snapshot() if counters is not None else None
         decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
         if device.type == "cuda":

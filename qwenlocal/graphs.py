@@ -34,7 +34,7 @@ def graphs_supported(model: Qwen3MoeForCausalLM) -> bool:
     return (
         model.device.type == "cuda"
         and experts.moe == "grouped"
-        and getattr(experts, "slot_buf", None) is None
+        and experts.slots_per_layer is None
         and experts.recorder is None
     )
 

@@ -294,11 +294,8 @@ def measure(model, cache=None) -> dict[str, dict[str, int]]:
         seen.add(id(t))
         name = name.removeprefix("experts.")
         add("experts" if name.startswith(("gate_up", "down")) else component_of(name), t)
-    slots = getattr(model.experts, "slot_buf", None)
-    if slots is not None:  # offloaded: the device slots, and the whole store in host RAM
-        add("experts", slots)
-    for blob in getattr(model.experts, "blobs", {}).values():
-        add("expert_store" if slots is not None else "experts", blob)
+    for component, t in model.experts.held():  # offloaded: the device slots and the host store
+        add(component, t)
     if cache is not None:
         for t in cache.k + cache.v:
             add("kv_cache", t)
@@ -310,7 +307,7 @@ def measure(model, cache=None) -> dict[str, dict[str, int]]:
 
 def model_plan(model, ctx_size: int, batch: int = 1, kv_dtype: torch.dtype | None = None) -> Plan:
     """The plan a loaded model was built with, so its estimate can be set beside `measure`."""
-    slots = getattr(model.experts, "slots_per_layer", None)
+    slots = model.experts.slots_per_layer
     return make_plan(
         recipe=getattr(model, "recipe", None),
         ctx_size=ctx_size,

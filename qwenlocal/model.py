@@ -239,7 +239,7 @@ class Qwen3MoeForCausalLM(nn.Module):
             keys = torch.arange(end if end is not None else cache.max_len, device=x.device)
             mask, causal = keys[None, :] <= positions[:, None], False
         s = Step(positions, cos, sin, cache, end, mask, causal)
-        prefetch = getattr(self.experts, "prefetch", None) if b * t == 1 else None
+        prefetch = self.experts.prefetch if b * t == 1 else None
         for i, layer in enumerate(self.model.layers):
             x = layer(x, s)
             if prefetch is not None and i + 1 < len(self.model.layers):

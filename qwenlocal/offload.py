@@ -18,8 +18,7 @@ are, and a slot gets the same bytes, which the device's kernels read too (quant/
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,70 +26,13 @@ import torch.nn.functional as F
 from quant.pack import unpack
 
 from .cache_policy import DEFAULT_CACHE_POLICY, make_policy
+from .cache_stats import CacheStats, LayerStats
 from .config import Qwen3MoeConfig
 from .experts import QuantExperts, group_by_expert, quant_swiglu
 
 # Off until it is shown to help: on the benchmark model the guess (the next layer's router on this
 # layer's output) found 29 % of the picks, and its copies evicted useful experts (BENCHMARKS.md).
 DEFAULT_PREFETCH = False
-
-
-@dataclass
-class LayerStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    bytes_copied: int = 0
-    # Time the computation waited for copies: on the CPU the copies themselves (they are
-    # synchronous); on CUDA the compute stream's stalls, timed on the device by events.
-    wait_s: float = 0.0
-    prefetched: int = 0  # copies started early by the prefetcher
-    prefetch_useful: int = 0  # prefetched experts that the layer then used
-    predicted: int = 0  # expert picks the prefetcher guessed
-    actual: int = 0  # expert picks made while a guess existed
-    # misses computed on the CPU (--cold-experts cpu/auto, cold.py); the other misses were copied
-    cpu_computed: int = 0
-    cpu_s: float = 0.0  # their compute time, summed over the workers
-    cpu_wall_s: float = 0.0  # from the layer's first CPU job to its last result
-    cpu_wait_s: float = 0.0  # of that, time the layer waited after its device work
-    promoted: int = 0  # CPU-computed experts then copied into a slot for later tokens
-
-    def add(self, other: LayerStats) -> None:
-        for f in self.__dataclass_fields__:
-            setattr(self, f, getattr(self, f) + getattr(other, f))
-
-
-@dataclass
-class CacheStats:
-    layers: dict[int, LayerStats] = field(default_factory=dict)
-
-    def total(self) -> LayerStats:
-        t = LayerStats()
-        for s in self.layers.values():
-            t.add(s)
-        return t
-
-    @property
-    def hit_rate(self) -> float | None:
-        """Share of expert uses served from the cache; None before any use."""
-        t = self.total()
-        return t.hits / (t.hits + t.misses) if t.hits + t.misses else None
-
-    @property
-    def prefetch_recall(self) -> float | None:
-        t = self.total()
-        return t.predicted / t.actual if t.actual else None
-
-    def snapshot(self) -> CacheStats:
-        return CacheStats({k: LayerStats(**v.__dict__) for k, v in self.layers.items()})
-
-    def since(self, before: CacheStats) -> CacheStats:
-        """The counters accumulated after `before` was taken (e.g. for one reply)."""
-        out = CacheStats()
-        for k, v in self.layers.items():
-            b = before.layers.get(k, LayerStats())
-            out.layers[k] = LayerStats(**{f: getattr(v, f) - getattr(b, f) for f in v.__dataclass_fields__})
-        return out
 
 
 class CopyMisses:
@@ -179,6 +121,12 @@ class OffloadedExperts(QuantExperts):
     @property
     def device_nbytes(self) -> int:
         return 0 if self.slot_buf is None else self.slot_buf.numel()
+
+    def held(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.slot_buf is not None:
+            yield "experts", self.slot_buf
+        for blob in self.blobs.values():
+            yield "expert_store", blob
 
     def _apply(self, fn, recurse=True):  # the store stays on the host; slots are placed at allocate()
         return torch.nn.Module._apply(self, fn, recurse)

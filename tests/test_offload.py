@@ -5,6 +5,8 @@ exactly what it should; bad sizes are clear errors."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +245,32 @@ def test_runtime_hits_equal_the_simulator(qckpt, tmp_path, policy):
     stats = model.experts.stats.layers
     assert [stats[layer].hits for layer in model.config.moe_layers] == sim.layer_hits
     assert sum(s.misses for s in stats.values()) == sim.misses
+
+
+def test_every_storage_answers_the_same_questions(qckpt, resident):
+    """What the rest of the program asks of an expert storage (experts.Experts): a resident one
+    answers with the defaults, an offloaded one with its cache."""
+    r = resident.experts
+    assert (r.slots_per_layer, r.policy_name, r.stats) == (None, None, None)
+    assert r.prefetch(1, torch.zeros(1, 1, resident.config.hidden_size)) is None
+    assert [(c, t is r.blobs[layer]) for (c, t), layer in zip(r.held(), r.blobs, strict=True)] == [
+        ("experts", True)
+    ] * len(r.blobs)
+    o = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS, policy="lru").experts
+    assert (o.slots_per_layer, o.policy_name) == (3, "lru") and o.stats.hit_rate is None
+    held = list(o.held())
+    assert held[0][0] == "experts" and held[0][1] is o.slot_buf
+    assert [c for c, _ in held[1:]] == ["expert_store"] * LAYERS
+
+
+def test_no_module_probes_the_expert_storage():
+    """Code reads the storage's interface, not `getattr(experts, ...)` guesses."""
+    root = Path(__file__).resolve().parent.parent
+    probe = re.compile(r"getattr\([^)]*experts")
+    found = [
+        f"{p.relative_to(root)}: {m.group(0)}"
+        for pkg in ("qwenlocal", "quant")
+        for p in sorted((root / pkg).rglob("*.py"))
+        for m in probe.finditer(p.read_text(encoding="utf-8"))
+    ]
+    assert found == []
