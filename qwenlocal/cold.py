@@ -114,7 +114,8 @@ class CpuMisses(CopyMisses):
 
     def finish(self, layer: int, x: torch.Tensor, started: object, by_expert: dict, outputs: dict) -> None:
         self.experts.finish_cpu(layer, started, by_expert, outputs, x.device)
-        self.experts.promote(layer, [e for e, _ in started[1]], set(by_expert))
+        _, jobs = started
+        self.experts.promote(layer, [e for e, _ in jobs], set(by_expert))
 
 
 class SplitMisses(CpuMisses):
@@ -137,7 +138,7 @@ class ColdExperts(OffloadedExperts):
     def __init__(self, *args, mode: str = "cpu", workers: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mode = parse_cold_experts(mode)
-        self.misses = MISS_STRATEGIES[self.mode](self)
+        self.miss_strategy = MISS_STRATEGIES[self.mode](self)
         self.timing: Timing | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.workers = workers or default_workers(self.compute_device)

@@ -81,7 +81,7 @@ class OffloadedExperts(QuantExperts):
         self.stats = CacheStats({layer: LayerStats() for layer in config.moe_layers})
         self.slot_buf: torch.Tensor | None = None
         self.slot_table: torch.Tensor | None = None  # [MoE layer, expert] -> slot, on the device
-        self.misses: CopyMisses = CopyMisses()
+        self.miss_strategy: CopyMisses = CopyMisses()
         self.reset_cache()
         self.copy_stream = None
         self._router: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -211,7 +211,7 @@ class OffloadedExperts(QuantExperts):
         return self.slot_buf, self.slot_buf, super().grouped_weights(layer)[2]
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.misses.copies_only and self.use_grouped(x):
+        if self.miss_strategy.copies_only and self.use_grouped(x):
             needed = ids.unique().tolist()  # the layer's one host read
             if len(needed) <= self.slots_per_layer:
                 self.record(layer, ids)
@@ -266,14 +266,14 @@ class OffloadedExperts(QuantExperts):
     def _forward_loop(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Hits from their slots; misses as `self.misses` decides: copied into slots (in waves
+        """Hits from their slots; misses as `self.miss_strategy` decides: copied into slots (in waves
         when they outnumber them) or computed elsewhere at the same time."""
         self.record(layer, ids)
         groups = list(group_by_expert(ids, weights))
         by_expert = {e: (t, w) for e, t, w in groups}
         hits, misses = self._lookup(layer, list(by_expert), x.shape[0] == 1)
-        elsewhere, copied = self.misses.split(layer, x, misses, by_expert)
-        started = self.misses.start(layer, x, elsewhere, by_expert) if elsewhere else None
+        elsewhere, copied = self.miss_strategy.split(layer, x, misses, by_expert)
+        started = self.miss_strategy.start(layer, x, elsewhere, by_expert) if elsewhere else None
         # a prefill: keep the experts of the last tokens resident at the end (loaded last)
         if len(copied) > 1 and x.shape[0] > 1:
             copied.sort(key=lambda e: int(by_expert[e][0].max()))
@@ -287,8 +287,9 @@ class OffloadedExperts(QuantExperts):
         # the rest stream through the layer's slots in waves
         n, room = self.slots_per_layer, self.slots_per_layer - len(hits)
         waves = [copied[:room]] + [copied[i : i + n] for i in range(room, len(copied), n)]
+        protect = set(hits) | set(waves[0])
         for e in waves[0]:
-            self._load(layer, e, set(hits) | set(waves[0]))
+            self._load(layer, e, protect)
         for e in hits:
             compute(e)
         for i, wave in enumerate(waves):
@@ -298,7 +299,7 @@ class OffloadedExperts(QuantExperts):
             for e in wave:
                 compute(e)
         if elsewhere:
-            self.misses.finish(layer, x, started, by_expert, outputs)
+            self.miss_strategy.finish(layer, x, started, by_expert, outputs)
         out = torch.zeros_like(x)
         for e, t, _ in groups:  # expert-id order: the same sums as the resident model
             out.index_add_(0, t, outputs[e])
