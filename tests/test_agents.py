@@ -227,39 +227,30 @@ def test_streamed_tool_call_assembles_into_the_same_call(server, request):
 @pytest.mark.parametrize("server", ["qwen", "coder"])
 def test_tool_round_trip_answers(server, request):
     s = request.getfixturevalue(server)
-    call = {
-        "id": "call_1",
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1, "unit": "C"}'},
-    }
-    messages = [
-        *ASK,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
-    ]
+    client, ask = s.client(), {"model": "m", "tools": TOOLS, "temperature": 0, "extra_body": NO_THINK}
+    named = {"type": "function", "function": {"name": "get_time"}}
+    first = client.chat.completions.create(
+        messages=ASK, tool_choice=named, parallel_tool_calls=False, max_tokens=40, **ask
+    )
+    message = first.choices[0].message
+    (call,) = message.tool_calls
+    # the client's own message object goes back, then the tool's answer
+    messages = [*ASK, message, {"role": "tool", "tool_call_id": call.id, "content": "12:00 UTC"}]
     for choice in ("auto", "none"):
-        r = s.client().chat.completions.create(
-            model="m",
-            messages=messages,
-            tools=TOOLS,
-            tool_choice=choice,
-            temperature=0,
-            max_tokens=4,
-            extra_body=NO_THINK,
-        )
+        r = client.chat.completions.create(messages=messages, tool_choice=choice, max_tokens=4, **ask)
         assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    template_calls = [
+        {"id": call.id, "type": "function", "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}
+    ]
     rendered = s.engine.tokenizer.apply_chat_template(
         [
             *ASK,
-            {
-                **messages[1],
-                "tool_calls": [{**call, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
-            },
-            {"role": "tool", "content": "18 C"},
+            {"role": "assistant", "content": "", "tool_calls": template_calls},
+            {"role": "tool", "content": "12:00"},
         ],
         tools=TOOLS,
     )
-    assert ("<function=get_weather>" in rendered) == (server == "coder") and "18 C" in rendered
+    assert ("<function=get_time>" in rendered) == (server == "coder") and "12:00" in rendered
 
 
 def test_thinking_comes_before_a_constrained_answer(qwen):
