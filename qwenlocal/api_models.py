@@ -248,7 +248,7 @@ def response_schema(req: ChatRequest) -> tuple[dict, bool] | None:
             "missing_required_parameter",
             "response_format.json_schema.schema",
         )
-    lenient = fmt.json_schema.strict is False  # not strict: keywords llguidance cannot enforce are ignored
+    lenient = fmt.json_schema.strict is not True  # OpenAI's default: keywords it cannot enforce are ignored
     try:
         return check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema", lenient), lenient
     except GrammarError as e:

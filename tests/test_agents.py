@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from qwenlocal.cli import app
 from qwenlocal.tokenizer import Tokenizer
-from qwenlocal.tool_calls import JSON_STYLE, XML_STYLE, parse_tool_calls, template_style
+from qwenlocal.tool_calls import JSON_STYLE, XML_STYLE, ToolCallParser, parse_tool_calls, template_style
 from tests.test_server import HOST, Client, free_port
 
 DATA = Path(__file__).parent / "data"
@@ -283,6 +283,55 @@ def test_template_style_and_parsing(tiny_ckpt):
     content, (call,) = parse_tool_calls(xml, XML_STYLE, SCHEMAS)
     assert content == "" and json.loads(call["function"]["arguments"]) == {"city": "New\nYork", "days": 3}
     assert parse_tool_calls("a <tool_call>\nnot a call\n</tool_call>", JSON_STYLE)[1] == []
+
+
+def stream_pieces(parser, text: str) -> tuple[str, list[dict]]:
+    """Text fed one character at a time -> (content, calls assembled from the deltas)."""
+    content, calls = "", {}
+    for piece in [*text, None]:
+        c, deltas = parser.add(piece) if piece is not None else parser.finish()
+        content += c
+        for d in deltas:
+            call = calls.setdefault(d["index"], {"name": None, "arguments": ""})
+            if "id" in d:
+                call["name"] = d["function"]["name"]
+            call["arguments"] += d["function"]["arguments"]
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize(
+    "style, text",
+    [
+        (
+            JSON_STYLE,
+            'Let me look.\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2, "unit": "C"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>',
+        ),
+        (
+            XML_STYLE,
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n<parameter=days>\n2\n</parameter>\n<parameter=unit>\nC\n</parameter>\n</function>\n</tool_call>",
+        ),
+        (JSON_STYLE, "No call here, only <tool text."),
+    ],
+)
+def test_streamed_parse_equals_the_whole_parse(style, text):
+    content, calls = parse_tool_calls(text, style, SCHEMAS)
+    expected = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls]
+    assert stream_pieces(ToolCallParser(style, SCHEMAS), text) == (content, expected)
+    assert "<tool_call>" not in content and all(json.loads(c["arguments"]) for c in expected)
+
+
+def test_reasoning_and_tool_calls_come_apart(tiny_ckpt):
+    from qwenlocal.chat_api import ChatPlan, chat_message
+    from qwenlocal.generate import Summary
+
+    plan = ChatPlan("", thinking=True, in_reasoning=False, style=JSON_STYLE, tools=SCHEMAS)
+    text = '<think>\nThe user wants the time.\n</think>\n\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    message, finish = chat_message(plan, Summary(text=text, finish_reason="stop"))
+    assert finish == "tool_calls" and message["content"] is None
+    assert message["reasoning_content"] == "The user wants the time."
+    assert message["tool_calls"][0]["function"] == {"name": "get_time", "arguments": '{"zone": "CET"}'}
+    message, finish = chat_message(plan, Summary(text=text[: text.index("CET")], finish_reason="length"))
+    assert finish == "length"  # a call cut short is never presented as complete
 
 
 # -- bad requests ------------------------------------------------------------------------------------
