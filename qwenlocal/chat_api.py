@@ -13,7 +13,7 @@ from .api_models import ChatRequest, forced_tools, response_schema, template_mes
 from .engine import Engine
 from .errors import UserError
 from .generate import Summary
-from .grammar import Tokens, json_body, lark, tool_calls_body
+from .grammar import GrammarError, Tokens, check_grammar, json_body, lark, tool_calls_body
 from .openai_api import APIError, StopBuffer
 from .reasoning import ReasoningSplitter, split_reasoning
 from .tokenizer import THINK_START
@@ -68,6 +68,10 @@ def plan_chat(engine: Engine, req: ChatRequest) -> ChatPlan:
     else:
         return plan
     plan.grammar = lark(body, tokens, thinking, plan.in_reasoning)
+    try:
+        check_grammar(plan.grammar)
+    except GrammarError as e:
+        raise APIError(400, str(e), "invalid_value", "tools" if forced else "response_format") from None
     return plan
 
 

@@ -285,6 +285,22 @@ def test_template_style_and_parsing(tiny_ckpt):
     assert parse_tool_calls("a <tool_call>\nnot a call\n</tool_call>", JSON_STYLE)[1] == []
 
 
+def test_the_sampler_takes_only_allowed_tokens():
+    import torch
+
+    from qwenlocal.generate import SamplingParams, sample
+
+    logits = torch.randn(1000)
+    allowed = torch.zeros(1000, dtype=torch.bool)
+    ids = [3, 500, 999]
+    allowed[ids] = True
+    assert sample(logits, SamplingParams(temperature=0), allowed=allowed) == ids[int(logits[ids].argmax())]
+    gen = torch.Generator().manual_seed(0)
+    free = SamplingParams(temperature=1.5, top_k=0, top_p=1.0)
+    assert {sample(logits, free, gen, allowed=allowed) for _ in range(200)} <= set(ids)
+    assert sample(logits, SamplingParams(temperature=0)) == int(logits.argmax())  # no mask: as before
+
+
 def stream_pieces(parser, text: str) -> tuple[str, list[dict]]:
     """Text fed one character at a time -> (content, calls assembled from the deltas)."""
     content, calls = "", {}
