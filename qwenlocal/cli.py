@@ -60,6 +60,10 @@ def generate(
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    json_schema: Annotated[
+        str | None,
+        typer.Option("--json-schema", help="Answer with JSON valid for this schema file ('-': stdin)."),
+    ] = None,
 ):
     """Generate a reply to one prompt and print it as it streams."""
 
@@ -72,25 +76,34 @@ def generate(
             model_arg, text = None, model
         else:
             model_arg, text = model, prompt
+        if text == "-" and json_schema == "-":
+            raise UserError("Only one of the prompt and --json-schema can be read from stdin.")
         text = sys.stdin.read() if text == "-" else text
+        schema = read_schema(json_schema) if json_schema is not None else None
         with loaded(load.model_or_default(model_arg), load, quiet=as_json) as (folder, lm, tok):
-            run_generate(folder, lm, tok, text)
+            run_generate(folder, lm, tok, text, schema)
 
-    def run_generate(folder, lm, tok, text):
+    def run_generate(folder, lm, tok, text, schema):
         from .generate import Generator, Summary
+        from .grammar import Constraint, Tokens, json_body, lark
 
         if raw:
-            ids = tok.encode(text)
+            prompt = text
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": text}
             ]
-            ids = tok.encode(
-                tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=sampling.think)
+            prompt = tok.apply_chat_template(
+                messages, add_generation_prompt=True, enable_thinking=sampling.think
             )
+        constraint = None
+        if schema is not None:
+            thinking = sampling.think and not raw
+            grammar = lark(json_body(schema), Tokens.of(tok), thinking, prompt.rstrip().endswith("<think>"))
+            constraint = Constraint(grammar, tok, lm.config.vocab_size, tok.eos_token_ids)
         params = sampling.params(folder)
         for record in Generator(lm, tok, ctx_size=load.ctx).stream(
-            ids, params, max_tokens=sampling.max_tokens
+            tok.encode(prompt), params, max_tokens=sampling.max_tokens, constraint=constraint
         ):
             if isinstance(record, Summary):
                 render_summary(record, as_json)
@@ -99,6 +112,22 @@ def generate(
                 sys.stdout.flush()
 
     run(body)
+
+
+def read_schema(source: str) -> dict:
+    """A JSON schema from a file or stdin ('-') that the grammar library can enforce."""
+    from .grammar import check_schema
+
+    where = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"Cannot read the schema {where}: {getattr(e, 'strerror', None) or e}.") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"The schema {where} is not valid JSON ({e}).") from None
+    return check_schema(schema, f"The schema {where}")
 
 
 def render_summary(s, as_json: bool) -> None:

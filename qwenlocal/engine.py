@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .generate import Generator, SamplingParams, Summary, Totals
+from .grammar import Constraint
 from .memory import live_report, measure
 from .options import SamplingOptions
 
@@ -37,6 +38,7 @@ class Job:
     max_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
+    grammar: str | None = None  # lark text (grammar.py): the reply is constrained to it
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -169,8 +171,17 @@ class Engine:
                     self.stats.cancelled += 1
                 job.emit("error", EngineError("client_closed", "The client closed the request."))
                 return
+            constraint = None
+            if job.grammar is not None:
+                vocab = self.gen.model.config.vocab_size
+                constraint = Constraint(job.grammar, self.tokenizer, vocab, self.tokenizer.eos_token_ids)
             records = self.gen.stream(
-                job.prompt, job.params, job.max_tokens, stop=job.stop or None, cancel=job.cancelled.is_set
+                job.prompt,
+                job.params,
+                job.max_tokens,
+                stop=job.stop or None,
+                cancel=job.cancelled.is_set,
+                constraint=constraint,
             )
             for record in records:
                 if isinstance(record, Summary):

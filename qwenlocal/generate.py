@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .grammar import Constraint
 from .graphs import decode_graph
 from .model import Qwen3MoeForCausalLM
 from .offload import CacheStats, LayerStats
@@ -66,8 +67,12 @@ def sample(
     p: SamplingParams,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> int:
-    """logits [V] float32 -> token id. Order: presence penalty, temperature, top-k, top-p, min-p."""
+    """logits [V] float32 -> token id. Order: grammar mask (`allowed`, bool [V]), presence penalty,
+    temperature, top-k, top-p, min-p."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if p.presence_penalty and seen is not None and seen.numel():
         logits = logits.clone()
         logits[seen.unique()] -= p.presence_penalty
@@ -257,10 +262,12 @@ class Generator:
         eos_ids: tuple[int, ...] | None = None,
         stop: list[str] | None = None,
         cancel: Callable[[], bool] | None = None,
+        constraint: Constraint | None = None,
     ) -> Iterator[TokenRecord | Summary]:
         """Yield one TokenRecord per generated token, then the Summary. `cancel()` turning true
         ends the reply after the current step (or prefill chunk) with finish_reason "cancelled".
-        Closing the iterator early also stops it, without a Summary."""
+        Closing the iterator early also stops it, without a Summary. A `constraint` masks every
+        token; its next mask is computed while the model runs."""
         if not prompt:
             raise UserError("The prompt is empty.")
         if len(prompt) >= self.ctx_size:
@@ -283,6 +290,8 @@ class Generator:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak of this request, not the process
         t0 = time.perf_counter()
+        if constraint is not None:
+            constraint.begin()
         s.cached_tokens = self._reuse_prefix(prompt)
         logits = self.prefill(prompt[s.cached_tokens :], cancel)
         _sync(device)
@@ -296,7 +305,8 @@ class Generator:
                     s.finish_reason = "cancelled"
                     break
                 seen = torch.tensor(generated, dtype=torch.long) if params.presence_penalty else None
-                token = sample(logits.cpu(), params, gen, seen)
+                allowed = constraint.allowed() if constraint is not None else None
+                token = sample(logits.cpu(), params, gen, seen, allowed)
                 if token in eos_ids:
                     s.finish_reason = "stop"
                     break
@@ -311,8 +321,12 @@ class Generator:
                 if len(generated) >= max_tokens or self.cache.length >= self.ctx_size:
                     s.finish_reason = "length"
                     break
+                if constraint is not None:
+                    constraint.advance(token)
                 logits = self.prefill([token])
         finally:
+            if constraint is not None:
+                constraint.close()
             _sync(device)
             s.gen_s = time.perf_counter() - t_prefill
         s.generated_tokens = len(generated)

@@ -1,8 +1,8 @@
 """`qwenlocal serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn, SSE streaming).
 
 The HTTP side only: endpoints, authentication, streams, and the command. Jobs, the queue and the
-counters live in engine.py; request bodies and answers in OpenAI's shapes in openai_api.py.
-Qwen3's `<think>...</think>` text is returned apart, as `reasoning_content`.
+counters live in engine.py; request bodies in api_models.py; chat prompts, constraints, tool calls
+and reasoning in chat_api.py; answers in OpenAI's shapes in openai_api.py.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, and fastapi is
@@ -22,12 +22,12 @@ import typer
 
 from . import cli_util as cli
 from . import options as opt
+from .api_models import ChatRequest, CompletionRequest, SamplingRequest, make_job, parse
+from .chat_api import chat_message, chat_stream, plan_chat
 from .engine import DEFAULT_MAX_QUEUE, Engine, Job
 from .errors import UserError
 from .generate import Summary
-from .openai_api import APIError, StopBuffer, as_api_error, make_job, parse_messages, sse, submit, usage
-from .reasoning import ReasoningSplitter, split_reasoning
-from .tokenizer import THINK_START
+from .openai_api import APIError, StopBuffer, as_api_error, sse, submit, usage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -145,9 +145,8 @@ def create_app(engine: Engine, api_key: str | None = None):
             "model": engine.model_id,
         }
 
-    def include_usage(body: dict) -> bool:
-        opts = body.get("stream_options")
-        return isinstance(opts, dict) and bool(opts.get("include_usage"))
+    def include_usage(req: SamplingRequest) -> bool:
+        return req.stream_options is not None and req.stream_options.include_usage
 
     def error_event(e: Exception) -> str:
         return sse(as_api_error(e).body())
@@ -171,69 +170,34 @@ def create_app(engine: Engine, api_key: str | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
-        messages = parse_messages(body)
-        kwargs = body.get("chat_template_kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise APIError(
-                400, "'chat_template_kwargs' must be an object.", "invalid_type", "chat_template_kwargs"
-            )
-        thinking = kwargs.get("enable_thinking", engine.defaults.think)
-        if not isinstance(thinking, bool):
-            raise APIError(400, "'enable_thinking' must be true or false.", "invalid_type", "enable_thinking")
-        try:
-            text = engine.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, enable_thinking=thinking
-            )
-        except UserError as e:
-            raise APIError(400, str(e), "template_error") from None
-        job = make_job(engine, body, engine.tokenizer.encode(text), thinking)
-        in_reasoning = text.rstrip().endswith(THINK_START)
+        req = parse(ChatRequest, await read_body(request))
+        plan = plan_chat(engine, req)
+        job = make_job(engine, req, engine.tokenizer.encode(plan.prompt), plan.thinking, plan.grammar)
         submit(engine, job)
         head = header("chatcmpl", "chat.completion")
 
-        if not body.get("stream"):
+        if not req.stream:
             s = await finish(request, job)
-            reasoning, content = split_reasoning(s.text, in_reasoning)
-            message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": s.finish_reason}
+            message, finish_reason = chat_message(plan, s)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
             return {**head, "choices": [choice], "usage": usage(s)}
 
-        with_usage = include_usage(body)
+        with_usage = include_usage(req)
         head["object"] = "chat.completion.chunk"
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return sse({**head, "choices": [choice], **({"usage": None} if with_usage else {})})
 
-        def delta(reasoning: str, content: str) -> dict:
-            return {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+        def usage_event(s: Summary) -> str | None:
+            return sse({**head, "choices": [], "usage": usage(s)}) if with_usage else None
 
-        async def stream() -> AsyncIterator[str]:
-            stops, splitter = StopBuffer(job.stop), ReasoningSplitter(in_reasoning)
-            yield chunk({"role": "assistant", "content": ""})
-            async for kind, value in _events(job):
-                if kind == "token":
-                    if d := delta(*splitter.add(stops.add(value.text))):
-                        yield chunk(d)
-                elif kind == "error":
-                    yield error_event(value)
-                else:
-                    r1, c1 = splitter.add(stops.finish(value.text))
-                    r2, c2 = splitter.finish()
-                    if d := delta(r1 + r2, c1 + c2):
-                        yield chunk(d)
-                    yield chunk({}, value.finish_reason)
-                    if with_usage:
-                        yield sse({**head, "choices": [], "usage": usage(value)})
-            yield "data: [DONE]\n\n"
-
-        return JobStream(stream(), job)
+        return JobStream(chat_stream(plan, job.stop, _events(job), chunk, error_event, usage_event), job)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
-        prompt = body.get("prompt")
+        req = parse(CompletionRequest, await read_body(request))
+        prompt = req.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         if isinstance(prompt, str):
@@ -252,18 +216,18 @@ def create_app(engine: Engine, api_key: str | None = None):
                 "invalid_type",
                 "prompt",
             )
-        job = make_job(engine, body, ids, engine.defaults.think)
+        job = make_job(engine, req, ids, engine.defaults.think)
         submit(engine, job)
         head = header("cmpl", "text_completion")
 
         def choice(text: str, finish_reason: str | None) -> dict:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
-        if not body.get("stream"):
+        if not req.stream:
             s = await finish(request, job)
             return {**head, "choices": [choice(s.text, s.finish_reason)], "usage": usage(s)}
 
-        with_usage = include_usage(body)
+        with_usage = include_usage(req)
 
         async def stream() -> AsyncIterator[str]:
             stops = StopBuffer(job.stop)

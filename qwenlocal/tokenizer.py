@@ -293,6 +293,15 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @property
+    def backend(self) -> HFTokenizer:
+        """The `tokenizers` object (shared by copies that differ only in their chat template)."""
+        return self._tok
+
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (for libraries that build their own view of it)."""
+        return self._tok.to_str()
+
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 
