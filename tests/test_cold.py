@@ -150,6 +150,7 @@ def test_cold_int4_experts_run_torchs_int4_kernel(qckpt, monkeypatch):
     experts = model.experts
     packed = [name for name, s in experts.layout.specs.items() if s.fmt == "int4" and s.packing == packing]
     assert packed and experts.layout == resident.experts.layout
+    kernels.kernel_max_rows("int4")  # the once-per-process crossover probe runs its own int4 calls
     calls: list[str] = []
     real = kernels.int4_kernel_cpu
 
