@@ -101,12 +101,7 @@ def main() -> None:
         else [("transformers", lambda: bench_transformers(folder, prompt, args.decode, dtype, args.rounds))]
     )
     for r in args.recipes:
-        runs.append(
-            (
-                f"qwenlocal {r}",
-                lambda r=r: bench_qwenlocal(folder, prompt, args.decode, dtype, r, args.rounds),
-            )
-        )
+        runs.append((f"qwenlocal {r}", lambda r=r: bench_qwenlocal(folder, prompt, args.decode, dtype, r, args.rounds)))
     results = {}
     for name, fn in runs:
         t_prefill, t_decode, tokens, described = fn()

@@ -83,9 +83,7 @@ def main() -> None:
         f"x [M, {k}] bf16 @ W[{n}, {k}].T, {args.weights} distinct weights cycled; µs per call (median of {args.repeats})"
     )
     print(markdown_table(["path", *[f"M={m}" for m in args.rows]], rows))
-    print(
-        f"crossovers timed by qlinear's probe: int8 {kernel_max_rows('int8')} rows, int4 {kernel_max_rows('int4')}"
-    )
+    print(f"crossovers timed by qlinear's probe: int8 {kernel_max_rows('int8')} rows, int4 {kernel_max_rows('int4')}")
 
 
 if __name__ == "__main__":

@@ -352,9 +352,7 @@ def test_kernel_crossover_is_the_last_row_count_where_the_kernel_was_faster(monk
     finally:
         kernel_max_rows.cache_clear()
     ladder = list(KERNEL_ROWS_LADDER)
-    want = (
-        1 if loses_at == ladder[0] else ladder[-1] if loses_at is None else ladder[ladder.index(loses_at) - 1]
-    )
+    want = 1 if loses_at == ladder[0] else ladder[-1] if loses_at is None else ladder[ladder.index(loses_at) - 1]
     assert got == want
     stop = len(ladder) if loses_at is None else ladder.index(loses_at) + 1
     assert len(timed) == 2 * stop
