@@ -34,8 +34,6 @@ the loop path does; the Triton kernel sums them in the same order in fp32 and ro
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -44,6 +42,7 @@ from torch import Tensor
 
 from .int4 import codes, cpu_packing_parts
 from .spec import NESTED_BLOCKSIZE
+from .triton_env import triton_missing
 
 # The parts these kernels read, by index.
 PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")
@@ -119,10 +118,10 @@ def use_triton(x: Tensor) -> bool:
     return os.environ.get("QWENLOCAL_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
 def _triton_available() -> bool:
-    # Triton ships with CUDA builds of torch; without it the torch path serves
-    return importlib.util.find_spec("triton") is not None
+    # Triton ships with CUDA builds of torch; without it, or without what its first launch builds
+    # with (quant.triton_env), the torch path serves
+    return not triton_missing()
 
 
 def grouped_swiglu(
