@@ -34,6 +34,7 @@ the loop path does; the Triton kernel sums them in the same order in fp32 and ro
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -308,6 +309,12 @@ def _meta(fmt: str, double_quant: bool, blocksize: int, k: int, stage: str, pack
     }
 
 
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device and its current stream: make it the tensors'
+    (`--device cuda:1` while device 0 is current would launch on the wrong card)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _offsets(offs: list[int]) -> list[int]:
     return [max(o, 0) for o in offs] + [0] * (len(PARTS) - len(offs))
 
@@ -322,9 +329,10 @@ def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, 
     h = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)
     meta = _meta(fmt, double_quant, blocksize, hidden, "gate_up", packing)
     grid = (n * k, -(-inter // meta["BLOCK_N"]))
-    gate_up_kernel[grid](
-        x, rows, buf, h, buf.stride(0), hidden, inter, *_offsets(gate), *_offsets(up), TOPK=k, **meta
-    )
+    with on_device(x.device):
+        gate_up_kernel[grid](
+            x, rows, buf, h, buf.stride(0), hidden, inter, *_offsets(gate), *_offsets(up), TOPK=k, **meta
+        )
     return h
 
 
@@ -336,19 +344,20 @@ def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, dow
     out = torch.empty(n, hidden, dtype=h.dtype, device=h.device)
     meta = _meta(fmt, double_quant, blocksize, inter, "down", packing)
     grid = (n, -(-hidden // meta["BLOCK_N"]))
-    down_kernel[grid](
-        h.contiguous(),
-        rows.contiguous(),
-        weights.contiguous(),
-        buf,
-        out,
-        buf.stride(0),
-        hidden,
-        inter,
-        *_offsets(down),
-        TOPK=k,
-        **meta,
-    )
+    with on_device(h.device):
+        down_kernel[grid](
+            h.contiguous(),
+            rows.contiguous(),
+            weights.contiguous(),
+            buf,
+            out,
+            buf.stride(0),
+            hidden,
+            inter,
+            *_offsets(down),
+            TOPK=k,
+            **meta,
+        )
     return out
 
 
@@ -365,5 +374,6 @@ def triton_qgemv(x: Tensor, q) -> Tensor:
     ptrs = [q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.offset, q.scale_zero]
     ptrs = [p if p is not None else w for p in ptrs]  # never read: the format has no such part
     grid = (t, -(-out // meta["BLOCK_N"]))
-    gemv_kernel[grid](x.contiguous(), w, *ptrs, y, kdim, out, **meta)
+    with on_device(x.device):
+        gemv_kernel[grid](x.contiguous(), w, *ptrs, y, kdim, out, **meta)
     return y
