@@ -23,6 +23,10 @@ from .experts import DenseExperts, Experts
 from .kv_cache import KVCache
 from .rope import Rope, apply_rope
 
+# Keys one attention call scores per query row at most (masked_attention): bounds a long context's
+# prefill scores to what the memory model counts.
+ATTENTION_SCORE_KEYS = 4096
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). A plain module so the quantizer can swap it for a quantized one."""
@@ -88,11 +92,33 @@ class Attention(nn.Module):
         if t == 1:  # one query: each KV head's query heads become its rows (no K/V copies for GQA)
             rows = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             out = F.scaled_dot_product_attention(rows, k, v, attn_mask=s.mask).view(b, self.n_heads, 1, -1)
+        elif s.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=s.mask, is_causal=s.causal, enable_gqa=True
-            )
+            out = masked_attention(q, k, v, s.mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, D] against k, v [B, KV, S, D] through mask [T, S] (True: attend) -> [B, H, T, D].
+
+    A prefill chunk after cached tokens. SDPA with a mask and enable_gqa takes the math kernel on
+    CUDA, which copies K/V to all H heads and materializes [H, T, S] fp32 scores (5 GiB at 32K
+    keys). Here each KV head takes its query heads as rows (no K/V copies, as in decode), and the
+    queries go in slices of at most T * ATTENTION_SCORE_KEYS // S, so no call holds more scores
+    than T x ATTENTION_SCORE_KEYS per head, whatever kernel runs: the memory model's bound."""
+    b, h, t, d = q.shape
+    kv, keys = k.shape[1], k.shape[2]
+    group = h // kv
+    step = max(1, t * ATTENTION_SCORE_KEYS // keys)
+    outs = []
+    for i in range(0, t, step):
+        rows = q[:, :, i : i + step]
+        r = rows.shape[2]
+        m = mask[i : i + step].repeat(group, 1)  # row j*r + x: query head j of the group, query x
+        out = F.scaled_dot_product_attention(rows.reshape(b, kv, group * r, d), k, v, attn_mask=m)
+        outs.append(out.view(b, h, r, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class MLP(nn.Module):

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quant import moe_kernels, triton_env
-from qwenlocal import engine
+from qwenlocal import engine, load_model, memory
+from qwenlocal import model as model_mod
+from qwenlocal.generate import Generator
+
+from .conftest import TINY
 
 
 class OnGpu(torch.Tensor):
@@ -99,3 +105,43 @@ def test_engine_worker_thread_takes_the_models_device():
     )
     assert "initializer" in {k.arg for k in call.keywords}
     assert "torch.cuda.set_device(device)" in source
+
+
+# ---------------------------------------------------------------------------------- prefill scores
+
+
+def test_masked_attention_equals_sdpa_in_slices(monkeypatch):
+    monkeypatch.setattr(model_mod, "ATTENTION_SCORE_KEYS", 16)
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, t, s, d = 1, 8, 2, 24, 100, 16
+    q, k, v = (torch.randn(b, n, m, d, generator=g) for n, m in ((h, t), (kv, s), (kv, s)))
+    positions = torch.arange(s - t, s)
+    mask = torch.arange(s)[None, :] <= positions[:, None]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(model_mod.masked_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)
+
+
+def test_prefill_scores_stay_within_the_memory_model(checkpoint_factory, monkeypatch):
+    """Chunks after the first against a context longer than ATTENTION_SCORE_KEYS: no attention call
+    scores more query rows x keys than the memory model's `scores` term holds."""
+    keys, chunk, ctx = 64, 32, 256
+    monkeypatch.setattr(model_mod, "ATTENTION_SCORE_KEYS", keys)
+    monkeypatch.setattr(memory, "ATTENTION_SCORE_KEYS", keys)
+    real = F.scaled_dot_product_attention
+    largest = [0]
+
+    def sdpa(q, k, v, *args, **kw):
+        largest[0] = max(largest[0], math.prod(q.shape[:-1]) * k.shape[-2])  # scores it may hold
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", sdpa)
+    folder = checkpoint_factory("gpu-paths-tiny", TINY, dtype=torch.float32)
+    model = load_model(folder, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1))
+    whole = model(ids)[0, -1]
+    largest[0] = 0  # the prefill's calls only
+    gen = Generator(model, ctx_size=ctx, prefill_chunk=chunk)
+    chunked = gen.prefill(ids[0].tolist())
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    plan = memory.model_plan(model, ctx).replace(prefill_chunk=chunk)
+    assert largest[0] * 4 <= memory.activation_terms(model.config, plan)["scores"]
