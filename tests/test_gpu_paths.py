@@ -145,3 +145,24 @@ def test_prefill_scores_stay_within_the_memory_model(checkpoint_factory, monkeyp
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
     plan = memory.model_plan(model, ctx).replace(prefill_chunk=chunk)
     assert largest[0] * 4 <= memory.activation_terms(model.config, plan)["scores"]
+
+
+def test_int8_lm_head_on_gpu_is_dequantized_in_slices(monkeypatch):
+    """Many rows through an int8 weight on a GPU (a forward without last_only): never the whole
+    matrix dequantized at once (the lm_head would take ~1.7 GiB)."""
+    from quant import formats, kernels
+
+    w = torch.randn(kernels.PLAIN_CHUNK_ELEMS // 512 + 300, 1024)
+    q = formats.quantize(w, "int8")
+    largest = [0]
+    real = kernels.dequantize
+
+    def dequantize(q, *args, **kw):
+        largest[0] = max(largest[0], q.numel)
+        return real(q, *args, **kw)
+
+    monkeypatch.setattr(kernels, "dequantize", dequantize)
+    x = torch.randn(40, 1024)
+    got = kernels.plain(x.as_subclass(OnGpu), q).as_subclass(torch.Tensor)
+    assert largest[0] <= kernels.PLAIN_CHUNK_ELEMS
+    torch.testing.assert_close(got, x @ real(q, torch.float32).T, atol=1e-4, rtol=1e-4)
