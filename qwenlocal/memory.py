@@ -14,6 +14,7 @@ from .checkpoint import dense_tensor_shapes
 from .config import Qwen3MoeConfig
 from .errors import UserError
 from .generate import PREFILL_CHUNK
+from .graphs import graph_bytes
 from .model import ATTENTION_SCORE_KEYS
 from .names import tensor_class
 from .quantize import expert_layout
@@ -33,6 +34,7 @@ COMPONENTS = (
     "kv_cache",
     "rope_tables",
     "activations",
+    "decode_graphs",
     "cuda_context",
 )
 
@@ -255,6 +257,8 @@ def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:
     )
     est.components.append(Component("rope_tables", rope_bytes(config, plan.ctx_size), "gpu"))
     est.components.append(Component("activations", activation_bytes(config, plan), "gpu"))
+    if plan.device == "cuda" and slots == n_experts:  # resident experts: decode replays graphs
+        est.components.append(Component("decode_graphs", graph_bytes(config, plan.ctx_size), "gpu"))
     if plan.device == "cuda":
         est.components.append(Component("cuda_context", CUDA_CONTEXT_BYTES, "gpu"))
     return est

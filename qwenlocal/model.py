@@ -251,20 +251,23 @@ class Qwen3MoeForCausalLM(nn.Module):
         cache: KVCache | None,
         end: int | None,
         last_only: bool = False,
+        span: int | None = None,
     ) -> torch.Tensor:
         """Embedded tokens x [B, T, H] at `positions` [T] (device) -> logits. `end`: keys stored
-        after this step (None: attend over the whole cache through a mask, a fixed-shape step)."""
+        after this step (None: a step of fixed shape, which attends over the first `span` stored
+        keys through a mask, or over the whole cache when `span` is None)."""
         b, t, _ = x.shape
         rope = self.rope_tables(end if end is not None else cache.max_len)
         cos, sin = rope.at(positions, self.dtype)
+        reads = end if end is not None else span  # stored keys attention reads (None: all)
         if cache is None or end == t:
             mask, causal = None, t > 1
         elif t == 1 and end is not None:
             mask, causal = None, False  # one query sees every stored key
         else:  # query i sees keys 0..positions[i]
-            keys = torch.arange(end if end is not None else cache.max_len, device=x.device)
+            keys = torch.arange(reads if reads is not None else cache.max_len, device=x.device)
             mask, causal = keys[None, :] <= positions[:, None], False
-        s = Step(positions, cos, sin, cache, end, mask, causal)
+        s = Step(positions, cos, sin, cache, reads, mask, causal)
         prefetch = getattr(self.experts, "prefetch", None) if b * t == 1 else None
         for i, layer in enumerate(self.model.layers):
             x = layer(x, s)
