@@ -166,3 +166,14 @@ def test_int8_lm_head_on_gpu_is_dequantized_in_slices(monkeypatch):
     got = kernels.plain(x.as_subclass(OnGpu), q).as_subclass(torch.Tensor)
     assert largest[0] <= kernels.PLAIN_CHUNK_ELEMS
     torch.testing.assert_close(got, x @ real(q, torch.float32).T, atol=1e-4, rtol=1e-4)
+
+
+def test_graph_capture_and_replay_on_the_models_device():
+    """Capture makes its streams and pool on the current device: __call__ makes it the model's."""
+    from qwenlocal import graphs
+
+    def launch(call: ast.Call) -> bool:
+        return ast.unparse(call.func) in ("self._capture", "self.graphs[self.span].replay")
+
+    assert _unguarded(graphs, launch, ("torch.cuda.device",)) == []
+    assert "self._capture(self.span)" in inspect.getsource(graphs.GraphDecoder.__call__)
