@@ -112,8 +112,15 @@ class GroupedSpec:
 # Dispatch
 
 
-def use_triton(x: Tensor) -> bool:
-    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1)."""
+# Triton kernels turned off in this process (qwenlocal.selfcheck, after one failed its check here)
+TRITON_OFF: set[str] = set()
+
+
+def use_triton(x: Tensor, kernel: str = "grouped") -> bool:
+    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1).
+    `kernel` ("grouped" or "gemv") is off when TRITON_OFF names it, or QWENLOCAL_TRITON_GEMV=0."""
+    if kernel in TRITON_OFF or (kernel == "gemv" and os.environ.get("QWENLOCAL_TRITON_GEMV") == "0"):
+        return False
     if x.is_cuda:
         return _triton_available()
     return os.environ.get("QWENLOCAL_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"

@@ -72,7 +72,8 @@ def graphs_supported(model: Qwen3MoeForCausalLM) -> bool:
         return False
     experts = model.experts
     return (
-        model.device.type == "cuda"
+        model.graph_decode
+        and model.device.type == "cuda"
         and experts.moe == "grouped"
         and getattr(experts, "slot_buf", None) is None
         and experts.recorder is None

@@ -197,6 +197,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.recipe = None  # the quantization recipe the loader used (quant.recipe.Recipe), if any
         self.quant_choice: str | None = None  # why, when `--quant auto` chose it (shown in the panel)
         self.kv_dtype: torch.dtype | None = None  # KV cache storage (None: the model's dtype)
+        self.graph_decode = True  # False: decode eagerly (the self-check saw the graph fail here)
 
     @property
     def device(self) -> torch.device:
