@@ -331,8 +331,8 @@ def assumptions_text(gpu: Gpu | None = None) -> str:
         )
     )
     return (
-        f"estimate: assumes each token reads the dense weights, its active experts and a full KV "
-        f"cache at {bw} (high end) or at {BANDWIDTH_EFFICIENCY_LOW * 100:.0f} % of it plus "
+        f"estimate: assumes each token reads the dense weights, its active experts and the KV "
+        f"span of a conversation {SPEED_AT_TOKENS:,} tokens in at {bw} (high end) or at {BANDWIDTH_EFFICIENCY_LOW * 100:.0f} % of it plus "
         f"{LAYER_OVERHEAD_S * 1e3:g} ms per layer (low end); experts missing at the per-layer LRU hit "
         f"rate of a synthetic Qwen3-30B-A3B trace are copied at {link}, plus "
         f"{MISS_OVERHEAD_S * 1e3:g} ms each at the low end; {DESKTOP_RESERVE_BYTES / GIB:g} GiB is "
