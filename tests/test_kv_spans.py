@@ -4,6 +4,9 @@ exactly those keys; the memory model and `vram` count the spans, not the whole c
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,3 +91,53 @@ def test_vram_speed_reads_the_kv_span_reached_not_the_context():
     # the context's size no longer changes what a token reads (only the RoPE/graph tables differ)
     assert bytes_per_step(short) == bytes_per_step(long)
     assert kv_read_bytes(make(1000)) == 1000 * per_token  # a context shorter than the conversation
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph on the CPU: 'replaying' runs the captured step eagerly again."""
+
+    decoder: GraphDecoder | None = None
+
+    def replay(self) -> None:
+        d = self.decoder
+        d.logits[d.span].copy_(d.eager())
+
+    def pool(self):
+        return ("pool", id(self))
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """GraphDecoder's CUDA calls replaced so that its span logic runs on the CPU."""
+    from qwenlocal import graphs
+
+    cuda = SimpleNamespace(
+        device=lambda d: contextlib.nullcontext(),
+        stream=lambda s: contextlib.nullcontext(),
+        Stream=lambda d: SimpleNamespace(wait_stream=lambda other: None),
+        current_stream=lambda d: SimpleNamespace(wait_stream=lambda other: None),
+        CUDAGraph=FakeGraph,
+        graph=lambda g, pool=None: contextlib.nullcontext(),
+    )
+    monkeypatch.setattr(graphs.torch, "cuda", cuda)
+    monkeypatch.setattr(graphs, "graphs_supported", lambda m: True)
+
+
+def test_decoder_replays_the_span_of_each_token_and_keeps_its_rope(tiny, cpu_graphs):
+    from qwenlocal import graphs
+    from qwenlocal.generate import Generator, SamplingParams
+
+    prompt = [3 + i for i in range(250)]
+    greedy = SamplingParams(temperature=0)
+    eager = Generator(tiny, ctx_size=1024)
+    eager.graph = None
+    want = eager.run(prompt, greedy, max_tokens=12, eos_ids=()).token_ids
+    gen = Generator(tiny, ctx_size=1024)
+    assert isinstance(gen.graph, graphs.GraphDecoder)
+    FakeGraph.decoder = gen.graph
+    got = gen.run(prompt, greedy, max_tokens=12, eos_ids=()).token_ids
+    assert got == want  # positions 250..260: the 256-key span, then the 512-key one
+    assert sorted(gen.graph.graphs) == [256, 512] and gen.graph.span == 512
+    captured = gen.graph.rope
+    Generator(tiny, ctx_size=tiny.rope.max_len + 1)  # a longer context makes new RoPE tables
+    assert tiny.rope is not captured and gen.graph.rope is captured  # the graphs' tables stay alive
