@@ -183,9 +183,13 @@ def self_check(
     known = data.setdefault(machine_key(model.device), {})
     verdicts: list[Verdict] = []
     want: torch.Tensor | None = None
+    passed: set[str] = set()
     for path in active_paths(model):
-        if path in forced or (path == "graph" and not graphs_supported(model)):
-            continue  # forced by the user, or no graph without the grouped experts that failed
+        if path == "graph" and not graphs_supported(model):
+            continue  # no graph without the grouped experts, which failed
+        if path in forced:  # the user's choice: on, unchecked
+            passed.add(path)
+            continue
         key = _model_key(model, path)
         if key in known:
             v = Verdict(path, bool(known[key].get("ok")), str(known[key].get("detail", "")), cached=True)
@@ -194,7 +198,7 @@ def self_check(
             if want is None:
                 with _only(model, set()):
                     want = decode_step(model, graph=False)
-            on = {path} | ({"grouped"} if path == "graph" else set())
+            on = {path} | passed  # with the paths that passed, as the replies will run
             try:
                 with _only(model, on):
                     detail = compare(decode_step(model, graph=path == "graph"), want)
@@ -203,7 +207,9 @@ def self_check(
             v = Verdict(path, not detail, detail, seconds=time.perf_counter() - t0)
             known[key] = {"ok": v.ok, "detail": v.detail}
             _write(file, data)
-        if not v.ok:
+        if v.ok:
+            passed.add(path)
+        else:
             turn_off(model, path)
         verdicts.append(v)
     return verdicts
