@@ -80,7 +80,7 @@ def profile_decode(model, prompt: list[int], ctx: int, steps: int = 16) -> dict:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            gen.graph.graph.replay()
+            gen.graph.graphs[gen.graph.span].replay()
         end.record()
         torch.cuda.synchronize()
         row["replay_ms"] = start.elapsed_time(end) / steps

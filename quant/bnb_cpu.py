@@ -22,6 +22,8 @@ from .threads import thread_count
 
 # Elements quantized per step on the CPU: bounds temporary memory, keeps the working set in cache.
 CPU_CHUNK_ELEMS = 1 << 18
+# Elements quantized per step on a GPU: bounds the fp32 temporaries to 64 MiB.
+DEVICE_CHUNK_ELEMS = 1 << 24
 _LITTLE_ENDIAN = sys.byteorder == "little"
 # Per-thread caches of the chunk buffers.
 _local = threading.local()
@@ -267,10 +269,10 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """bnb's int8_vectorwise_quant (threshold 0), row by row over the last dimension."""
     a = weight.reshape(-1, weight.shape[-1])
     if weight.is_cuda:
-        from bitsandbytes.functional import int8_vectorwise_quant
-
-        data, row_absmax, _ = int8_vectorwise_quant(a.contiguous())
-        return data.reshape(weight.shape), row_absmax
+        # bnb's CUDA int8_vectorwise_quant takes fp16 only: bf16/fp32 rows would be refused, and
+        # going through fp16 would round them. The same fp32 arithmetic in torch gives this
+        # function's CPU bytes for every dtype.
+        return _quantize_int8_device(a)
     a = a.contiguous()
     rows, cols = a.shape
     data = torch.empty((rows, cols), dtype=torch.int8)
@@ -291,3 +293,17 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
         )
         data[r0:r1].copy_(torch.round(s, out=s))
     return data.reshape(weight.shape), row_absmax
+
+
+def _quantize_int8_device(a: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_int8 on a GPU: a [rows, cols] -> int8 [rows, cols], row absmax fp32 [rows]."""
+    rows, cols = a.shape
+    data = torch.empty((rows, cols), dtype=torch.int8, device=a.device)
+    row_absmax = torch.empty(rows, dtype=torch.float32, device=a.device)
+    step = max(1, DEVICE_CHUNK_ELEMS // cols)
+    for r0 in range(0, rows, step):
+        x = a[r0 : r0 + step]
+        stats = x.abs().amax(dim=1).float()
+        row_absmax[r0 : r0 + step] = stats
+        data[r0 : r0 + step] = torch.round(x.float() * (127.0 / stats).unsqueeze(-1))
+    return data, row_absmax

@@ -87,18 +87,19 @@ def is_aligned(t: Tensor) -> bool:
 @torch.no_grad()
 def plain(x: Tensor, q: QTensor) -> Tensor:
     """Dequantize (into a reused scratch on the CPU), then one GEMM; the reference path."""
-    if x.is_cuda:
-        return F.linear(x, dequantize(q, x.dtype))
     n, k = q.shape
     if q.fmt == "int8" and q.numel > PLAIN_CHUNK_ELEMS:  # e.g. the lm_head: rows in slices
+        # (on a GPU too: dequantizing the lm_head whole would hold ~1.7 GiB for a many-row call)
         assert q.absmax is not None
-        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
         step = PLAIN_CHUNK_ELEMS // k
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             part = QTensor("int8", (r1 - r0, k), q.dtype, k, q.weight[r0:r1], q.absmax[r0:r1])
             out[:, r0:r1] = plain(x, part)
         return out
+    if x.is_cuda:
+        return F.linear(x, dequantize(q, x.dtype))
     dt = gemm_dtype_cpu(x.dtype)
     if q.fmt == "int4":  # unpacked as W.T, which the GEMM reads as well as W
         assert q.scale_zero is not None

@@ -124,7 +124,7 @@ def _qmatmul_op(
     if (
         x.is_cuda
         and flat.shape[0] <= moe_kernels.MAX_GROUPED_TOKENS
-        and moe_kernels.use_triton(x)
+        and moe_kernels.use_triton(x, "gemv")
         and shape[1] % 2 == 0
     ):
         y = moe_kernels.triton_qgemv(flat, q)

@@ -34,8 +34,7 @@ the loop path does; the Triton kernel sums them in the same order in fp32 and ro
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ from torch import Tensor
 
 from .int4 import codes, cpu_packing_parts
 from .spec import NESTED_BLOCKSIZE
+from .triton_env import triton_missing
 
 # The parts these kernels read, by index.
 PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")
@@ -112,17 +112,24 @@ class GroupedSpec:
 # Dispatch
 
 
-def use_triton(x: Tensor) -> bool:
-    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1)."""
+# Triton kernels turned off in this process (qwenlocal.selfcheck, after one failed its check here)
+TRITON_OFF: set[str] = set()
+
+
+def use_triton(x: Tensor, kernel: str = "grouped") -> bool:
+    """Triton on CUDA; on the CPU only when asked for (QWENLOCAL_TRITON=1 with TRITON_INTERPRET=1).
+    `kernel` ("grouped" or "gemv") is off when TRITON_OFF names it, or QWENLOCAL_TRITON_GEMV=0."""
+    if kernel in TRITON_OFF or (kernel == "gemv" and os.environ.get("QWENLOCAL_TRITON_GEMV") == "0"):
+        return False
     if x.is_cuda:
         return _triton_available()
     return os.environ.get("QWENLOCAL_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
 def _triton_available() -> bool:
-    # Triton ships with CUDA builds of torch; without it the torch path serves
-    return importlib.util.find_spec("triton") is not None
+    # Triton ships with CUDA builds of torch; without it, or without what its first launch builds
+    # with (quant.triton_env), the torch path serves
+    return not triton_missing()
 
 
 def grouped_swiglu(
@@ -309,6 +316,12 @@ def _meta(fmt: str, double_quant: bool, blocksize: int, k: int, stage: str, pack
     }
 
 
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device and its current stream: make it the tensors'
+    (`--device cuda:1` while device 0 is current would launch on the wrong card)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _offsets(offs: list[int]) -> list[int]:
     return [max(o, 0) for o in offs] + [0] * (len(PARTS) - len(offs))
 
@@ -323,9 +336,10 @@ def triton_gate_up(x, rows, buf, fmt, double_quant, blocksize, inter, gate, up, 
     h = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)
     meta = _meta(fmt, double_quant, blocksize, hidden, "gate_up", packing)
     grid = (n * k, -(-inter // meta["BLOCK_N"]))
-    gate_up_kernel[grid](
-        x, rows, buf, h, buf.stride(0), hidden, inter, *_offsets(gate), *_offsets(up), TOPK=k, **meta
-    )
+    with on_device(x.device):
+        gate_up_kernel[grid](
+            x, rows, buf, h, buf.stride(0), hidden, inter, *_offsets(gate), *_offsets(up), TOPK=k, **meta
+        )
     return h
 
 
@@ -337,19 +351,20 @@ def triton_down(h, rows, weights, buf, fmt, double_quant, blocksize, hidden, dow
     out = torch.empty(n, hidden, dtype=h.dtype, device=h.device)
     meta = _meta(fmt, double_quant, blocksize, inter, "down", packing)
     grid = (n, -(-hidden // meta["BLOCK_N"]))
-    down_kernel[grid](
-        h.contiguous(),
-        rows.contiguous(),
-        weights.contiguous(),
-        buf,
-        out,
-        buf.stride(0),
-        hidden,
-        inter,
-        *_offsets(down),
-        TOPK=k,
-        **meta,
-    )
+    with on_device(h.device):
+        down_kernel[grid](
+            h.contiguous(),
+            rows.contiguous(),
+            weights.contiguous(),
+            buf,
+            out,
+            buf.stride(0),
+            hidden,
+            inter,
+            *_offsets(down),
+            TOPK=k,
+            **meta,
+        )
     return out
 
 
@@ -366,5 +381,6 @@ def triton_qgemv(x: Tensor, q) -> Tensor:
     ptrs = [q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map, q.offset, q.scale_zero]
     ptrs = [p if p is not None else w for p in ptrs]  # never read: the format has no such part
     grid = (t, -(-out // meta["BLOCK_N"]))
-    gemv_kernel[grid](x.contiguous(), w, *ptrs, y, kdim, out, **meta)
+    with on_device(x.device):
+        gemv_kernel[grid](x.contiguous(), w, *ptrs, y, kdim, out, **meta)
     return y

@@ -111,6 +111,7 @@ def loaded(
             cold_experts=load.cold_experts,
         )
     lm.quant_choice = choice
+    _check_fast_paths(lm, load)
     if load.record_routing is not None:
         from .experts import RoutingRecorder
 
@@ -120,6 +121,19 @@ def loaded(
     finally:
         if lm.experts.recorder is not None:
             lm.experts.recorder.close()
+
+
+def _check_fast_paths(lm: torch.nn.Module, load: LoadOptions) -> None:
+    """The self-check of the GPU's fast paths (qwenlocal.selfcheck), before the first reply; a
+    line on stderr for each that failed here and what runs instead."""
+    from .selfcheck import device_note, forced_paths, self_check
+
+    note = device_note(lm)
+    if note:
+        err.print(note, style="yellow", highlight=False, markup=False)
+    for verdict in self_check(lm, forced=forced_paths(load.moe)):
+        if not verdict.ok:
+            err.print(verdict.line, style="yellow", highlight=False, markup=False)
 
 
 def auto_quantized(folder: Path, load: LoadOptions, quiet: bool) -> tuple[Path, str | None]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .generate import Generator, SamplingParams, Summary, Totals
 from .grammar import Constraint
 from .memory import live_report, measure
@@ -140,7 +142,10 @@ class Engine:
         self.running = False
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenlocal-generate")
+        device = model.device
+        # a new thread starts on CUDA device 0: the worker makes the model's device current
+        init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(1, "qwenlocal-generate", initializer=init)
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise EngineError when `max_queue` jobs already wait or the engine closed."""

@@ -9,6 +9,7 @@ device (`grouped_weights` says where a storage keeps them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,7 @@ from quant.pack import unpack
 
 from .cache_stats import CacheStats
 from .config import Qwen3MoeConfig
+from .pinned import host_empty
 
 
 def group_by_expert(
@@ -222,8 +224,18 @@ class QuantExperts(Experts):
         self._views: dict[tuple[int, int], dict] = {}
 
     def allocate(self, device: torch.device | str, pin: bool = False) -> None:
-        for layer, blob in self.blobs.items():
-            self.blobs[layer] = torch.empty(blob.shape, dtype=torch.uint8, device=device, pin_memory=pin)
+        """Every layer's blobs on `device`; pinned host blobs are slices of one page-locked
+        region of exactly their size (torch's pinned allocator would round each to a power of 2)."""
+        shapes = {layer: blob.shape for layer, blob in self.blobs.items()}
+        if pin:
+            region = host_empty((sum(math.prod(s) for s in shapes.values()),), pin=True)
+            offset = 0
+            for layer, shape in shapes.items():
+                self.blobs[layer] = region[offset : offset + math.prod(shape)].view(shape)
+                offset += math.prod(shape)
+        else:
+            for layer, shape in shapes.items():
+                self.blobs[layer] = torch.empty(shape, dtype=torch.uint8, device=device)
         self._views.clear()
 
     def set_blob(self, layer: int, expert: int, blob: torch.Tensor) -> None:

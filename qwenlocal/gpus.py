@@ -20,6 +20,7 @@ from pathlib import Path
 from .cache_sim import HIT_RATE_TABLE
 from .config import Qwen3MoeConfig
 from .errors import UserError
+from .graphs import kv_bucket
 from .memory import GIB, Estimate, Plan, fit_expert_slots
 
 DATA = Path(__file__).parent / "data"
@@ -45,6 +46,9 @@ PINNED_COPY_GBS_X16 = {3: 12.0, 4: 25.0, 5: 50.0}
 BANDWIDTH_EFFICIENCY_LOW = 0.55
 MISS_OVERHEAD_S = 0.7e-3
 LAYER_OVERHEAD_S = 50e-6
+# The conversation length the speed is given for: a decode step reads the keys it has reached
+# (rounded up to a KV span), not the whole context.
+SPEED_AT_TOKENS = 2048
 BANDWIDTH_EFFICIENCY_HIGH = 1.0  # high end: peak bandwidth and the pinned copy rate, nothing else
 # `--cold-experts cpu` (cold.py): a missed expert is read by the CPU at its memory bandwidth
 # instead of crossing PCIe. Low end: half the measured bandwidth (three GEMVs a expert, threads
@@ -215,9 +219,18 @@ class Speed:
     misses_per_token: float  # expert copies over PCIe per decode step
 
 
+def kv_read_bytes(est: Estimate) -> int:
+    """KV cache one decode step reads in a conversation of SPEED_AT_TOKENS tokens (or the whole
+    context, if shorter): the span of keys the replayed step reads (graphs.kv_bucket), not the
+    whole cache."""
+    ctx = est.plan.ctx_size
+    span = kv_bucket(min(ctx, SPEED_AT_TOKENS), ctx)
+    return est.bytes_of("kv_cache") * span // ctx
+
+
 def bytes_per_step(est: Estimate) -> int:
     """GPU memory one decode step reads: the dense weights (the embedding is a row lookup unless
-    it is also the lm_head), the active experts, and the whole KV cache (a full context)."""
+    it is also the lm_head), the active experts, and the KV span the conversation has reached."""
     config, plan = est.config, est.plan
     dense = sum(
         c.nbytes
@@ -229,7 +242,7 @@ def bytes_per_step(est: Estimate) -> int:
         )
     )
     experts = len(config.moe_layers) * active_experts(config, plan.batch) * est.expert_bytes
-    return int(dense + experts + est.bytes_of("kv_cache"))
+    return int(dense + experts + kv_read_bytes(est))
 
 
 def active_experts(config: Qwen3MoeConfig, batch: int) -> float:
@@ -301,7 +314,7 @@ def assumptions() -> dict:
         "cpu_efficiency_low": CPU_EFFICIENCY_LOW,
         "cold_layer_overhead_s": COLD_LAYER_OVERHEAD_S,
         "hit_rates": "per-layer LRU on a synthetic Qwen3-30B-A3B routing trace",
-        "kv_cache": "read whole each token (speed at a full context)",
+        "kv_cache": f"the KV span holding {SPEED_AT_TOKENS} tokens of conversation read each token",
     }
 
 
@@ -318,8 +331,8 @@ def assumptions_text(gpu: Gpu | None = None) -> str:
         )
     )
     return (
-        f"estimate: assumes each token reads the dense weights, its active experts and a full KV "
-        f"cache at {bw} (high end) or at {BANDWIDTH_EFFICIENCY_LOW * 100:.0f} % of it plus "
+        f"estimate: assumes each token reads the dense weights, its active experts and the KV "
+        f"span of a conversation {SPEED_AT_TOKENS:,} tokens in at {bw} (high end) or at {BANDWIDTH_EFFICIENCY_LOW * 100:.0f} % of it plus "
         f"{LAYER_OVERHEAD_S * 1e3:g} ms per layer (low end); experts missing at the per-layer LRU hit "
         f"rate of a synthetic Qwen3-30B-A3B trace are copied at {link}, plus "
         f"{MISS_OVERHEAD_S * 1e3:g} ms each at the low end; {DESKTOP_RESERVE_BYTES / GIB:g} GiB is "

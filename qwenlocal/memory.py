@@ -14,6 +14,8 @@ from .checkpoint import dense_tensor_shapes
 from .config import Qwen3MoeConfig
 from .errors import UserError
 from .generate import PREFILL_CHUNK
+from .graphs import graph_bytes
+from .model import ATTENTION_SCORE_KEYS
 from .names import tensor_class
 from .quantize import expert_layout
 
@@ -32,6 +34,7 @@ COMPONENTS = (
     "kv_cache",
     "rope_tables",
     "activations",
+    "decode_graphs",
     "cuda_context",
 )
 
@@ -191,8 +194,9 @@ def activation_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
 
 def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
     """The working memory of one prefill chunk, term by term: hidden states, q/k/v, the widest MLP
-    intermediate, attention scores for the chunk against the whole context (what the math
-    attention kernel materializes), last-position logits, and one dequantized attention weight when
+    intermediate, attention scores of the chunk against at most ATTENTION_SCORE_KEYS keys (what a
+    kernel that materializes them holds: model.masked_attention slices the queries of a chunk
+    against a longer context so that no call holds more), last-position logits, and one dequantized attention weight when
     quantized weights are multiplied by dequantizing."""
     t, h, it = plan.prefill_chunk * plan.batch, config.hidden_size, plan.dtype.itemsize
     heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -200,7 +204,7 @@ def activation_terms(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
     qkv = t * (heads + 2 * kv) * d * it * 2  # projections and their roped copies
     mlp_width = max(config.moe_intermediate_size * config.num_experts_per_tok, config.intermediate_size)
     mlp = 3 * t * mlp_width * it
-    scores = plan.batch * heads * plan.prefill_chunk * min(plan.ctx_size, 4096) * 4
+    scores = plan.batch * heads * plan.prefill_chunk * min(plan.ctx_size, ATTENTION_SCORE_KEYS) * 4
     logits = plan.batch * config.vocab_size * 4 * 2
     dequant = 0 if plan.recipe is None else dequant_bytes(config, plan)
     return {"hidden": hidden, "qkv": qkv, "mlp": mlp, "scores": scores, "logits": logits, "dequant": dequant}
@@ -253,6 +257,8 @@ def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:
     )
     est.components.append(Component("rope_tables", rope_bytes(config, plan.ctx_size), "gpu"))
     est.components.append(Component("activations", activation_bytes(config, plan), "gpu"))
+    if plan.device == "cuda" and slots == n_experts:  # resident experts: decode replays graphs
+        est.components.append(Component("decode_graphs", graph_bytes(config, plan.ctx_size), "gpu"))
     if plan.device == "cuda":
         est.components.append(Component("cuda_context", CUDA_CONTEXT_BYTES, "gpu"))
     return est

@@ -23,6 +23,10 @@ from .experts import DenseExperts, Experts
 from .kv_cache import KVCache
 from .rope import Rope, apply_rope
 
+# Keys one attention call scores per query row at most (masked_attention): bounds a long context's
+# prefill scores to what the memory model counts.
+ATTENTION_SCORE_KEYS = 4096
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). A plain module so the quantizer can swap it for a quantized one."""
@@ -88,11 +92,33 @@ class Attention(nn.Module):
         if t == 1:  # one query: each KV head's query heads become its rows (no K/V copies for GQA)
             rows = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             out = F.scaled_dot_product_attention(rows, k, v, attn_mask=s.mask).view(b, self.n_heads, 1, -1)
+        elif s.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=s.mask, is_causal=s.causal, enable_gqa=True
-            )
+            out = masked_attention(q, k, v, s.mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, D] against k, v [B, KV, S, D] through mask [T, S] (True: attend) -> [B, H, T, D].
+
+    A prefill chunk after cached tokens. SDPA with a mask and enable_gqa takes the math kernel on
+    CUDA, which copies K/V to all H heads and materializes [H, T, S] fp32 scores (5 GiB at 32K
+    keys). Here each KV head takes its query heads as rows (no K/V copies, as in decode), and the
+    queries go in slices of at most T * ATTENTION_SCORE_KEYS // S, so no call holds more scores
+    than T x ATTENTION_SCORE_KEYS per head, whatever kernel runs: the memory model's bound."""
+    b, h, t, d = q.shape
+    kv, keys = k.shape[1], k.shape[2]
+    group = h // kv
+    step = max(1, t * ATTENTION_SCORE_KEYS // keys)
+    outs = []
+    for i in range(0, t, step):
+        rows = q[:, :, i : i + step]
+        r = rows.shape[2]
+        m = mask[i : i + step].repeat(group, 1)  # row j*r + x: query head j of the group, query x
+        out = F.scaled_dot_product_attention(rows.reshape(b, kv, group * r, d), k, v, attn_mask=m)
+        outs.append(out.view(b, h, r, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class MLP(nn.Module):
@@ -171,6 +197,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.recipe = None  # the quantization recipe the loader used (quant.recipe.Recipe), if any
         self.quant_choice: str | None = None  # why, when `--quant auto` chose it (shown in the panel)
         self.kv_dtype: torch.dtype | None = None  # KV cache storage (None: the model's dtype)
+        self.graph_decode = True  # False: decode eagerly (the self-check saw the graph fail here)
 
     @property
     def device(self) -> torch.device:
@@ -225,20 +252,23 @@ class Qwen3MoeForCausalLM(nn.Module):
         cache: KVCache | None,
         end: int | None,
         last_only: bool = False,
+        span: int | None = None,
     ) -> torch.Tensor:
         """Embedded tokens x [B, T, H] at `positions` [T] (device) -> logits. `end`: keys stored
-        after this step (None: attend over the whole cache through a mask, a fixed-shape step)."""
+        after this step (None: a step of fixed shape, which attends over the first `span` stored
+        keys through a mask, or over the whole cache when `span` is None)."""
         b, t, _ = x.shape
         rope = self.rope_tables(end if end is not None else cache.max_len)
         cos, sin = rope.at(positions, self.dtype)
+        reads = end if end is not None else span  # stored keys attention reads (None: all)
         if cache is None or end == t:
             mask, causal = None, t > 1
         elif t == 1 and end is not None:
             mask, causal = None, False  # one query sees every stored key
         else:  # query i sees keys 0..positions[i]
-            keys = torch.arange(end if end is not None else cache.max_len, device=x.device)
+            keys = torch.arange(reads if reads is not None else cache.max_len, device=x.device)
             mask, causal = keys[None, :] <= positions[:, None], False
-        s = Step(positions, cos, sin, cache, end, mask, causal)
+        s = Step(positions, cos, sin, cache, reads, mask, causal)
         prefetch = self.experts.prefetch if b * t == 1 else None
         for i, layer in enumerate(self.model.layers):
             x = layer(x, s)

@@ -29,6 +29,7 @@ from .cache_policy import DEFAULT_CACHE_POLICY, make_policy
 from .cache_stats import CacheStats, LayerStats
 from .config import Qwen3MoeConfig
 from .experts import QuantExperts, group_by_expert, quant_swiglu
+from .pinned import host_empty
 
 # Off until it is shown to help: on the benchmark model the guess (the next layer's router on this
 # layer's output) found 29 % of the picks, and its copies evicted useful experts (BENCHMARKS.md).
@@ -100,7 +101,7 @@ class OffloadedExperts(QuantExperts):
             self.copy_stream = torch.cuda.Stream(self.compute_device)
         # the grouped path's batch copy: misses gathered on the host, moved in one transfer
         k, nbytes = self.config.num_experts_per_tok, self.layout.nbytes
-        self.staging = torch.empty(k, nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.staging = host_empty((k, nbytes), pin=cuda if pin is None else pin)
         self.staging_dev = torch.empty(k, nbytes, dtype=torch.uint8, device=self.compute_device)
         shape = (len(self.config.moe_layers), self.config.num_experts)
         self.slot_table = torch.zeros(shape, dtype=torch.int64, device=self.compute_device)

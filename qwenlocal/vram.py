@@ -14,6 +14,7 @@ from rich.table import Table
 from .config import DEFAULT_MODEL_ID, Qwen3MoeConfig
 from .errors import UserError
 from .gpus import (
+    SPEED_AT_TOKENS,
     CardPlan,
     assumptions,
     assumptions_text,
@@ -44,6 +45,7 @@ LABELS = {
     "kv_cache": "KV cache",
     "rope_tables": "RoPE tables",
     "activations": "working buffers",
+    "decode_graphs": "decode graphs (one per KV span)",
     "cuda_context": "CUDA context reserve",
 }
 
@@ -222,7 +224,8 @@ def print_card_speed(card: CardPlan, implicit: bool, cpu_gbs: float | None = Non
         f"{s.misses_per_token:.0f} expert copies per token over {card.gpu.link}"
     )
     out.print(
-        f"expected decode: {speed_range(s)} ({where}; {s.bytes_per_token / 1e9:.2f} GB read per token)",
+        f"expected decode: {speed_range(s)} ({where}; {s.bytes_per_token / 1e9:.2f} GB read per token "
+        f"{SPEED_AT_TOKENS:,} tokens into a conversation)",
         highlight=False,
     )
     if card.cpu_speed is not None and not card.est.all_resident:

@@ -204,3 +204,29 @@ def test_qmatmul_on_gpu(fmt, rows):
     want = torch.nn.functional.linear(x.float(), dequantize(q, torch.float32))
     got = qmatmul(x, q).float()
     assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+@cuda
+def test_graph_spans_replay_equal_eager_across_a_span_edge(qckpt):
+    model = load_model(qckpt, device="cuda", dtype=torch.float32, moe="grouped")
+    gen = Generator(model, ctx_size=1024)
+    eager_cache = model.new_cache(1024)
+    prompt = [3 + i for i in range(250)]
+    gen.prefill(prompt)
+    model(torch.tensor([prompt]), cache=eager_cache)
+    for tok in range(5, 15):  # positions 250..259: the 256-key graph, then the 512-key one
+        replayed = gen.prefill([tok]).clone()
+        eager = model(torch.tensor([[tok]]), cache=eager_cache)[0, -1]
+        assert ((replayed - eager).norm() / eager.norm()).item() < 1e-4
+        assert replayed.argmax() == eager.argmax()
+    assert sorted(gen.graph.graphs) == [256, 512]
+
+
+@cuda
+def test_self_check_passes_every_fast_path_here(qckpt, tmp_path):
+    from qwenlocal import selfcheck
+
+    model = load_model(qckpt, device="cuda", dtype=torch.bfloat16, moe="grouped")
+    verdicts = selfcheck.self_check(model, folder=tmp_path)
+    assert {v.path for v in verdicts} == {"grouped", "gemv", "graph"}
+    assert all(v.ok for v in verdicts), [v.line for v in verdicts if not v.ok]

@@ -29,7 +29,7 @@ from quant import (
     to_bnb_quant_state,
     unpack,
 )
-from quant.bnb_cpu import bounds_4bit, code_4bit, dynamic_map
+from quant.bnb_cpu import bounds_4bit, code_4bit, dynamic_map, quantize_int8
 from qwenlocal.errors import UserError
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -464,3 +464,32 @@ def test_pack_into_a_used_buffer_gives_the_bytes_of_a_fresh_blob():
     for slot in layout:
         gaps[slot.offset : slot.offset + slot.nbytes] = False
     assert gaps.any() and not fresh[gaps].any()
+
+
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it is on a GPU: reaches quantize_int8's GPU branch on this machine."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_on_gpu_takes_every_dtype(dtype, monkeypatch):
+    """bnb's CUDA int8_vectorwise_quant refuses anything but fp16 ('A must be float16'): the GPU
+    branch must not hand it bf16/fp32 rows, and must give the CPU path's bytes."""
+
+    real = bnbf.int8_vectorwise_quant
+
+    def fp16_only(a, threshold=0.0):
+        if a.dtype != torch.float16:
+            raise RuntimeError("A must be float16")
+        return real(a.as_subclass(torch.Tensor), threshold)
+
+    monkeypatch.setattr(bnbf, "int8_vectorwise_quant", fp16_only)
+    w = weights((300, 70), dtype)
+    w[5] = 0
+    data, row_absmax = quantize_int8(w.as_subclass(_OnGpu))
+    ref = quantize(w, "int8")
+    assert same_bits(data.as_subclass(torch.Tensor), ref.weight)
+    assert same_bits(row_absmax.as_subclass(torch.Tensor), ref.absmax)
