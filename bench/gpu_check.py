@@ -18,7 +18,6 @@ import gc
 import json
 import re
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def measure(folder, args, ctx_short, ctx_long, prompt, n_decode, n_loop, base, r
     # -- all resident: self-check, grouped + graph vs loop, 4k vs 32k -----------------------------
     release(device)
     model = load_model(folder, device=device, dtype=torch.bfloat16, ctx_size=ctx_long, moe="grouped")
-    verdicts = selfcheck.self_check(model, folder=Path(tempfile.mkdtemp(prefix="self-check-")))
+    verdicts = selfcheck.self_check(model, folder=Path(args.out) / "self-check")  # a fresh check
     for v in verdicts:
         rows.append([f"self-check: {v.path}", f"ok ({v.seconds:.1f} s)" if v.ok else v.detail, "ok"])
     if not verdicts:
@@ -172,7 +171,7 @@ def main() -> None:
     device = "cpu" if dry else "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "tiny" if dry else Path(args.folder)
+    folder = out / "tiny-checkpoint" if dry else Path(args.folder)
     ctx_short, ctx_long = (256, 1024) if dry else (4096, 32768)
     n_prompt, n_decode = (24, 6) if dry else (args.prompt, args.decode)
     n_loop = 3 if dry else args.loop_decode

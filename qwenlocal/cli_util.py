@@ -126,11 +126,11 @@ def loaded(
 def _check_fast_paths(lm: torch.nn.Module, load: LoadOptions) -> None:
     """The self-check of the GPU's fast paths (qwenlocal.selfcheck), before the first reply; a
     line on stderr for each that failed here and what runs instead."""
-    from .selfcheck import device_note, forced_paths, self_check
+    from .selfcheck import device_note, forced_paths, self_check, triton_note
 
-    note = device_note(lm)
-    if note:
-        err.print(note, style="yellow", highlight=False, markup=False)
+    for note in (device_note(lm), triton_note(lm)):
+        if note:
+            err.print(note, style="yellow", highlight=False, markup=False)
     for verdict in self_check(lm, forced=forced_paths(load.moe)):
         if not verdict.ok:
             err.print(verdict.line, style="yellow", highlight=False, markup=False)

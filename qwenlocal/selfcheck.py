@@ -225,6 +225,16 @@ def forced_paths(moe: str) -> set[str]:
     return forced
 
 
+def triton_note(model: Qwen3MoeForCausalLM) -> str | None:
+    """One line when a GPU run cannot use Triton here, and why (quant.triton_env)."""
+    from quant.triton_env import triton_missing
+
+    missing = triton_missing() if model.device.type == "cuda" else ()
+    if not missing:
+        return None
+    return f"note: Triton's kernels are not used here (missing {', '.join(missing)}); the torch path runs instead."
+
+
 def device_note(model: Qwen3MoeForCausalLM) -> str | None:
     """One line for cards without native bf16 (before sm_80: T4, V100, RTX 20xx) running bf16."""
     if model.device.type != "cuda" or model.dtype != torch.bfloat16:

@@ -164,3 +164,15 @@ def test_the_cli_prints_one_line_and_answers_with_the_plain_path(tiny_ckpt, tmp_
         json.loads(r.stdout.splitlines()[-1])["token_ids"]
         == json.loads(plain.stdout.splitlines()[-1])["token_ids"]
     )
+
+
+def test_a_gpu_run_without_triton_says_why(monkeypatch):
+    from quant import triton_env
+
+    monkeypatch.setattr(triton_env, "triton_missing", lambda: ("a C compiler (gcc, clang or $CC)",))
+    card = SimpleNamespace(device=torch.device("cuda", 0))
+    assert selfcheck.triton_note(card) == (
+        "note: Triton's kernels are not used here (missing a C compiler (gcc, clang or $CC)); "
+        "the torch path runs instead."
+    )
+    assert selfcheck.triton_note(SimpleNamespace(device=torch.device("cpu"))) is None
