@@ -73,10 +73,10 @@ def generate(
         else:
             model_arg, text = model, prompt
         text = sys.stdin.read() if text == "-" else text
-        with loaded(load.model_or_default(model_arg), load, quiet=as_json) as (folder, lm, tok):
-            run_generate(folder, lm, tok, text)
+        with loaded(load.model_or_default(model_arg), load, quiet=as_json) as (source, lm, tok):
+            run_generate(source, lm, tok, text)
 
-    def run_generate(folder, lm, tok, text):
+    def run_generate(source, lm, tok, text):
         from .generate import Generator, Summary
 
         if raw:
@@ -88,7 +88,7 @@ def generate(
             ids = tok.encode(
                 tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=sampling.think)
             )
-        params = sampling.params(folder)
+        params = sampling.params(source.generation)
         for record in Generator(lm, tok, ctx_size=load.ctx).stream(
             ids, params, max_tokens=sampling.max_tokens
         ):
@@ -114,6 +114,7 @@ def render_summary(s, as_json: bool) -> None:
             "prompt_tps": round(s.prompt_tps, 3),
             "gen_tps": round(s.gen_tps, 3),
             "peak_memory_bytes": s.peak_memory_bytes,
+            "peak_memory_scope": s.peak_memory_scope,
         }
         if s.expert_cache is not None:
             from .cold import cold_report
@@ -128,7 +129,7 @@ def render_summary(s, as_json: bool) -> None:
     err.print(
         f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
         f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
-        f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}"
+        f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB ({s.peak_memory_scope}) · {s.finish_reason}"
         + (f" · expert cache {100 * rate:.1f} % hits" if rate is not None else "")
         + "[/]",
         highlight=False,

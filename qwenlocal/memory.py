@@ -308,18 +308,14 @@ def measure(model, cache=None) -> dict[str, dict[str, int]]:
     return out
 
 
-def model_plan(model, ctx_size: int, batch: int = 1, kv_dtype: torch.dtype | None = None) -> Plan:
-    """The plan a loaded model was built with, so its estimate can be set beside `measure`."""
-    slots = getattr(model.experts, "slots_per_layer", None)
-    return make_plan(
-        recipe=getattr(model, "recipe", None),
-        ctx_size=ctx_size,
-        batch=batch,
-        dtype=model.dtype,
-        kv_dtype=kv_dtype or getattr(model, "kv_dtype", None),
-        device=model.device,
-        expert_slots=None if slots is None else slots * len(model.config.moe_layers),
-    )
+def model_plan(
+    model, ctx_size: int | None = None, batch: int = 1, kv_dtype: torch.dtype | None = None
+) -> Plan:
+    """The memory plan of a loaded model, from the plan it was loaded with (`model.plan`), so its
+    estimate can be set beside `measure`; `ctx_size` default: the plan's."""
+    if model.plan is None:
+        raise ValueError("the model was not made by load_model: it has no plan to estimate")
+    return model.plan.memory(ctx_size, batch, kv_dtype)
 
 
 @dataclass
@@ -336,7 +332,7 @@ def live_report(model, cache=None) -> list[LiveRow]:
     if cache is not None:
         plan = model_plan(model, cache.max_len, len(cache.k[0]), cache.k[0].dtype)
     else:
-        plan = model_plan(model, 4096)
+        plan = model_plan(model)
     est = estimate(model.config, plan)
     real = measure(model, cache)
     rows = []
@@ -346,19 +342,3 @@ def live_report(model, cache=None) -> list[LiveRow]:
             got = None
         rows.append(LiveRow(c.name, c.where, c.nbytes, None if got is None else sum(got.values())))
     return rows
-
-
-def device_memory(device: torch.device) -> dict[str, int]:
-    """The allocator's and the driver's figures on CUDA; process RSS and RAM on the CPU."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {
-            "allocated": torch.cuda.memory_allocated(device),
-            "reserved": torch.cuda.memory_reserved(device),
-            "max_reserved": torch.cuda.max_memory_reserved(device),
-            "driver_used": total - free,
-            "total": total,
-        }
-    import psutil
-
-    return {"rss": psutil.Process().memory_info().rss, "total": psutil.virtual_memory().total}

@@ -152,7 +152,7 @@ def request_sampling(engine: Engine, body: dict, thinking: bool) -> SamplingPara
     }
     values = {k: req if req is not None else default for k, (req, default) in pick.items()}
     try:
-        return SamplingParams.for_mode(thinking, engine.model_dir, **values)
+        return SamplingParams.for_mode(thinking, engine.generation, **values)
     except UserError as e:
         raise APIError(400, str(e), "invalid_value") from None
 

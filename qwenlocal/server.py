@@ -368,8 +368,8 @@ def serve(
         sampling.validate()
         _check_address(host, port)
         model_id = load.model_or_default(model)
-        with cli.loaded(model_id, load) as (folder, lm, tok):
-            engine = Engine(lm, tok, folder, _model_id(model_id), load.ctx, max_queue, sampling)
+        with cli.loaded(model_id, load) as (source, lm, tok):
+            engine = Engine(lm, tok, source.generation, _model_id(model_id), load.ctx, max_queue, sampling)
             app = create_app(engine, api_key)
             shown = f"[{host}]" if ":" in host else host
             cli.err.print(
