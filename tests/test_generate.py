@@ -65,7 +65,7 @@ def test_mode_defaults(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    return load_model(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)
+    return load_model(tiny_ckpt, dtype=torch.float32), Tokenizer.from_dir(tiny_ckpt)
 
 
 def test_records_and_summary(tiny):
