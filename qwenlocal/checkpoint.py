@@ -306,8 +306,6 @@ class DequantizingCheckpoint(Checkpoint):
     checkpoint of `dtype`: `config` carries no quantization_config (the source's is in
     `source_quantization`), and every floating tensor comes back in `dtype`."""
 
-    own_recipe = None  # the recipe it loads with when none is asked for (None: 16-bit)
-
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None):
         # the same folder and (read-only) headers; its own map of names, which a reader extends
         # (GPTQ: X.weight for X.qweight), and its own memory maps, closed with it

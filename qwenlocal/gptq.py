@@ -83,10 +83,6 @@ class GptqCheckpoint(DequantizingCheckpoint):
         for prefix, shard in self.quantized.items():
             self.weight_map[prefix + ".weight"] = shard
 
-    @functools.cached_property
-    def own_recipe(self):
-        return gptq_recipe(self.config, self.source_quantization)
-
     def _checked(self, qc: dict, what: str) -> GptqParams:
         where = f"{self.folder / 'config.json'}{what}"
         bits, group = qc.get("bits"), int(qc.get("group_size", 128))

@@ -89,18 +89,16 @@ def plan_from_flags(
     gpu_experts: int | None,
     device: str = "cuda",
 ) -> Plan:
-    from quant.recipe import Recipe
-
-    from .sources import own_recipe
+    from .plan import decide_recipe
 
     if kv_dtype not in KV_DTYPES:
         raise UserError(f"Unknown --kv-dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}.")
-    recipe = own_recipe(config) if quant in (None, "auto") else None  # a quantized folder's own
-    recipe = recipe or Recipe.from_preset(quant or "mixed")
+    # before anything is known of the device, auto plans the default recipe for a 16-bit folder
+    recipe = decide_recipe(config, quant or "auto").recipe
     if gpu_experts is not None and gpu_experts < 0:
         raise UserError(f"--gpu-experts must be >= 0, got {gpu_experts}.")
     return make_plan(
-        recipe=recipe if recipe.quantizes_anything else None,
+        recipe=recipe,
         ctx_size=ctx,
         dtype=torch.bfloat16,
         kv_dtype=KV_DTYPES[kv_dtype],
