@@ -49,7 +49,7 @@ def main() -> None:
 
 # -- generate --------------------------------------------------------------------------------
 @app.command()
-@opt.load_command(ctx_size="4096", max_tokens=DEFAULT_GENERATE_TOKENS)
+@opt.load_command(max_tokens=DEFAULT_GENERATE_TOKENS)
 def generate(
     model: opt.Model,
     prompt: Annotated[

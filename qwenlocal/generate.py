@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import DEFAULT_CTX_SIZE
 from .errors import UserError
 from .graphs import decode_graph
 from .model import Qwen3MoeForCausalLM
@@ -202,7 +203,7 @@ class Generator:
         self,
         model: Qwen3MoeForCausalLM,
         tokenizer=None,
-        ctx_size: int = 4096,
+        ctx_size: int = DEFAULT_CTX_SIZE,
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         self.model, self.tokenizer = model, tokenizer

@@ -29,6 +29,7 @@ from .cold import DEFAULT_COLD_EXPERTS, ColdExperts
 from .config import Qwen3MoeConfig
 from .errors import UserError
 from .experts import QuantExperts
+from .memory import embed_device
 from .model import Qwen3MoeForCausalLM
 from .names import EXPERT_PROJS, blob_layer_expert, expert_tensor_name, is_blob_name, tensor_class
 from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
@@ -43,12 +44,6 @@ def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     for part in path:
         module = getattr(module, part)
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
-
-
-def embed_device(config, device: torch.device) -> torch.device:
-    """The token embedding stays in host RAM beside a GPU (only looked-up rows are copied),
-    unless lm_head shares it."""
-    return device if device.type == "cpu" or config.tie_word_embeddings else torch.device("cpu")
 
 
 def _place(name: str, config, device: torch.device) -> torch.device:

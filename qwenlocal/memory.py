@@ -36,6 +36,12 @@ COMPONENTS = (
 )
 
 
+def embed_device(config: Qwen3MoeConfig, device: torch.device) -> torch.device:
+    """The token embedding stays in host RAM beside a GPU (only the looked-up rows are copied),
+    unless lm_head shares it."""
+    return device if device.type == "cpu" or config.tie_word_embeddings else torch.device("cpu")
+
+
 def component_of(name: str) -> str:
     """The memory component of a model tensor, by its Hugging Face style name."""
     if name.startswith("model.embed_tokens"):
@@ -71,11 +77,6 @@ class Plan:
     device: str  # "cuda" or "cpu"
     expert_slots: int | None  # experts on the device; None = all of them
     prefill_chunk: int
-
-    @property
-    def embed_on_device(self) -> bool:
-        # Only the looked-up rows are copied; a CPU run keeps everything in one place anyway.
-        return self.device == "cpu"
 
     def replace(self, **changes) -> Plan:
         return dataclasses.replace(self, **changes)
@@ -240,8 +241,9 @@ def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:
     one = expert_nbytes(config, plan)
     est = Estimate(config, plan, experts_total=n_experts, expert_slots=slots, expert_bytes=one)
     weights = weight_bytes(config, plan)
+    embed_on_host = plan.device != "cpu" and embed_device(config, torch.device(plan.device)).type == "cpu"
     for name in ("embed_tokens", "attention", "norms", "routers", "dense_mlp", "lm_head"):
-        if name == "embed_tokens" and not plan.embed_on_device and not config.tie_word_embeddings:
+        if name == "embed_tokens" and embed_on_host:
             est.components.append(Component(name, weights[name], "host"))
         elif weights[name]:
             est.components.append(Component(name, weights[name], "gpu"))

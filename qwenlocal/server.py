@@ -27,7 +27,6 @@ from .errors import UserError
 from .generate import Summary
 from .openai_api import APIError, StopBuffer, as_api_error, make_job, parse_messages, sse, submit, usage
 from .reasoning import ReasoningSplitter, split_reasoning
-from .tokenizer import THINK_START
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -187,8 +186,9 @@ def create_app(engine: Engine, api_key: str | None = None):
             )
         except UserError as e:
             raise APIError(400, str(e), "template_error") from None
-        job = make_job(engine, body, engine.tokenizer.encode(text), thinking)
-        in_reasoning = text.rstrip().endswith(THINK_START)
+        prompt = engine.tokenizer.encode(text)
+        job = make_job(engine, body, prompt, thinking)
+        in_reasoning = engine.tokenizer.opens_reasoning(prompt)
         submit(engine, job)
         head = header("chatcmpl", "chat.completion")
 

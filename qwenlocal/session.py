@@ -250,7 +250,7 @@ class ChatSession:
         return self.gen.stream(fit.ids, params, max_tokens=fit.max_tokens, cancel=cancel)
 
     def sorter(self, fit: Fit) -> ReplySorter:
-        return ReplySorter(in_reasoning=fit.ids[-1:] == [self.tokenizer.think_start_id])
+        return ReplySorter(in_reasoning=self.tokenizer.opens_reasoning(fit.ids))
 
     def finish(self, parts: ReplyParts, summary: Summary) -> Summary:
         """Record the reply (answer only; a stopped reply keeps what was written) and the totals."""

@@ -304,6 +304,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def opens_reasoning(self, prompt: list[int]) -> bool:
+        """The prompt ends with the `<think>` opener (whitespace after it aside): the chat template
+        opened the reasoning, so the reply starts inside it."""
+        end = len(prompt)
+        while end and self.decode(prompt[end - 1 : end]).isspace():
+            end -= 1
+        return end > 0 and prompt[end - 1] == self.think_start_id
+
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 

@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .config import DEFAULT_MODEL_ID, Qwen3MoeConfig
+from .config import DEFAULT_CTX_SIZE, DEFAULT_MODEL_ID, Qwen3MoeConfig
 from .errors import UserError
 from .gpus import (
     CardPlan,
@@ -26,6 +26,7 @@ from .gpus import (
     speed_range,
 )
 from .memory import GIB, KV_DTYPES, Estimate, Plan, estimate, fit_expert_slots, make_plan
+from .options import check_experts_or_budget
 from .sources import DOWNLOAD_GB, FP8_ID, GPTQ_INT4_CONFIG, GPTQ_INT4_ID, default_model, download_note
 
 SWEEP_CONTEXTS = (4096, 8192, 32768, 65536, 131072)
@@ -239,7 +240,7 @@ def vram(
     ] = None,
     ctx_size: Annotated[
         str, typer.Option("--ctx-size", "-c", help="Context in tokens: 4096, 32k, 128k.")
-    ] = "4096",
+    ] = str(DEFAULT_CTX_SIZE),
     quant: Annotated[
         str | None,
         typer.Option("--quant", help="bf16, int8, nf4, mixed; default: the folder's own, else mixed."),
@@ -274,8 +275,7 @@ def vram(
         config, name = read_config(model if model is not None else default_model(quant))
         ctx = parse_tokens(ctx_size)
         config.with_context(ctx)  # past the maximum: one clear sentence
-        if gpu_experts is not None and vram_budget is not None:
-            raise UserError("Give --gpu-experts or --vram-budget, not both.")
+        check_experts_or_budget(gpu_experts, vram_budget)
         if gpu is not None and (gpu_experts is not None or vram_budget is not None):
             raise UserError(
                 "Give --gpu or --vram-budget/--gpu-experts, not both: --gpu sizes the cache to the card."
