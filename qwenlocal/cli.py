@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
 import json
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from . import options as opt
 from .cli_util import STATE, byte_progress, err, loaded, run
@@ -18,7 +22,46 @@ from .options import LoadOptions, SamplingOptions, parse_bytes, parse_device, pa
 
 DEFAULT_GENERATE_TOKENS = 512
 
+
+# -- commands that live in their own modules, imported when they run ------------------------------
+class LazyCommands(TyperGroup):
+    """`app`'s group: a command of LAZY_COMMANDS is imported when it is asked for; the command
+    list of `--help` shows the first line of its docstring, read from the source without
+    importing it (the server and the chat pull in what `generate` does not need)."""
+
+    listing = False  # true while the group's own help is written
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in LAZY_COMMANDS if n not in self.commands)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module_name, function = LAZY_COMMANDS[name]
+            if self.listing:
+                return click.Command(name, help=_docstring(module_name, function))
+            one = typer.Typer()
+            one.command(name)(getattr(importlib.import_module(f"{__package__}.{module_name}"), function))
+            self.add_command(typer.main.get_command(one), name)
+        return super().get_command(ctx, name)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
+
+
+def _docstring(module_name: str, function: str) -> str:
+    tree = ast.parse((Path(__file__).parent / f"{module_name}.py").read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return ast.get_docstring(node) or ""
+
+
+# command -> (module, function): commands declared in their own modules (LazyCommands)
+LAZY_COMMANDS = {"chat": ("chat", "chat"), "serve": ("server", "serve"), "vram": ("vram", "vram")}
 app = typer.Typer(
+    cls=LazyCommands,
     name="qwenlocal",
     help="Run Qwen3-30B-A3B (and the Qwen3 MoE family) on one GPU.",
     no_args_is_help=True,
@@ -252,18 +295,6 @@ def render_quant_stats(d: dict) -> None:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:,.3f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
-
-
-# -- commands that live in their own modules (one line each) -----------------------------------
-from .chat import chat as _chat  # noqa: E402
-
-app.command("chat")(_chat)
-from .server import serve as _serve  # noqa: E402
-
-app.command("serve")(_serve)
-from .vram import vram as _vram  # noqa: E402
-
-app.command("vram")(_vram)
 
 
 if __name__ == "__main__":

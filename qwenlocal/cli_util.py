@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -19,11 +19,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from . import quant_cache
 from .errors import UserError
 from .options import LoadOptions, parse_bytes, parse_device, parse_tokens  # noqa: F401 - the commands' parsers
-from .sources import ModelSource
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from .sources import ModelSource
+    from .tokenizer import Tokenizer
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -85,8 +88,11 @@ def loaded(
     into the cache, loaded (progress bar). A routing trace is closed, and so written, however the
     command ends, Ctrl-C and errors included. Yields the source, the model (`model.plan`) and the
     tokenizer."""
+    from . import quant_cache
     from .loader import load_model
     from .plan import plan_load
+    from .sources import ModelSource
+    from .tokenizer import Tokenizer
 
     with byte_progress("download", enabled=not quiet) as cb:
         source = ModelSource.resolve(model, on_bytes=cb)

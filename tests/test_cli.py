@@ -361,3 +361,23 @@ def test_options_import_nothing_of_the_cli():
     tree = ast.parse(Path(qwenlocal.options.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not imported & {"cli", "cli_util", "chat", "server"}, imported
+
+
+def test_help_imports_no_command_module():
+    """`qwenlocal --help` lists every command without importing the modules that declare chat,
+    serve and vram, or the loader behind them; a command is imported when it runs."""
+    code = (
+        "import sys\n"
+        "from qwenlocal.cli import main\n"
+        "sys.argv = ['qwenlocal', '--help']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "heavy = {'qwenlocal.chat', 'qwenlocal.server', 'qwenlocal.vram', 'qwenlocal.loader', 'qwenlocal.cache_sim'}\n"
+        "print('imported:', sorted(heavy & set(sys.modules)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "imported: []" in r.stdout
+    for command in ("generate", "quantize", "chat", "serve", "vram"):
+        assert command in r.stdout
+    assert "Chat in the terminal" in r.stdout  # chat's docstring, read without importing chat.py
+    assert invoke("serve", "--help").exit_code == 0 and "--max-queue" in invoke("serve", "--help").stdout
