@@ -66,7 +66,8 @@ class Plan:
     """What will be loaded, and how: everything the memory depends on besides the config.
 
     Made by `make_plan` only, and changed by `replace`: no field has a default that a caller
-    could forget to set (the loader once sized the cache for a bf16 KV cache whatever it used).
+    could forget to set, since a forgotten one (the KV dtype, say) sizes the cache for the wrong
+    bytes without any error.
     """
 
     recipe: object | None  # quant.recipe.Recipe, or None for 16-bit weights

@@ -68,18 +68,20 @@ class RecipeDecision:
     reason: str | None = None  # --quant auto's one line, for stderr and the panel
 
 
-def decide_recipe(config: Qwen3MoeConfig, quant=None, sizing: Sizing | None = None) -> RecipeDecision:
+def decide_recipe(
+    config: Qwen3MoeConfig, quant=None, sizing: Sizing | None = None, where: object = "config.json"
+) -> RecipeDecision:
     """The recipe a folder loads with. `quant`: None (the folder as it is), "auto", "bf16"/"none",
     a preset name or a Recipe. A quantized folder keeps its own recipe (GPTQ's codes repacked);
     "auto" on a 16-bit or FP8 folder keeps 16-bit weights that fit `sizing` and otherwise takes the
     default recipe, quantized once into the cache (without `sizing`, as `vram` plans: the default).
-    Other presets quantize a 16-bit source while loading."""
+    Other presets quantize a 16-bit source while loading. `where`: the config file errors name."""
     from quant.recipe import DEFAULT_PRESET, Recipe
 
     from .sources import DEQUANTIZED_METHODS, GPTQ_METHOD, own_recipe, quant_method
 
     method = quant_method(config)
-    own = own_recipe(config)
+    own = own_recipe(config, where)
     if own is not None and method != GPTQ_METHOD:  # our own quantized layout
         if isinstance(quant, str) and quant not in (own.preset, "auto"):
             raise UserError(f"This checkpoint is already quantized ({own.preset}); drop --quant {quant}.")
@@ -195,7 +197,7 @@ def plan_load(
     ctx = ctx_size or DEFAULT_CTX_SIZE
     config = source.config if ctx_size is None else source.config.with_context(ctx_size)
     budget = vram_budget if isinstance(vram_budget, int) else None
-    decision = decide_recipe(config, quant, Sizing(device, dtype, ctx, budget))
+    decision = decide_recipe(config, quant, Sizing(device, dtype, ctx, budget), source.folder / "config.json")
     if vram_budget == "auto" and device.type == "cuda":
         budget = auto_budget(device)
     elif vram_budget == "auto":

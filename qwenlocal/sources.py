@@ -75,19 +75,20 @@ def quant_method(config) -> str | None:
     return (config.quantization_config or {}).get("quant_method")
 
 
-def own_recipe(config):
+def own_recipe(config, where: object = "config.json"):
     """The recipe a quantized folder loads with when --quant asks for none: ours from its record,
-    GPTQ's from its bits; None for 16-bit and FP8 folders (16-bit sources)."""
+    GPTQ's from its bits; None for 16-bit and FP8 folders (16-bit sources). `where`: the file
+    named in errors."""
     from quant.recipe import Recipe
 
     method = quant_method(config)
     if method == GPTQ_METHOD:
         from .gptq import gptq_recipe
 
-        return gptq_recipe(config, config.quantization_config)
+        return gptq_recipe(config, config.quantization_config, where)
     if method is None or method in DEQUANTIZED_METHODS:
         return None
-    return Recipe.from_config(config.quantization_config)
+    return Recipe.from_config(config.quantization_config, str(where))
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class ModelSource:
 
     @functools.cached_property
     def own_recipe(self):
-        return own_recipe(self.config)
+        return own_recipe(self.config, self.folder / "config.json")
 
     def open(self, dtype: torch.dtype | None = None) -> Checkpoint:
         return open_source(self, dtype)
