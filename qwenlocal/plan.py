@@ -65,7 +65,7 @@ class RecipeDecision:
     recipe: object | None  # quant.recipe.Recipe; None: 16-bit weights
     prequantized: bool = False  # the folder holds the recipe's tensors (our own quantized layout)
     quantize_once: bool = False  # --quant auto: load the cached quantized copy (quant_cache.py)
-    reason: str | None = None  # --quant auto's one line, for stderr and the panel
+    reason: str | None = None  # why --quant auto chose for a 16-bit folder: stderr and the panel
 
 
 def decide_recipe(
@@ -85,10 +85,9 @@ def decide_recipe(
     if own is not None and method != GPTQ_METHOD:  # our own quantized layout
         if isinstance(quant, str) and quant not in (own.preset, "auto"):
             raise UserError(f"This checkpoint is already quantized ({own.preset}); drop --quant {quant}.")
-        reason = f"quantized checkpoint ({own.preset})" if quant == "auto" else None
-        return RecipeDecision(own, prequantized=True, reason=reason)
+        return RecipeDecision(own, prequantized=True)
     if own is not None and quant in (None, "auto"):  # GPTQ
-        return RecipeDecision(own, reason=f"quantized checkpoint ({own.preset})" if quant else None)
+        return RecipeDecision(own)
     if quant == "auto":
         if sizing is None:
             return RecipeDecision(Recipe.from_preset(DEFAULT_PRESET), quantize_once=True)
