@@ -307,8 +307,7 @@ class DequantizingCheckpoint(Checkpoint):
     `source_quantization`), and every floating tensor comes back in `dtype`."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None):
-        # the same folder and (read-only) headers; its own map of names, which a reader extends
-        # (GPTQ: X.weight for X.qweight), and its own memory maps, closed with it
+        # the read-only headers shared; its own name map (a reader adds names) and memory maps
         self.folder, self.headers = ckpt.folder, ckpt.headers
         self.weight_map = dict(ckpt.weight_map)
         self._handles = {}
