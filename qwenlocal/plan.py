@@ -18,7 +18,7 @@ from .cold import DEFAULT_COLD_EXPERTS, parse_cold_experts
 from .config import DEFAULT_CTX_SIZE, Qwen3MoeConfig
 from .errors import UserError
 from .gpus import auto_budget
-from .memory import Estimate, Plan, estimate, fit_expert_slots, make_plan
+from .memory import Plan, estimate, fit_expert_slots, make_plan
 from .offload import DEFAULT_PREFETCH
 from .options import check_experts_or_budget, parse_device, parse_dtype, parse_kv_dtype
 from .sources import ModelSource
@@ -147,7 +147,6 @@ class LoadPlan:
     prefetch: bool
     cold_experts: str
     moe: str  # "grouped" or "loop"
-    sized: Estimate | None = None  # the memory estimate the cache was sized with
 
     def memory(
         self, ctx_size: int | None = None, batch: int = 1, kv_dtype: torch.dtype | None = None
@@ -225,7 +224,6 @@ def _with_expert_cache(plan: LoadPlan, config: Qwen3MoeConfig, gpu_experts: int 
     """Slots for experts on the device, from --gpu-experts or the budget; none: all resident."""
     layers = len(config.moe_layers)
     total, minimum = config.num_experts * layers, config.num_experts_per_tok * layers
-    sized = None
     if gpu_experts is not None:
         if gpu_experts < minimum:
             raise UserError(
@@ -234,8 +232,7 @@ def _with_expert_cache(plan: LoadPlan, config: Qwen3MoeConfig, gpu_experts: int 
             )
         slots = min(gpu_experts, total)
     elif plan.budget is not None:
-        sized = fit_expert_slots(config, plan.memory(), plan.budget)
-        slots = sized.expert_slots
+        slots = fit_expert_slots(config, plan.memory(), plan.budget).expert_slots
     else:
         return plan
     if plan.recipe is None and slots is not None and slots < total:
@@ -244,4 +241,4 @@ def _with_expert_cache(plan: LoadPlan, config: Qwen3MoeConfig, gpu_experts: int 
     if per_layer is not None and per_layer >= config.num_experts:
         per_layer = None  # everything fits: a cache that never misses is no cache at all
     slots = None if per_layer is None else per_layer * layers
-    return dataclasses.replace(plan, expert_slots=slots, slots_per_layer=per_layer, sized=sized)
+    return dataclasses.replace(plan, expert_slots=slots, slots_per_layer=per_layer)
