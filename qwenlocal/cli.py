@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -15,28 +14,24 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from . import options as opt
-from .cli_util import STATE, byte_progress, err, loaded, run
+from .cli_util import STATE, byte_progress, err, run
 from .errors import UserError
-from .options import LoadOptions, SamplingOptions, parse_bytes, parse_device, parse_tokens  # noqa: F401
-
-DEFAULT_GENERATE_TOKENS = 512
 
 
-# -- commands that live in their own modules, imported when they run ------------------------------
+# -- the commands, each imported when it runs ------------------------------------------------------
 class LazyCommands(TyperGroup):
-    """`app`'s group: a command of LAZY_COMMANDS is imported when it is asked for; the command
-    list of `--help` shows the first line of its docstring, read from the source without
-    importing it (the server and the chat pull in what `generate` does not need)."""
+    """`app`'s group: a command of COMMANDS is imported when it is asked for; the command list
+    of `--help` shows its docstring, read from the source without importing it (so `--help`
+    imports no torch, and `generate` not what the server and the chat need)."""
 
     listing = False  # true while the group's own help is written
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*super().list_commands(ctx), *(n for n in LAZY_COMMANDS if n not in self.commands)]
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in LAZY_COMMANDS and name not in self.commands:
-            module_name, function = LAZY_COMMANDS[name]
+        if name in COMMANDS and name not in self.commands:
+            module_name, function = COMMANDS[name]
             if self.listing:
                 return click.Command(name, help=_docstring(module_name, function))
             one = typer.Typer()
@@ -58,8 +53,14 @@ def _docstring(module_name: str, function: str) -> str:
     return ast.get_docstring(node) or ""
 
 
-# command -> (module, function): commands declared in their own modules (LazyCommands)
-LAZY_COMMANDS = {"chat": ("chat", "chat"), "serve": ("server", "serve"), "vram": ("vram", "vram")}
+# command -> (module, function), imported when the command runs (LazyCommands)
+COMMANDS = {
+    "generate": ("generate_cmd", "generate"),
+    "quantize": ("cli", "quantize"),
+    "chat": ("chat", "chat"),
+    "serve": ("server", "serve"),
+    "vram": ("vram", "vram"),
+}
 app = typer.Typer(
     cls=LazyCommands,
     name="qwenlocal",
@@ -90,97 +91,7 @@ def main() -> None:
         sys.exit(130)
 
 
-# -- generate --------------------------------------------------------------------------------
-@app.command()
-@opt.load_command(max_tokens=DEFAULT_GENERATE_TOKENS)
-def generate(
-    model: opt.Model,
-    prompt: Annotated[
-        str | None, typer.Argument(help="The prompt; '-' reads it from stdin.", show_default=False)
-    ] = None,
-    load: LoadOptions = LoadOptions(),
-    sampling: SamplingOptions = SamplingOptions(),
-    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
-):
-    """Generate a reply to one prompt and print it as it streams."""
-
-    def body():
-        load.validate()  # bad values fail before a long load
-        sampling.validate()
-        if prompt is None:  # `generate PROMPT`: the default model
-            if model is None:
-                raise UserError("Give a prompt: qwenlocal generate [MODEL] PROMPT.")
-            model_arg, text = None, model
-        else:
-            model_arg, text = model, prompt
-        text = sys.stdin.read() if text == "-" else text
-        with loaded(load.model_or_default(model_arg), load, quiet=as_json) as (source, lm, tok):
-            run_generate(source, lm, tok, text)
-
-    def run_generate(source, lm, tok, text):
-        from .generate import Generator, Summary
-
-        if raw:
-            ids = tok.encode(text)
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": text}
-            ]
-            ids = tok.encode(
-                tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=sampling.think)
-            )
-        params = sampling.params(source.generation)
-        for record in Generator(lm, tok, ctx_size=load.ctx).stream(
-            ids, params, max_tokens=sampling.max_tokens
-        ):
-            if isinstance(record, Summary):
-                render_summary(record, as_json)
-            elif not as_json:
-                sys.stdout.write(record.text)
-                sys.stdout.flush()
-
-    run(body)
-
-
-def render_summary(s, as_json: bool) -> None:
-    """The end of `generate`: one JSON object on stdout, or a plain line on stderr."""
-    rate = s.expert_hit_rate
-    if as_json:
-        d = {
-            "text": s.text,
-            "token_ids": s.token_ids,
-            "prompt_tokens": s.prompt_tokens,
-            "generated_tokens": s.generated_tokens,
-            "finish_reason": s.finish_reason,
-            "prompt_tps": round(s.prompt_tps, 3),
-            "gen_tps": round(s.gen_tps, 3),
-            "peak_memory_bytes": s.peak_memory_bytes,
-            "peak_memory_scope": s.peak_memory_scope,
-        }
-        if s.expert_cache is not None:
-            from .cold import cold_report
-
-            d["expert_hit_rate"] = None if rate is None else round(rate, 4)
-            cold = cold_report(s.expert_cache)
-            if cold is not None:
-                d["cold_experts"] = cold
-        print(json.dumps(d, ensure_ascii=False))
-        return
-    sys.stdout.write("\n")
-    err.print(
-        f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
-        f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
-        f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB ({s.peak_memory_scope}) · {s.finish_reason}"
-        + (f" · expert cache {100 * rate:.1f} % hits" if rate is not None else "")
-        + "[/]",
-        highlight=False,
-    )
-
-
 # -- quantize -------------------------------------------------------------------------------
-@app.command()
 def quantize(
     src: Annotated[str, typer.Argument(help="A 16-bit model folder or Hugging Face repo id.")],
     out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --force).")],
@@ -235,6 +146,8 @@ def quantize(
             raise UserError(
                 "--expert-bits must be 4 or 8: quantizing the experts is what this command is for."
             )
+        from .options import parse_bytes, parse_device
+
         dev = parse_device(device)
         shard = parse_bytes(shard_size)
         err.print(f"recipe {recipe.describe()}", highlight=False)

@@ -20,11 +20,11 @@ from rich.progress import (
 )
 
 from .errors import UserError
-from .options import LoadOptions, parse_bytes, parse_device, parse_tokens  # noqa: F401 - the commands' parsers
 
 if TYPE_CHECKING:
     import torch
 
+    from .options import LoadOptions
     from .sources import ModelSource
     from .tokenizer import Tokenizer
 

@@ -269,7 +269,8 @@ def vram(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Estimate memory for a context size, a quantization and a budget, before loading anything."""
-    from .cli_util import err, out, parse_bytes, parse_tokens, run
+    from .cli_util import err, out, run
+    from .options import parse_bytes, parse_tokens
 
     def body():
         config, name = read_config(model if model is not None else default_model(quant))
