@@ -89,14 +89,14 @@ def main() -> None:
         return
 
     from qwenlocal.quantize import quantize_checkpoint
-    from qwenlocal.sources import open_source
+    from qwenlocal.sources import ModelSource
 
     gptq = CACHE / f"real-shapes-{args.layers}L-gptq-int4"
     if not (gptq / "config.json").is_file():
         write_random_gptq(gptq, args.layers)
     int4 = CACHE / f"real-shapes-{args.layers}L-gptq-as-int4"
     if not (int4 / "config.json").is_file():
-        quantize_checkpoint(gptq, int4, open_source(gptq).own_recipe, force=True)
+        quantize_checkpoint(gptq, int4, ModelSource.read(gptq).own_recipe, force=True)
 
     results: dict[str, list[dict]] = {"gptq": [], "int4": []}
     for _ in range(args.repeat):

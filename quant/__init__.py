@@ -1,39 +1,43 @@
-"""Quantized weights: bitsandbytes-compatible NF4 / FP4 / int8, int4 group-wise, and the kernels and layers that use them."""
+"""Quantized weights: bitsandbytes-compatible NF4 / FP4 / int8, int4 group-wise, and the kernels and layers that use them.
 
-from .formats import QTensor, dequantize, from_bnb, quantize, to_bnb_quant_state
-from .kernels import qlinear, to_kernel_layout
-from .linear import QuantLinear
-from .pack import PACK_ALIGN, PackLayout, Slot, pack, pack_layout, unpack
-from .spec import (
-    DEFAULT_BLOCKSIZE,
-    FORMATS,
-    VALID_BLOCKSIZES,
-    QSpec,
-    QuantFormatError,
-    check_format,
-    storage_nbytes,
-)
+Names are imported from their modules when first used, so that `quant.errors`, which every module
+of the application reaches, costs no torch import (`qwenlocal --help` runs without one). The
+packing function is `quant.pack.pack`: the name `quant.pack` is its module.
+"""
 
-__all__ = [
-    "DEFAULT_BLOCKSIZE",
-    "FORMATS",
-    "PACK_ALIGN",
-    "VALID_BLOCKSIZES",
-    "PackLayout",
-    "QSpec",
-    "QTensor",
-    "QuantFormatError",
-    "QuantLinear",
-    "Slot",
-    "check_format",
-    "dequantize",
-    "from_bnb",
-    "pack",
-    "pack_layout",
-    "qlinear",
-    "quantize",
-    "storage_nbytes",
-    "to_kernel_layout",
-    "to_bnb_quant_state",
-    "unpack",
-]
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it
+_EXPORTS = {
+    "QTensor": "formats",
+    "dequantize": "formats",
+    "from_bnb": "formats",
+    "quantize": "formats",
+    "to_bnb_quant_state": "formats",
+    "qlinear": "kernels",
+    "to_kernel_layout": "kernels",
+    "QuantLinear": "linear",
+    "PACK_ALIGN": "pack",
+    "PackLayout": "pack",
+    "Slot": "pack",
+    "pack_layout": "pack",
+    "unpack": "pack",
+    "DEFAULT_BLOCKSIZE": "spec",
+    "FORMATS": "spec",
+    "VALID_BLOCKSIZES": "spec",
+    "QSpec": "spec",
+    "QuantFormatError": "spec",
+    "check_format": "spec",
+    "storage_nbytes": "spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -51,6 +51,7 @@ from .scratch import scratch
 from .spec import (
     BNB_4BIT_FORMATS,
     DEFAULT_BLOCKSIZE,
+    INT8_SCALE,
     NESTED_BLOCKSIZE,
     PARTS,
     QSpec,
@@ -255,12 +256,12 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None, out: Tensor | None 
         assert q.scale_zero is not None
         return dequantize_int4(q.weight, q.scale_zero, q.shape, q.blocksize, q.packing, res)
     if q.fmt == "int8":
-        # bnb: A * stats.view(-1, 1) * 7.874015718698502e-3, in fp32
+        # bnb: A * stats.view(-1, 1) * INT8_SCALE, in fp32
         w = q.weight.reshape(-1, q.shape[-1])
         tmp = res if dtype == torch.float32 else scratch("dq_int8", q.numel, torch.float32, q.device)
         tmp = tmp.view(w.shape).copy_(w)  # int8 -> fp32 first: the mixed-dtype multiply is 3x slower
         tmp.mul_(q.absmax.view(-1, 1))
-        torch.mul(tmp, 7.874015718698502e-3, out=res.view(w.shape))
+        torch.mul(tmp, INT8_SCALE, out=res.view(w.shape))
         return res
     if q.device.type == "cuda":
         from bitsandbytes.functional import dequantize_4bit

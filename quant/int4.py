@@ -26,10 +26,6 @@ works on repacked tensors too. A self-check against torch's own packer (once) gu
 when it fails, tensors stay in the stored layout and the plain path computes them. The host store
 of offloaded experts is repacked too (the CPU computes cold experts from it), so a GPU slot gets
 these bytes: the Triton kernels (quant/moe_triton.py) and `codes` read every packing.
-
-On CUDA (sm80+), `_weight_int4pack_mm` wants `_convert_weight_to_int4pack(weight, inner_k_tiles)`:
-an int32 [N / 8, K / (16 * inner_k_tiles), 32, inner_k_tiles / 2] tensor made from the stored uint8
-bytes as they are (same byte count), and the same `scale_zero`; see `cuda_int4pack`.
 """
 
 from __future__ import annotations
@@ -247,11 +243,3 @@ def repack_for_cpu(weight: Tensor, shape: tuple[int, int], packing: str) -> None
 def int4_mm_cpu(x: Tensor, weight: Tensor, scale_zero: Tensor, group: int) -> Tensor:
     """x [M, K] bf16 @ W.T with W in the CPU kernel layout -> [M, N] bf16."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale_zero)
-
-
-def cuda_int4pack(weight: Tensor, inner_k_tiles: int = 8) -> Tensor:
-    """The stored bytes converted for `torch.ops.aten._weight_int4pack_mm` (CUDA, sm80+; K a
-    multiple of 16 * inner_k_tiles, N of 8): call it as _weight_int4pack_mm(x, this, G, scale_zero)."""
-    if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (8, 0):
-        raise RuntimeError("torch's int4pack CUDA kernel needs an sm80+ GPU")
-    return torch.ops.aten._convert_weight_to_int4pack(weight.contiguous(), inner_k_tiles)

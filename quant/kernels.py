@@ -37,6 +37,7 @@ from .formats import QTensor, dequantize
 from .int4 import cpu_packable, cpu_packing, dequantize_int4_t, int4_mm_cpu, repack_for_cpu
 from .pack import PackLayout, unpack
 from .scratch import scratch
+from .spec import INT8_SCALE
 
 # The row counts at which `kernel_max_rows` times torch's int8 / int4 CPU kernels against the GEMM
 # path, in order: the crossover is the last count where the kernel is faster (1 when it is not at 4).
@@ -138,7 +139,7 @@ def int8_scales(q: QTensor, dtype: torch.dtype) -> Tensor:
     cached = q.kernel_cache.get(("int8_scales", dtype))
     if cached is None:
         assert q.absmax is not None
-        cached = q.kernel_cache[("int8_scales", dtype)] = (q.absmax * 7.874015718698502e-3).to(dtype)
+        cached = q.kernel_cache[("int8_scales", dtype)] = (q.absmax * INT8_SCALE).to(dtype)
     return cached
 
 

@@ -42,16 +42,12 @@ import torch
 from torch import Tensor
 
 from .int4 import codes, cpu_packing_parts
-from .spec import NESTED_BLOCKSIZE
+from .spec import INT8_SCALE, NESTED_BLOCKSIZE, PARTS  # the kernels read the parts by index
 from .triton_env import triton_missing
-
-# The parts these kernels read, by index.
-PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")
 
 # Tokens up to which the grouped kernels are used; a longer prefill reads each expert once per token
 # here, so the caller runs it expert by expert instead.
 MAX_GROUPED_TOKENS = 16
-INT8_SCALE = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
 FMT_IDS = {"dense": 0, "nf4": 1, "fp4": 1, "int8": 2, "int4": 3}
 # (rows per program, input columns per step) of each stage: small row tiles give the down stage
 # (one program per output tile, k experts each) enough programs to fill a large GPU.

@@ -23,6 +23,9 @@ DEFAULT_BLOCKSIZE = 64
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Double quantization: the absmax is itself quantized in blocks of 256 with the dynamic 8-bit map.
 NESTED_BLOCKSIZE = 256
+# int8 rows are scaled by absmax / 127; bitsandbytes multiplies by 1/127 rounded to float32, and
+# equality with it needs that same constant.
+INT8_SCALE = 7.874015718698502e-3
 
 # Part names, in storage order. `QTensor.to_tensors(prefix)` writes f"{prefix}.{part}".
 PARTS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset", "scale_zero")

@@ -295,7 +295,7 @@ def request_sampling(engine: Engine, req: SamplingRequest, thinking: bool) -> Sa
     keys = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "seed")
     values = {k: v if (v := getattr(req, k)) is not None else getattr(d, k) for k in keys}
     try:
-        return SamplingParams.for_mode(thinking, engine.model_dir, **values)
+        return SamplingParams.for_mode(thinking, engine.generation, **values)
     except UserError as e:
         raise APIError(400, str(e), "invalid_value") from None
 

@@ -409,14 +409,16 @@ def chat(
         load.validate()  # bad values fail before a long load
         sampling.validate()
         console = Console(highlight=False)
-        if load.device == "auto" and opt.parse_device("auto").type == "cpu":
+        if load.device == "auto" and load.flags["device"].type == "cpu":
             console.print("No CUDA GPU found: running on the CPU.", style="yellow", highlight=False)
         model_id = load.model_or_default(model)
-        with cli.loaded(model_id, load) as (folder, lm, tok):
-            settings = ChatSettings(sampling.think, sampling.max_tokens, sampling.overrides(), Path(folder))
+        with cli.loaded(model_id, load) as (source, lm, tok):
+            settings = ChatSettings(
+                sampling.think, sampling.max_tokens, sampling.overrides(), source.generation
+            )
             session = ChatSession(lm, tok, load.ctx, settings, system)
             history = History(history_file or default_history_file())
-            label = model_id if Path(model_id).exists() else f"{model_id} ({folder})"
+            label = model_id if Path(model_id).exists() else f"{model_id} ({source.folder})"
             ChatApp(console, session, history, label, verbose).run()
 
     cli.run(body)

@@ -16,7 +16,6 @@ from .generate import Summary
 from .grammar import GrammarError, Tokens, check_grammar, json_body, lark, tool_calls_body
 from .openai_api import APIError, StopBuffer
 from .reasoning import ReasoningSplitter, split_reasoning
-from .tokenizer import THINK_START
 from .tool_calls import ToolCallParser, parse_tool_calls, template_style
 
 
@@ -24,7 +23,7 @@ from .tool_calls import ToolCallParser, parse_tool_calls, template_style
 class ChatPlan:
     """What a chat request asks the engine for, and how its text is to be read back."""
 
-    prompt: str
+    prompt: list[int]  # token ids
     thinking: bool
     in_reasoning: bool  # the prompt itself opened a think block
     grammar: str | None = None
@@ -57,7 +56,8 @@ def plan_chat(engine: Engine, req: ChatRequest) -> ChatPlan:
         )
     except UserError as e:
         raise APIError(400, str(e), "template_error") from None
-    plan = ChatPlan(text, thinking, text.rstrip().endswith(THINK_START))
+    prompt = tok.encode(text)
+    plan = ChatPlan(prompt, thinking, tok.opens_reasoning(prompt))
     if use_tools:
         plan.style, plan.tools = template_style(tok.chat_template), specs
     tokens = Tokens.of(tok)

@@ -136,7 +136,8 @@ def memory_rows(session: ChatSession) -> list[MemoryRow]:
 
 def quantization_row(model) -> str:
     what = model.recipe.describe() if model.recipe is not None else "none (16-bit weights)"
-    return what + (f" (auto: {model.quant_choice})" if model.quant_choice else "")
+    reason = model.plan.reason if model.plan is not None else None
+    return what + (f" (auto: {reason})" if reason else "")
 
 
 def residency_row(model) -> tuple[str, str] | None:

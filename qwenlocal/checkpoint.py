@@ -211,11 +211,12 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
 class Checkpoint:
     """A checked model folder: config, where each tensor lives, and lazy reads from the mmap."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, config: Qwen3MoeConfig | None = None):
+        """`config`: the folder's config.json, when it was read already (sources.ModelSource)."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"Model folder {self.folder} does not exist.")
-        self.config = Qwen3MoeConfig.from_file(self.folder / "config.json")
+        self.config = config or Qwen3MoeConfig.from_file(self.folder / "config.json")
         self.weight_map = self._weight_map()
         self.headers: dict[str, dict[str, dict]] = {}
         for shard in sorted(set(self.weight_map.values())):
@@ -305,10 +306,11 @@ class DequantizingCheckpoint(Checkpoint):
     checkpoint of `dtype`: `config` carries no quantization_config (the source's is in
     `source_quantization`), and every floating tensor comes back in `dtype`."""
 
-    own_recipe = None  # the recipe it loads with when none is asked for (None: 16-bit)
-
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None):
-        self.__dict__.update(ckpt.__dict__)  # the same folder, headers and open handles
+        # the read-only headers shared; its own name map (a reader adds names) and memory maps
+        self.folder, self.headers = ckpt.folder, ckpt.headers
+        self.weight_map = dict(ckpt.weight_map)
+        self._handles = {}
         self.source_quantization = dict(ckpt.config.quantization_config)
         declared = TORCH_DTYPES.get(ckpt.config.torch_dtype, torch.bfloat16)
         self.dtype = dtype or declared

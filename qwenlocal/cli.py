@@ -2,23 +2,67 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
+import importlib
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from . import options as opt
-from .cli_util import STATE, byte_progress, err, loaded, run
+from .cli_util import STATE, byte_progress, err, run
 from .errors import UserError
-from .options import LoadOptions, SamplingOptions, parse_bytes, parse_device, parse_tokens  # noqa: F401
 
-DEFAULT_GENERATE_TOKENS = 512
 
+# -- the commands, each imported when it runs ------------------------------------------------------
+class LazyCommands(TyperGroup):
+    """`app`'s group: a command of COMMANDS is imported when it is asked for; the command list
+    of `--help` shows its docstring, read from the source without importing it (so `--help`
+    imports no torch, and `generate` not what the server and the chat need)."""
+
+    listing = False  # true while the group's own help is written
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            module_name, function = COMMANDS[name]
+            if self.listing:
+                return click.Command(name, help=_docstring(module_name, function))
+            one = typer.Typer()
+            one.command(name)(getattr(importlib.import_module(f"{__package__}.{module_name}"), function))
+            self.add_command(typer.main.get_command(one), name)
+        return super().get_command(ctx, name)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
+
+
+def _docstring(module_name: str, function: str) -> str:
+    tree = ast.parse((Path(__file__).parent / f"{module_name}.py").read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return ast.get_docstring(node) or ""
+
+
+# command -> (module, function), imported when the command runs (LazyCommands)
+COMMANDS = {
+    "generate": ("generate_cmd", "generate"),
+    "quantize": ("cli", "quantize"),
+    "chat": ("chat", "chat"),
+    "serve": ("server", "serve"),
+    "vram": ("vram", "vram"),
+}
 app = typer.Typer(
+    cls=LazyCommands,
     name="qwenlocal",
     help="Run Qwen3-30B-A3B (and the Qwen3 MoE family) on one GPU.",
     no_args_is_help=True,
@@ -47,125 +91,7 @@ def main() -> None:
         sys.exit(130)
 
 
-# -- generate --------------------------------------------------------------------------------
-@app.command()
-@opt.load_command(ctx_size="4096", max_tokens=DEFAULT_GENERATE_TOKENS)
-def generate(
-    model: opt.Model,
-    prompt: Annotated[
-        str | None, typer.Argument(help="The prompt; '-' reads it from stdin.", show_default=False)
-    ] = None,
-    load: LoadOptions = LoadOptions(),
-    sampling: SamplingOptions = SamplingOptions(),
-    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no chat template.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
-    json_schema: Annotated[
-        str | None,
-        typer.Option("--json-schema", help="Answer with JSON valid for this schema file ('-': stdin)."),
-    ] = None,
-):
-    """Generate a reply to one prompt and print it as it streams."""
-
-    def body():
-        load.validate()  # bad values fail before a long load
-        sampling.validate()
-        if prompt is None:  # `generate PROMPT`: the default model
-            if model is None:
-                raise UserError("Give a prompt: qwenlocal generate [MODEL] PROMPT.")
-            model_arg, text = None, model
-        else:
-            model_arg, text = model, prompt
-        if text == "-" and json_schema == "-":
-            raise UserError("Only one of the prompt and --json-schema can be read from stdin.")
-        text = sys.stdin.read() if text == "-" else text
-        schema = read_schema(json_schema) if json_schema is not None else None
-        with loaded(load.model_or_default(model_arg), load, quiet=as_json) as (folder, lm, tok):
-            run_generate(folder, lm, tok, text, schema)
-
-    def run_generate(folder, lm, tok, text, schema):
-        from .generate import Generator, Summary
-        from .grammar import Constraint, Tokens, json_body, lark
-
-        if raw:
-            prompt = text
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": text}
-            ]
-            prompt = tok.apply_chat_template(
-                messages, add_generation_prompt=True, enable_thinking=sampling.think
-            )
-        constraint = None
-        if schema is not None:
-            thinking = sampling.think and not raw
-            grammar = lark(json_body(schema), Tokens.of(tok), thinking, prompt.rstrip().endswith("<think>"))
-            constraint = Constraint(grammar, tok, lm.config.vocab_size, tok.eos_token_ids)
-        params = sampling.params(folder)
-        for record in Generator(lm, tok, ctx_size=load.ctx).stream(
-            tok.encode(prompt), params, max_tokens=sampling.max_tokens, constraint=constraint
-        ):
-            if isinstance(record, Summary):
-                render_summary(record, as_json)
-            elif not as_json:
-                sys.stdout.write(record.text)
-                sys.stdout.flush()
-
-    run(body)
-
-
-def read_schema(source: str) -> dict:
-    """A JSON schema from a file or stdin ('-') that the grammar library can enforce."""
-    from .grammar import check_schema
-
-    where = "stdin" if source == "-" else source
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"Cannot read the schema {where}: {getattr(e, 'strerror', None) or e}.") from None
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"The schema {where} is not valid JSON ({e}).") from None
-    return check_schema(schema, f"The schema {where}")
-
-
-def render_summary(s, as_json: bool) -> None:
-    """The end of `generate`: one JSON object on stdout, or a plain line on stderr."""
-    rate = s.expert_hit_rate
-    if as_json:
-        d = {
-            "text": s.text,
-            "token_ids": s.token_ids,
-            "prompt_tokens": s.prompt_tokens,
-            "generated_tokens": s.generated_tokens,
-            "finish_reason": s.finish_reason,
-            "prompt_tps": round(s.prompt_tps, 3),
-            "gen_tps": round(s.gen_tps, 3),
-            "peak_memory_bytes": s.peak_memory_bytes,
-        }
-        if s.expert_cache is not None:
-            from .cold import cold_report
-
-            d["expert_hit_rate"] = None if rate is None else round(rate, 4)
-            cold = cold_report(s.expert_cache)
-            if cold is not None:
-                d["cold_experts"] = cold
-        print(json.dumps(d, ensure_ascii=False))
-        return
-    sys.stdout.write("\n")
-    err.print(
-        f"[dim]{s.prompt_tokens} prompt tokens, {s.prompt_tps:.1f} tok/s · "
-        f"{s.generated_tokens} generated, {s.gen_tps:.1f} tok/s · "
-        f"peak {s.peak_memory_bytes / 1024**3:.2f} GiB · {s.finish_reason}"
-        + (f" · expert cache {100 * rate:.1f} % hits" if rate is not None else "")
-        + "[/]",
-        highlight=False,
-    )
-
-
 # -- quantize -------------------------------------------------------------------------------
-@app.command()
 def quantize(
     src: Annotated[str, typer.Argument(help="A 16-bit model folder or Hugging Face repo id.")],
     out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --force).")],
@@ -220,6 +146,8 @@ def quantize(
             raise UserError(
                 "--expert-bits must be 4 or 8: quantizing the experts is what this command is for."
             )
+        from .options import parse_bytes, parse_device
+
         dev = parse_device(device)
         shard = parse_bytes(shard_size)
         err.print(f"recipe {recipe.describe()}", highlight=False)
@@ -280,18 +208,6 @@ def render_quant_stats(d: dict) -> None:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:,.3f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
-
-
-# -- commands that live in their own modules (one line each) -----------------------------------
-from .chat import chat as _chat  # noqa: E402
-
-app.command("chat")(_chat)
-from .server import serve as _serve  # noqa: E402
-
-app.command("serve")(_serve)
-from .vram import vram as _vram  # noqa: E402
-
-app.command("vram")(_vram)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ BUILTIN_DIR = Path(__file__).parent / "data" / "qwen3-30b-a3b"
 DEFAULT_MODEL_ID = "Qwen/Qwen3-30B-A3B"
 # Qwen3's native context; configs say 40,960 but the model card gives 32,768 as native.
 NATIVE_CONTEXT = 32768
+# The context a command and load_model() give the model when none is asked for.
+DEFAULT_CTX_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class Qwen3MoeConfig:
             raise UserError(f"{source} is not a valid Qwen3 MoE config: {e}.") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Qwen3MoeConfig:
+    def from_file(cls, path: str | Path, into: dict | None = None) -> Qwen3MoeConfig:
+        """`into`: a dict that receives the file's JSON too (read once, used twice)."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path} does not exist: a model folder needs a config.json.")
@@ -148,6 +151,8 @@ class Qwen3MoeConfig:
             raise UserError(f"{path} is not valid JSON ({e}).") from None
         if not isinstance(d, dict):
             raise UserError(f"{path} is not a JSON object.")
+        if into is not None:
+            into.update(d)
         return cls.from_dict(d, source=str(path))
 
     @classmethod

@@ -10,7 +10,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,13 +125,14 @@ class Engine:
         self,
         model,
         tokenizer,
-        model_dir: Path | None,
+        generation: dict | None,
         model_id: str,
         ctx_size: int,
         max_queue: int = DEFAULT_MAX_QUEUE,
         defaults: SamplingOptions | None = None,
     ):
-        self.tokenizer, self.model_dir, self.model_id = tokenizer, model_dir, model_id
+        self.tokenizer, self.model_id = tokenizer, model_id
+        self.generation = generation  # generation_config.json: the thinking mode's sampling
         self.ctx_size, self.max_queue = ctx_size, max_queue
         self.defaults = defaults or SamplingOptions()  # server-wide; a request's own values win
         self.gen = Generator(model, tokenizer, ctx_size=ctx_size)

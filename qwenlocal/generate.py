@@ -5,15 +5,14 @@ GenerationResponse carries its stats)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_CTX_SIZE
 from .errors import UserError
 from .grammar import Constraint
 from .graphs import decode_graph
@@ -48,15 +47,12 @@ class SamplingParams:
         return self
 
     @classmethod
-    def for_mode(cls, thinking: bool, model_dir: Path | None = None, **overrides) -> SamplingParams:
-        """Qwen's values for the mode; in thinking mode generation_config.json's values win."""
+    def for_mode(cls, thinking: bool, generation: dict | None = None, **overrides) -> SamplingParams:
+        """Qwen's values for the mode; in thinking mode the model's generation_config.json values
+        (`generation`, as sources.ModelSource read them) win."""
         values = dict(THINKING_SAMPLING if thinking else NON_THINKING_SAMPLING)
-        gen_config = Path(model_dir) / "generation_config.json" if model_dir else None
-        if thinking and gen_config is not None and gen_config.is_file():
-            try:
-                g = json.loads(gen_config.read_text())
-            except json.JSONDecodeError:
-                g = {}
+        if thinking and generation:
+            g = generation
             values.update({k: g[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in g})
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()
@@ -135,6 +131,7 @@ class Summary(Speeds):
     gen_s: float = 0.0
     finish_reason: str = "length"  # "stop" (EOS or stop string), "length", "cancelled"
     peak_memory_bytes: int = 0
+    peak_memory_scope: str = "process"  # whose peak: "request" (CUDA) or "process" (CPU): peak_memory
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     expert_cache: CacheStats | None = None  # offloaded experts: the counters of this generation
@@ -186,10 +183,21 @@ class Totals(Speeds):
                 self.expert_cache.layers.setdefault(layer, LayerStats()).add(counts)
 
 
-def peak_memory_bytes(device: torch.device) -> int:
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, scope). On CUDA the allocator's peak since the request began ("request"); on the CPU
+    the process's peak resident set ("process"): the OS keeps one per process and no request can
+    reset it."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return int(torch.cuda.max_memory_allocated(device)), "request"
+    try:
+        import resource  # POSIX only
+    except ImportError:  # Windows: psutil names the process's peak working set peak_wset
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss)), "process"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024), "process"  # macOS: bytes; Linux: KiB
 
 
 class Generator:
@@ -200,7 +208,7 @@ class Generator:
         self,
         model: Qwen3MoeForCausalLM,
         tokenizer=None,
-        ctx_size: int = 4096,
+        ctx_size: int = DEFAULT_CTX_SIZE,
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         self.model, self.tokenizer = model, tokenizer
@@ -334,7 +342,7 @@ class Generator:
         if decoder is not None:
             text += decoder.flush()
         s.text = _cut_at_stop(text, stop)
-        s.peak_memory_bytes = peak_memory_bytes(device)
+        s.peak_memory_bytes, s.peak_memory_scope = peak_memory(device)
         if counters is not None:
             s.expert_cache = counters.since(before)
         yield s

@@ -67,13 +67,7 @@ class GptqCheckpoint(DequantizingCheckpoint):
                 "qwenlocal reads gptq and gptq_v2."
             )
         self.desc_act = bool(qc.get("desc_act", False))
-        self.default = self._checked(qc, "")
-        # GPTQModel's `dynamic`: {"+:regex" or "regex": overrides, "-:regex": left 16-bit}
-        self.dynamic = [
-            (key.removeprefix("+:"), self._checked({**qc, **rule}, f" (dynamic rule {key!r})"))
-            for key, rule in (qc.get("dynamic") or {}).items()
-            if not key.startswith("-:")
-        ]
+        self.default, self.dynamic = checked_params(qc, self.folder / "config.json")
         # X.weight stands for X.qweight (and its parts, wherever they are stored)
         self.quantized = {
             n.removesuffix(".qweight"): shard
@@ -82,19 +76,6 @@ class GptqCheckpoint(DequantizingCheckpoint):
         }
         for prefix, shard in self.quantized.items():
             self.weight_map[prefix + ".weight"] = shard
-
-    @functools.cached_property
-    def own_recipe(self):
-        return gptq_recipe(self.config, self.source_quantization)
-
-    def _checked(self, qc: dict, what: str) -> GptqParams:
-        where = f"{self.folder / 'config.json'}{what}"
-        bits, group = qc.get("bits"), int(qc.get("group_size", 128))
-        if bits not in GPTQ_BITS:
-            raise UserError(f"{where} asks for {bits}-bit GPTQ; qwenlocal reads 4- and 8-bit GPTQ.")
-        if group != -1 and group <= 0:
-            raise UserError(f"{where} has GPTQ group_size {group}; it must be positive or -1.")
-        return GptqParams(bits, group)
 
     def params(self, name: str) -> GptqParams:
         prefix = name.removesuffix(".weight")
@@ -248,7 +229,29 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(-1, packed.shape[-1]).to(torch.uint8)
 
 
-def gptq_recipe(config, qc: dict):
+def checked_params(
+    qc: dict, where: object = "config.json"
+) -> tuple[GptqParams, list[tuple[str, GptqParams]]]:
+    """The default bits and group size of a GPTQ quantization_config, and GPTQModel's `dynamic`
+    overrides ({"+:regex" or "regex": overrides; "-:regex", left 16-bit, is not listed)."""
+
+    def params(rule: dict, what: str) -> GptqParams:
+        bits, group = rule.get("bits"), int(rule.get("group_size", 128))
+        if bits not in GPTQ_BITS:
+            raise UserError(f"{where}{what} asks for {bits}-bit GPTQ; qwenlocal reads 4- and 8-bit GPTQ.")
+        if group != -1 and group <= 0:
+            raise UserError(f"{where}{what} has GPTQ group_size {group}; it must be positive or -1.")
+        return GptqParams(bits, group)
+
+    dynamic = [
+        (key.removeprefix("+:"), params({**qc, **rule}, f" (dynamic rule {key!r})"))
+        for key, rule in (qc.get("dynamic") or {}).items()
+        if not key.startswith("-:")
+    ]
+    return params(qc, ""), dynamic
+
+
+def gptq_recipe(config, qc: dict, where: object = "config.json"):
     """The recipe a GPTQ folder loads with when no --quant is given, from its config alone (so
     `vram` and the loader agree). 4-bit classes become int4, their codes repacked, in groups of
     GPTQ's size (or the largest of 128, 64, 32 that splits it and every input width); 8-bit ones
@@ -256,6 +259,8 @@ def gptq_recipe(config, qc: dict):
     GPTQ one per group: this is the one float step). What GPTQ left 16-bit stays 16-bit."""
     from quant.int4 import GROUP_SIZES
     from quant.recipe import Recipe
+
+    checked_params(qc, where)  # bits that GPTQ cannot have fail here, in GPTQ's words
 
     h, d = config.hidden_size, config.head_dim
     widths = (h, config.moe_intermediate_size, config.num_attention_heads * d)

@@ -152,12 +152,20 @@ def match_device(device_name: str, total_bytes: int) -> Gpu | None:
     return min(matches, key=lambda g: abs(total_bytes - g.usable_bytes), default=None)
 
 
-def installed_gpu(device_index: int = 0) -> tuple[Gpu, int]:
-    """The installed card and the budget the loader's `--vram-budget auto` would use (its free
-    memory less the loader's reserve). Bandwidth comes from the table when the name is known."""
+def auto_budget(device) -> int:
+    """`--vram-budget auto`: the free memory the GPU reports, less what the desktop keeps."""
     import torch
 
-    from .loader import auto_budget
+    if device.type != "cuda":
+        raise UserError("--vram-budget auto needs a CUDA GPU; give a size (e.g. 8GiB) or --gpu-experts.")
+    free, _ = torch.cuda.mem_get_info(device)
+    return free - DESKTOP_RESERVE_BYTES
+
+
+def installed_gpu(device_index: int = 0) -> tuple[Gpu, int]:
+    """The installed card and the budget `--vram-budget auto` would use (auto_budget). Bandwidth
+    comes from the table when the name is known."""
+    import torch
 
     if not torch.cuda.is_available():
         raise UserError("--gpu auto needs a CUDA GPU and none is visible; name a card, e.g. --gpu 4090.")

@@ -4,7 +4,7 @@ while loading, go through the same assembly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,6 @@ from quant.formats import QTensor
 from quant.int4 import cpu_packing
 from quant.linear import QuantLinear
 from quant.pack import PackLayout
-from quant.recipe import DEFAULT_PRESET, Recipe
 
 from .cache_policy import DEFAULT_CACHE_POLICY
 from .checkpoint import (
@@ -25,31 +24,18 @@ from .checkpoint import (
     ProgressFn,
     dense_tensor_shapes,
     expert_tensor_shapes,
-    resolve_model,
 )
-from .cold import DEFAULT_COLD_EXPERTS, ColdExperts, parse_cold_experts
+from .cold import DEFAULT_COLD_EXPERTS, ColdExperts
 from .config import Qwen3MoeConfig
 from .errors import UserError
 from .experts import QuantExperts
-from .memory import estimate, fit_expert_slots, make_plan
+from .memory import embed_device
 from .model import Qwen3MoeForCausalLM
 from .names import EXPERT_PROJS, blob_layer_expert, expert_tensor_name, is_blob_name, tensor_class
 from .offload import DEFAULT_PREFETCH, OffloadedExperts, expert_router
-from .options import parse_device, parse_dtype, parse_kv_dtype
+from .plan import LoadPlan, plan_load
 from .quantize import expert_layout, quantized_shapes, quantized_stream
-from .sources import open_source
-
-
-def resolve_moe(moe: str, device: torch.device) -> str:
-    """ "auto": grouped on CUDA (no host sync, one launch per projection); on the CPU the loop,
-    which measured faster there (BENCHMARKS.md, bench/moe_cpu.py)."""
-    from .experts import MOE_MODES
-
-    if moe not in MOE_MODES:
-        raise UserError(f"Unknown --moe {moe!r}; choose one of {', '.join(MOE_MODES)}.")
-    if moe == "auto":
-        return "grouped" if device.type == "cuda" else "loop"
-    return moe
+from .sources import ModelSource, open_source
 
 
 def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -60,122 +46,8 @@ def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
-def embed_device(config, device: torch.device) -> torch.device:
-    """The token embedding stays in host RAM beside a GPU (only looked-up rows are copied),
-    unless lm_head shares it."""
-    return device if device.type == "cpu" or config.tie_word_embeddings else torch.device("cpu")
-
-
 def _place(name: str, config, device: torch.device) -> torch.device:
     return embed_device(config, device) if name == "model.embed_tokens.weight" else device
-
-
-def resolve_recipe(quant, config, auto: QuantChoice | None = None):
-    """The recipe to load with: the checkpoint's own, one asked for (`--quant`), or None (16-bit).
-    "auto" takes `auto`'s choice (`choose_quant`)."""
-    if config.quantization_config:
-        own = Recipe.from_config(config.quantization_config)
-        if isinstance(quant, str) and quant not in (own.preset, "auto"):
-            raise UserError(f"This checkpoint is already quantized ({own.preset}); drop --quant {quant}.")
-        return own, True
-    if quant == "auto" and auto is not None:
-        return auto.recipe, False
-    if quant is None or quant in ("bf16", "none", "auto"):
-        return None, False
-    recipe = quant if isinstance(quant, Recipe) else Recipe.from_preset(quant)
-    return (recipe if recipe.quantizes_anything else None), False
-
-
-# RAM kept free for the OS and the rest of the process when --quant auto sizes a CPU load.
-HOST_RESERVE = 2 * 1024**3
-
-
-@dataclass(frozen=True)
-class QuantChoice:
-    """What `--quant auto` decided for a checkpoint: its recipe (None: 16-bit weights as they are)
-    and one line saying why, for the panel and stderr."""
-
-    recipe: object | None
-    reason: str
-
-
-def host_free_bytes() -> int:
-    """RAM a CPU load may use: what the OS reports as available, minus a reserve."""
-    import psutil
-
-    return psutil.virtual_memory().available - HOST_RESERVE
-
-
-def choose_quant(
-    config, device: torch.device, dtype: torch.dtype, ctx_size: int, budget: int | None = None
-) -> QuantChoice:
-    """`--quant auto`: a 16-bit checkpoint that fits the device (`budget`, default: the free GPU
-    memory, or on the CPU the free RAM) loads as it is; one that does not is quantized with the
-    default recipe. A quantized checkpoint keeps its own recipe."""
-    if config.quantization_config:
-        own = Recipe.from_config(config.quantization_config)
-        return QuantChoice(own, f"quantized checkpoint ({own.preset})")
-    if budget is None:
-        budget = auto_budget(device) if device.type == "cuda" else host_free_bytes()
-    est = estimate(
-        config, make_plan(recipe=None, ctx_size=ctx_size, dtype=dtype, kv_dtype=None, device=device)
-    )
-    need = est.gpu_total + est.host_total
-    where = "GPU memory" if device.type == "cuda" else "RAM"
-    sizes = f"{need / 1024**3:.2f} GiB, {max(budget, 0) / 1024**3:.2f} GiB of {where} free"
-    if need <= budget:
-        return QuantChoice(None, f"16-bit weights fit ({sizes})")
-    return QuantChoice(
-        Recipe.from_preset(DEFAULT_PRESET), f"16-bit weights do not fit ({sizes}): {DEFAULT_PRESET}"
-    )
-
-
-def _checkpoint_items(ckpt: Checkpoint, names) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in names:
-        yield name, ckpt.get(name)
-
-
-def expert_slots(
-    config,
-    recipe,
-    device: torch.device,
-    dtype: torch.dtype,
-    ctx_size: int,
-    gpu_experts: int | None,
-    vram_budget: int | str | None,
-    kv_dtype: torch.dtype | None,
-) -> int | None:
-    """Slots for experts on the device, from --gpu-experts or --vram-budget; None: all resident.
-    `kv_dtype` None: the KV cache is kept in `dtype`."""
-    if gpu_experts is None and vram_budget is None:
-        return None
-    if vram_budget == "auto" and device.type != "cuda":
-        return None  # host RAM holds everything; there is no device budget to fit
-    if gpu_experts is not None and vram_budget is not None:
-        raise UserError("Give --gpu-experts or --vram-budget, not both.")
-    total = config.num_experts * len(config.moe_layers)
-    minimum = config.num_experts_per_tok * len(config.moe_layers)
-    if gpu_experts is not None:
-        if gpu_experts < minimum:
-            raise UserError(
-                f"--gpu-experts {gpu_experts} is too few: the cache needs at least {minimum} "
-                f"({config.num_experts_per_tok} per MoE layer)."
-            )
-        return min(gpu_experts, total)
-    budget = auto_budget(device) if vram_budget == "auto" else int(vram_budget)
-    plan = make_plan(recipe=recipe, ctx_size=ctx_size, dtype=dtype, kv_dtype=kv_dtype, device=device)
-    return fit_expert_slots(config, plan, budget).expert_slots
-
-
-VRAM_RESERVE = 512 * 1024**2  # left free for other programs when the budget is "auto"
-
-
-def auto_budget(device: torch.device) -> int:
-    """The free memory the GPU reports, minus a reserve."""
-    if device.type != "cuda":
-        raise UserError("--vram-budget auto needs a CUDA GPU; give a size (e.g. 8GiB) or --gpu-experts.")
-    free, _ = torch.cuda.mem_get_info(device)
-    return free - VRAM_RESERVE
 
 
 @dataclass(frozen=True)
@@ -196,9 +68,9 @@ class ExpertCache:
 
 
 def load_model(
-    path: str | Path,
+    path: str | Path | ModelSource,
     device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = None,
     progress: ProgressFn | None = None,
     ctx_size: int | None = None,
     quant=None,
@@ -209,47 +81,74 @@ def load_model(
     kv_dtype: str | torch.dtype | None = None,
     moe: str = "auto",
     cold_experts: str = DEFAULT_COLD_EXPERTS,
+    *,
+    plan: LoadPlan | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> Qwen3MoeForCausalLM:
     """Load a Qwen3-MoE checkpoint (folder or hub id). `model(input_ids [B, T])` -> logits [B, T, V].
 
-    `quant`: a preset name or Recipe to quantize a 16-bit checkpoint while loading, or "auto"
-    (quantize with the default recipe only if the 16-bit weights do not fit: `choose_quant`); a
+    `dtype`: the compute dtype; default the checkpoint's 16-bit one, bf16 for quantized and fp32
+    folders (plan.default_dtype); float32 stays available for comparisons. `quant`: a preset name
+    or Recipe to quantize a 16-bit checkpoint while loading, or "auto", as the commands do: 16-bit
+    weights that fit the device load as they are, others are quantized once with the default recipe
+    into the cache (quant_cache.py; `note` hears one line about it) and that copy is loaded. A
     quantized checkpoint is read with its own recipe. `gpu_experts` / `vram_budget` (bytes or
     "auto") keep all experts in host RAM and only a cache of them on the device; `cold_experts`
     says what happens to an expert without a slot: copied in ("copy"), computed on the CPU ("cpu"),
     or either by measured times ("auto"; cold.py). `moe`: how a decode token's experts are computed,
     "grouped" (two kernel launches, ids on the device), "loop" (one expert at a time) or "auto"
-    (see resolve_moe).
+    (plan.resolve_moe). `plan`: a LoadPlan made already (plan.plan_load), instead of these flags.
+    The model keeps its plan (`model.plan`).
     """
-    device, dtype, kv_dtype = parse_device(device), parse_dtype(dtype), parse_kv_dtype(kv_dtype)
-    parse_cold_experts(cold_experts)
-    moe = resolve_moe(moe, device)
-    ckpt = open_source(resolve_model(path))
-    config = ckpt.config if ctx_size is None else ckpt.config.with_context(ctx_size)
-    # a GPTQ source loads with its own bits, its codes repacked
-    own = getattr(ckpt, "own_recipe", None) if quant in (None, "auto") else None
-    auto = choose_quant(config, device, dtype, ctx_size or 4096) if quant == "auto" and own is None else None
-    recipe, prequantized = (own, False) if own is not None else resolve_recipe(quant, config, auto)
-    if recipe is None and isinstance(ckpt, DequantizingCheckpoint):
-        ckpt.dtype = dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to the compute dtype
-    ctx = ctx_size or 4096
-    slots = expert_slots(config, recipe, device, dtype, ctx, gpu_experts, vram_budget, kv_dtype)
-    if recipe is None:
-        if slots is not None and slots < config.num_experts * len(config.moe_layers):
-            raise UserError("Expert offload needs quantized experts: add --quant mixed (or nf4, int8).")
-        model = _load_16bit(ckpt, config, device, dtype, progress)
-    else:
-        per_layer = None if slots is None else slots // max(len(config.moe_layers), 1)
-        if per_layer is not None and per_layer >= config.num_experts:
-            per_layer = None  # everything fits: a cache that never misses is no cache at all
-        cache = None if per_layer is None else ExpertCache(per_layer, policy, prefetch, cold_experts)
-        model = _load_quantized(ckpt, config, recipe, prequantized, device, dtype, progress, cache)
-    ckpt.close()
-    model.recipe = recipe  # the memory model's plan reads it
-    model.kv_dtype = kv_dtype
-    model.experts.moe = moe
+    source = path if isinstance(path, ModelSource) else ModelSource.resolve(path)
+    if plan is None:
+        plan = plan_load(
+            source,
+            device=device,
+            dtype=dtype,
+            ctx_size=ctx_size,
+            quant=quant,
+            gpu_experts=gpu_experts,
+            vram_budget=vram_budget,
+            policy=policy,
+            prefetch=prefetch,
+            kv_dtype=kv_dtype,
+            moe=moe,
+            cold_experts=cold_experts,
+        )
+    if plan.quantize_once:
+        from .quant_cache import quantized_once
+
+        source = quantized_once(source, note=note)
+        plan = plan.loaded_from(source)
+    ckpt = open_source(source)
+    try:
+        model = _build(ckpt, plan, progress)
+    finally:
+        ckpt.close()  # the memory maps, whether the load finished or failed
+    model.plan = plan
+    model.experts.moe = plan.moe
     model.eval()
     return model
+
+
+def _build(ckpt: Checkpoint, plan: LoadPlan, progress: ProgressFn | None) -> Qwen3MoeForCausalLM:
+    config = plan.config(ckpt.config)
+    if plan.recipe is None:
+        if isinstance(ckpt, DequantizingCheckpoint):
+            ckpt.dtype = plan.dtype  # an FP8/GPTQ source loaded as it is: dequantize straight to it
+        return _load_16bit(ckpt, config, plan.device, plan.dtype, progress)
+    cache = None
+    if plan.slots_per_layer is not None:
+        cache = ExpertCache(plan.slots_per_layer, plan.policy, plan.prefetch, plan.cold_experts)
+    return _load_quantized(
+        ckpt, config, plan.recipe, plan.prequantized, plan.device, plan.dtype, progress, cache
+    )
+
+
+def _checkpoint_items(ckpt: Checkpoint, names) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in names:
+        yield name, ckpt.get(name)
 
 
 def load_dense(

@@ -39,6 +39,12 @@ COMPONENTS = (
 )
 
 
+def embed_device(config: Qwen3MoeConfig, device: torch.device) -> torch.device:
+    """The token embedding stays in host RAM beside a GPU (only the looked-up rows are copied),
+    unless lm_head shares it."""
+    return device if device.type == "cpu" or config.tie_word_embeddings else torch.device("cpu")
+
+
 def component_of(name: str) -> str:
     """The memory component of a model tensor, by its Hugging Face style name."""
     if name.startswith("model.embed_tokens"):
@@ -63,7 +69,8 @@ class Plan:
     """What will be loaded, and how: everything the memory depends on besides the config.
 
     Made by `make_plan` only, and changed by `replace`: no field has a default that a caller
-    could forget to set (the loader once sized the cache for a bf16 KV cache whatever it used).
+    could forget to set, since a forgotten one (the KV dtype, say) sizes the cache for the wrong
+    bytes without any error.
     """
 
     recipe: object | None  # quant.recipe.Recipe, or None for 16-bit weights
@@ -74,11 +81,6 @@ class Plan:
     device: str  # "cuda" or "cpu"
     expert_slots: int | None  # experts on the device; None = all of them
     prefill_chunk: int
-
-    @property
-    def embed_on_device(self) -> bool:
-        # Only the looked-up rows are copied; a CPU run keeps everything in one place anyway.
-        return self.device == "cpu"
 
     def replace(self, **changes) -> Plan:
         return dataclasses.replace(self, **changes)
@@ -244,8 +246,9 @@ def estimate(config: Qwen3MoeConfig, plan: Plan) -> Estimate:
     one = expert_nbytes(config, plan)
     est = Estimate(config, plan, experts_total=n_experts, expert_slots=slots, expert_bytes=one)
     weights = weight_bytes(config, plan)
+    embed_on_host = plan.device != "cpu" and embed_device(config, torch.device(plan.device)).type == "cpu"
     for name in ("embed_tokens", "attention", "norms", "routers", "dense_mlp", "lm_head"):
-        if name == "embed_tokens" and not plan.embed_on_device and not config.tie_word_embeddings:
+        if name == "embed_tokens" and embed_on_host:
             est.components.append(Component(name, weights[name], "host"))
         elif weights[name]:
             est.components.append(Component(name, weights[name], "gpu"))
@@ -311,18 +314,14 @@ def measure(model, cache=None) -> dict[str, dict[str, int]]:
     return out
 
 
-def model_plan(model, ctx_size: int, batch: int = 1, kv_dtype: torch.dtype | None = None) -> Plan:
-    """The plan a loaded model was built with, so its estimate can be set beside `measure`."""
-    slots = model.experts.slots_per_layer
-    return make_plan(
-        recipe=getattr(model, "recipe", None),
-        ctx_size=ctx_size,
-        batch=batch,
-        dtype=model.dtype,
-        kv_dtype=kv_dtype or getattr(model, "kv_dtype", None),
-        device=model.device,
-        expert_slots=None if slots is None else slots * len(model.config.moe_layers),
-    )
+def model_plan(
+    model, ctx_size: int | None = None, batch: int = 1, kv_dtype: torch.dtype | None = None
+) -> Plan:
+    """The memory plan of a loaded model, from the plan it was loaded with (`model.plan`), so its
+    estimate can be set beside `measure`; `ctx_size` default: the plan's."""
+    if model.plan is None:
+        raise ValueError("the model was not made by load_model: it has no plan to estimate")
+    return model.plan.memory(ctx_size, batch, kv_dtype)
 
 
 @dataclass
@@ -339,7 +338,7 @@ def live_report(model, cache=None) -> list[LiveRow]:
     if cache is not None:
         plan = model_plan(model, cache.max_len, len(cache.k[0]), cache.k[0].dtype)
     else:
-        plan = model_plan(model, 4096)
+        plan = model_plan(model)
     est = estimate(model.config, plan)
     real = measure(model, cache)
     rows = []
@@ -349,19 +348,3 @@ def live_report(model, cache=None) -> list[LiveRow]:
             got = None
         rows.append(LiveRow(c.name, c.where, c.nbytes, None if got is None else sum(got.values())))
     return rows
-
-
-def device_memory(device: torch.device) -> dict[str, int]:
-    """The allocator's and the driver's figures on CUDA; process RSS and RAM on the CPU."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {
-            "allocated": torch.cuda.memory_allocated(device),
-            "reserved": torch.cuda.memory_reserved(device),
-            "max_reserved": torch.cuda.max_memory_reserved(device),
-            "driver_used": total - free,
-            "total": total,
-        }
-    import psutil
-
-    return {"rss": psutil.Process().memory_info().rss, "total": psutil.virtual_memory().total}

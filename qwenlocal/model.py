@@ -194,10 +194,18 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.model = Qwen3MoeModel(config, self.experts)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.rope: Rope | None = None
-        self.recipe = None  # the quantization recipe the loader used (quant.recipe.Recipe), if any
-        self.quant_choice: str | None = None  # why, when `--quant auto` chose it (shown in the panel)
-        self.kv_dtype: torch.dtype | None = None  # KV cache storage (None: the model's dtype)
+        self.plan = None  # plan.LoadPlan: how the loader built it (None for a model built by hand)
         self.graph_decode = True  # False: decode eagerly (the self-check saw the graph fail here)
+
+    @property
+    def recipe(self):
+        """The quantization recipe it was loaded with (quant.recipe.Recipe); None: 16-bit."""
+        return None if self.plan is None else self.plan.recipe
+
+    @property
+    def kv_dtype(self) -> torch.dtype | None:
+        """KV cache storage (None: the model's dtype)."""
+        return None if self.plan is None else self.plan.kv_dtype
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,7 @@ import typer
 
 from .cache_policy import DEFAULT_CACHE_POLICY
 from .cold import DEFAULT_COLD_EXPERTS, parse_cold_experts
+from .config import DEFAULT_CTX_SIZE
 from .errors import UserError
 from .offload import DEFAULT_PREFETCH
 
@@ -106,13 +107,19 @@ def parse_bytes(value: str | int) -> int:
 
 
 # -- the records ----------------------------------------------------------------------------------
+def check_experts_or_budget(gpu_experts: int | None, vram_budget: object) -> None:
+    """--gpu-experts and --vram-budget both size the expert cache: one of them at most."""
+    if gpu_experts is not None and vram_budget is not None:
+        raise UserError("Give --gpu-experts or --vram-budget, not both.")
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """Where and how to load the model, as typed on the command line."""
 
     device: str = "auto"
-    dtype: str = "bf16"
-    ctx_size: str | int = 4096
+    dtype: str = "auto"
+    ctx_size: str | int = DEFAULT_CTX_SIZE
     quant: str | None = None
     gpu_experts: int | None = None
     vram_budget: str | None = None
@@ -123,26 +130,43 @@ class LoadOptions:
     moe: str = "auto"
     cold_experts: str = DEFAULT_COLD_EXPERTS
 
-    def validate(self) -> LoadOptions:
-        """Bad values fail here, before a long load."""
-        parse_tokens(self.ctx_size)
-        parse_device(self.device)
-        parse_dtype(self.dtype)
-        parse_kv_dtype(self.kv_dtype)
+    @functools.cached_property
+    def flags(self) -> dict[str, Any]:
+        """The values parsed, once, by plan.plan_load's names (bad values fail here)."""
+        device = parse_device(self.device)
+        check_experts_or_budget(self.gpu_experts, self.vram_budget)
+        if self.vram_budget is not None:
+            budget = self.vram_budget if self.vram_budget == "auto" else parse_bytes(self.vram_budget)
+        else:  # fit the free GPU memory, as llama.cpp's --fit does
+            budget = "auto" if self.gpu_experts is None and device.type == "cuda" else None
         if self.quant is not None and self.quant not in ("bf16", "none", "auto"):
             from quant.recipe import Recipe
 
             Recipe.from_preset(self.quant)
         if self.cache_policy not in ("lru", "lfu"):
             raise UserError(f"Unknown --cache-policy {self.cache_policy!r}; choose lru or lfu.")
-        if self.gpu_experts is not None and self.vram_budget is not None:
-            raise UserError("Give --gpu-experts or --vram-budget, not both.")
         from .experts import MOE_MODES
 
         if self.moe not in MOE_MODES:
             raise UserError(f"Unknown --moe {self.moe!r}; choose one of {', '.join(MOE_MODES)}.")
         parse_cold_experts(self.cold_experts)
-        self.budget()
+        return {
+            "device": device,
+            "dtype": None if self.dtype == "auto" else parse_dtype(self.dtype),
+            "ctx_size": parse_tokens(self.ctx_size),
+            "quant": self.quant or "auto",
+            "gpu_experts": self.gpu_experts,
+            "vram_budget": budget,
+            "policy": self.cache_policy,
+            "prefetch": self.prefetch,
+            "kv_dtype": parse_kv_dtype(self.kv_dtype),
+            "moe": self.moe,
+            "cold_experts": self.cold_experts,
+        }
+
+    def validate(self) -> LoadOptions:
+        """Bad values fail here, before a long load."""
+        _ = self.flags
         return self
 
     def model_or_default(self, model: str | None) -> str:
@@ -153,16 +177,7 @@ class LoadOptions:
 
     @property
     def ctx(self) -> int:
-        return parse_tokens(self.ctx_size)
-
-    def budget(self) -> int | str | None:
-        """--vram-budget in bytes; "auto" (fit the free GPU memory, as llama.cpp's --fit does) on
-        a GPU when neither it nor --gpu-experts is given."""
-        if self.vram_budget is not None:
-            return self.vram_budget if self.vram_budget == "auto" else parse_bytes(self.vram_budget)
-        if self.gpu_experts is None and parse_device(self.device).type == "cuda":
-            return "auto"
-        return None
+        return self.flags["ctx_size"]
 
 
 @dataclass(frozen=True)
@@ -183,12 +198,13 @@ class SamplingOptions:
         names = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "seed")
         return {k: v for k in names if (v := getattr(self, k)) is not None}
 
-    def params(self, model_dir: Path | None = None, thinking: bool | None = None):
-        """SamplingParams for the mode (`thinking` overrides `think`), these values winning."""
+    def params(self, generation: dict | None = None, thinking: bool | None = None):
+        """SamplingParams for the mode (`thinking` overrides `think`), these values winning over
+        the model's `generation` config."""
         from .generate import SamplingParams
 
         mode = self.think if thinking is None else thinking
-        return SamplingParams.for_mode(mode, model_dir, **self.overrides())
+        return SamplingParams.for_mode(mode, generation, **self.overrides())
 
     def validate(self) -> SamplingOptions:
         if self.max_tokens is not None and self.max_tokens <= 0:
@@ -208,7 +224,12 @@ class Flag:
 
 LOAD_FLAGS = (
     Flag("device", str, ("--device",), "auto, cpu, cuda, cuda:N."),
-    Flag("dtype", str, ("--dtype",), "bf16, fp16 or fp32."),
+    Flag(
+        "dtype",
+        str,
+        ("--dtype",),
+        "bf16, fp16 or fp32; auto (default): the checkpoint's 16-bit dtype, bf16 for quantized and fp32 folders.",
+    ),
     Flag("ctx_size", str, ("--ctx-size", "-c"), "Context size in tokens (8192, 32k)."),
     Flag(
         "quant",

@@ -2,19 +2,25 @@
 quantized once with the default recipe, and later runs load that copy.
 
 Copies live in $QWENLOCAL_CACHE_DIR, else the user's cache folder, named after the model (a hub
-snapshot: repository and revision; a folder: its name and a hash of its path) and the preset.
+snapshot: repository and revision; a folder: its name and a hash of its path), the preset and the
+format version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from quant import recipe
+
 from .checkpoint import ProgressFn
-from .config import Qwen3MoeConfig
+from .sources import ModelSource
 
 
 def cache_dir() -> Path:
@@ -26,19 +32,16 @@ def cache_dir() -> Path:
     return Path(base) / "qwenlocal"
 
 
-def loads_as_is(folder: Path) -> bool:
-    """Quantized already, by us or as a GPTQ release; an FP8 release is quantized once like a
-    16-bit one."""
-    from .sources import DEQUANTIZED_METHODS, quant_method
-
-    config = Qwen3MoeConfig.from_file(folder / "config.json")
-    return bool(config.quantization_config) and quant_method(config) not in DEQUANTIZED_METHODS
-
-
 def cached_copy(folder: Path) -> Path:
-    """Where the quantized copy of a 16-bit `folder` lives (whether or not it exists yet)."""
-    from quant.recipe import DEFAULT_PRESET
+    """Where the quantized copy of a 16-bit `folder` lives (whether or not it exists yet). The
+    format version is part of the name: a copy an older qwenlocal wrote is never taken for one
+    this one reads."""
+    return cache_dir() / f"{_copy_stem(folder)}-v{recipe.FORMAT_VERSION}"
 
+
+def _copy_stem(folder: Path) -> str:
+    """The model (a hub snapshot: repository and revision; a folder: its name and a hash of its
+    path) and the preset."""
     resolved = folder.resolve()
     parts = resolved.parts
     if "snapshots" in parts:  # a hub snapshot: models--Org--Name/snapshots/<revision>
@@ -46,17 +49,45 @@ def cached_copy(folder: Path) -> Path:
         name = f"{parts[i - 1].removeprefix('models--')}-{parts[i + 1][:10]}"
     else:
         name = f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
-    return cache_dir() / f"{name}-{DEFAULT_PRESET}"
+    return f"{name}-{recipe.DEFAULT_PRESET}"
 
 
-def quantize_into_cache(folder: Path, progress: ProgressFn | None = None) -> Path:
-    """Quantize `folder` with the default recipe into `cached_copy(folder)`, on the GPU when
-    there is one; returns the copy."""
-    from quant.recipe import DEFAULT_PRESET, Recipe
+def older_copies(folder: Path) -> list[Path]:
+    """Copies of `folder` in an older format (named without the version, or with another)."""
+    stem, current = _copy_stem(folder), cached_copy(folder)
+    if not cache_dir().is_dir():
+        return []
+    return sorted(
+        p
+        for p in cache_dir().iterdir()
+        if p != current
+        and p.is_dir()
+        and (p.name == stem or re.fullmatch(re.escape(stem) + r"-v\d+", p.name))
+    )
 
+
+def quantized_once(
+    source: ModelSource | Path,
+    progress: ProgressFn | None = None,
+    note: Callable[[str], None] | None = None,
+) -> ModelSource:
+    """A 16-bit (or FP8) source quantized once with the default recipe into the cache, on the GPU
+    when there is one; later runs load that copy. An older format's copy is removed and made again.
+    `note` hears one line for each thing done. A folder that loads as it is is used as it is."""
     from .quantize import quantize_checkpoint
 
-    target = cached_copy(folder)
-    device = torch.device("cuda") if torch.cuda.is_available() else None
-    quantize_checkpoint(folder, target, Recipe.from_preset(DEFAULT_PRESET), device=device, progress=progress)
-    return target
+    source = source if isinstance(source, ModelSource) else ModelSource.read(source)
+    if source.loads_as_is:
+        return source
+    target = cached_copy(source.folder)
+    if not (target / "config.json").is_file():
+        for old in older_copies(source.folder):
+            if note:
+                note(f"the cached copy {old} was written by an older format; quantizing again")
+            shutil.rmtree(old, ignore_errors=True)
+        if note:
+            note(f"quantizing {source.folder} once into {target}; later runs load it")
+        device = torch.device("cuda") if torch.cuda.is_available() else None
+        preset = recipe.Recipe.from_preset(recipe.DEFAULT_PRESET)
+        quantize_checkpoint(source, target, preset, device=device, progress=progress, force=True)
+    return ModelSource.read(target)

@@ -31,12 +31,11 @@ from .checkpoint import (
     dense_tensor_shapes,
     expert_proj_shapes,
     expert_tensor_shapes,
-    resolve_model,
 )
 from .config import Qwen3MoeConfig
 from .errors import UserError
 from .names import EXPERT_PROJS, expert_blob_name, expert_tensor_name, tensor_class
-from .sources import open_source
+from .sources import ModelSource, open_source
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
@@ -271,7 +270,7 @@ def quantization_config(config: Qwen3MoeConfig, recipe: Recipe, dtype: torch.dty
 
 
 def quantize_checkpoint(
-    src: str | Path,
+    src: str | Path | ModelSource,
     out: str | Path,
     recipe: Recipe,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -288,16 +287,21 @@ def quantize_checkpoint(
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it.")
-    folder = resolve_model(src, on_bytes=on_bytes)
+    source = src if isinstance(src, ModelSource) else ModelSource.resolve(src, on_bytes=on_bytes)
+    folder = source.folder
     if out.resolve() == folder.resolve():
         raise UserError("OUT must be a different folder from SRC.")
-    ckpt = open_source(folder)  # FP8 and GPTQ folders read as 16-bit sources
-    if ckpt.config.quantization_config:
-        raise UserError(f"{folder} is already quantized ({ckpt.config.quantization_config.get('preset')}).")
-    ckpt.check({**dense_tensor_shapes(ckpt.config), **expert_tensor_shapes(ckpt.config)})
-    out_path, stats = write_quantized(ckpt, out, recipe, folder, shard_size, force, device, progress)
-    ckpt.close()
-    return out_path, stats
+    ckpt = open_source(source)  # FP8 and GPTQ folders read as 16-bit sources
+    try:
+        if ckpt.config.quantization_config:
+            raise UserError(
+                f"{folder} is already quantized ({ckpt.config.quantization_config.get('preset')})."
+            )
+        ckpt.check({**dense_tensor_shapes(ckpt.config), **expert_tensor_shapes(ckpt.config)})
+        config_json = dict(source.metadata["config.json"])
+        return write_quantized(ckpt, out, recipe, folder, shard_size, force, device, progress, config_json)
+    finally:
+        ckpt.close()
 
 
 def write_quantized(

@@ -52,10 +52,6 @@ class Rope:
         self.sin = sin.to(device)
         self.max_len = max_len
 
-    def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions start..start+length, as [length, head_dim] in `dtype`."""
-        return self.cos[start : start + length].to(dtype), self.sin[start : start + length].to(dtype)
-
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, head_dim] for a device tensor of positions [T] (no host read: replayable)."""
         return self.cos.index_select(0, positions).to(dtype), self.sin.index_select(0, positions).to(dtype)

@@ -172,7 +172,7 @@ def create_app(engine: Engine, api_key: str | None = None):
     async def chat_completions(request: Request):
         req = parse(ChatRequest, await read_body(request))
         plan = plan_chat(engine, req)
-        job = make_job(engine, req, engine.tokenizer.encode(plan.prompt), plan.thinking, plan.grammar)
+        job = make_job(engine, req, plan.prompt, plan.thinking, plan.grammar)
         submit(engine, job)
         head = header("chatcmpl", "chat.completion")
 
@@ -332,8 +332,8 @@ def serve(
         sampling.validate()
         _check_address(host, port)
         model_id = load.model_or_default(model)
-        with cli.loaded(model_id, load) as (folder, lm, tok):
-            engine = Engine(lm, tok, folder, _model_id(model_id), load.ctx, max_queue, sampling)
+        with cli.loaded(model_id, load) as (source, lm, tok):
+            engine = Engine(lm, tok, source.generation, _model_id(model_id), load.ctx, max_queue, sampling)
             app = create_app(engine, api_key)
             shown = f"[{host}]" if ":" in host else host
             cli.err.print(

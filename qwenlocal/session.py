@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -130,7 +129,7 @@ class ChatSettings:
     thinking: bool = True
     max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
     overrides: dict[str, float | int | None] = field(default_factory=dict)  # SamplingParams names
-    model_dir: Path | None = None
+    generation: dict | None = None  # generation_config.json, read once (sources.ModelSource)
 
     def sampling(self, reply_index: int = 0) -> SamplingParams:
         """The n-th reply of a session samples with seed + n: a session replays exactly, and
@@ -138,7 +137,7 @@ class ChatSettings:
         values = dict(self.overrides)
         if values.get("seed") is not None:
             values["seed"] = int(values["seed"]) + reply_index
-        return SamplingParams.for_mode(self.thinking, self.model_dir, **values)
+        return SamplingParams.for_mode(self.thinking, self.generation, **values)
 
     def set(self, key: str, value: str) -> str:
         """/set KEY VALUE -> a description of the new value; UserError on a bad key or value."""
@@ -161,7 +160,7 @@ class ChatSettings:
             return f"max_tokens = {self.max_tokens}"
         name = "temperature" if key == "temp" else key
         trial = {**self.overrides, name: parsed}
-        SamplingParams.for_mode(self.thinking, self.model_dir, **trial)  # validates
+        SamplingParams.for_mode(self.thinking, self.generation, **trial)  # validates
         self.overrides = trial
         return f"{key} = {'the mode default' if parsed is None else parsed}"
 
@@ -251,7 +250,7 @@ class ChatSession:
         return self.gen.stream(fit.ids, params, max_tokens=fit.max_tokens, cancel=cancel)
 
     def sorter(self, fit: Fit) -> ReplySorter:
-        return ReplySorter(in_reasoning=fit.ids[-1:] == [self.tokenizer.think_start_id])
+        return ReplySorter(in_reasoning=self.tokenizer.opens_reasoning(fit.ids))
 
     def finish(self, parts: ReplyParts, summary: Summary) -> Summary:
         """Record the reply (answer only; a stopped reply keeps what was written) and the totals."""

@@ -18,12 +18,18 @@ the router, lm_head) are stored in 16 bits and read as they are.
 
 from __future__ import annotations
 
+import functools
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, DequantizingCheckpoint
+from .checkpoint import Checkpoint, DequantizingCheckpoint, ProgressFn, resolve_model
+from .config import Qwen3MoeConfig
 from .errors import UserError
+
+GENERATION_CONFIG = "generation_config.json"
 
 FP8_METHOD = "fp8"
 GPTQ_METHOD = "gptq"
@@ -69,25 +75,81 @@ def quant_method(config) -> str | None:
     return (config.quantization_config or {}).get("quant_method")
 
 
-def own_recipe(config):
+def own_recipe(config, where: object = "config.json"):
     """The recipe a quantized folder loads with when --quant asks for none: ours from its record,
-    GPTQ's from its bits; None for 16-bit and FP8 folders (16-bit sources)."""
+    GPTQ's from its bits; None for 16-bit and FP8 folders (16-bit sources). `where`: the file
+    named in errors."""
     from quant.recipe import Recipe
 
     method = quant_method(config)
     if method == GPTQ_METHOD:
         from .gptq import gptq_recipe
 
-        return gptq_recipe(config, config.quantization_config)
-    if method is None or method == FP8_METHOD:
+        return gptq_recipe(config, config.quantization_config, where)
+    if method is None or method in DEQUANTIZED_METHODS:
         return None
-    return Recipe.from_config(config.quantization_config)
+    return Recipe.from_config(config.quantization_config, str(where))
 
 
-def open_source(folder: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
+@dataclass(frozen=True)
+class ModelSource:
+    """A model folder whose metadata is read once: config.json and generation_config.json, kept
+    for the checkpoint reader, the tokenizer and the sampling defaults, which then open neither."""
+
+    folder: Path
+    config: Qwen3MoeConfig  # as config.json says, its quantization_config included
+    metadata: dict[str, dict]  # file name -> its JSON: config.json, generation_config.json (if any)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ModelSource:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"Model folder {folder} does not exist.")
+        raw: dict = {}
+        config = Qwen3MoeConfig.from_file(folder / "config.json", into=raw)
+        metadata = {"config.json": raw}
+        gen = folder / GENERATION_CONFIG
+        if gen.is_file():
+            try:
+                loaded = json.loads(gen.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{gen} is not valid JSON ({e}).") from None
+            if isinstance(loaded, dict):
+                metadata[GENERATION_CONFIG] = loaded
+        return cls(folder, config, metadata)
+
+    @classmethod
+    def resolve(cls, model: str | Path, on_bytes: ProgressFn | None = None) -> ModelSource:
+        """A local folder or hub id (downloaded if needed), read."""
+        return cls.read(resolve_model(model, on_bytes))
+
+    @property
+    def generation(self) -> dict:
+        """generation_config.json's values ({} without one)."""
+        return self.metadata.get(GENERATION_CONFIG, {})
+
+    @property
+    def method(self) -> str | None:
+        return quant_method(self.config)
+
+    @property
+    def loads_as_is(self) -> bool:
+        """Quantized already, by us or as a GPTQ release; an FP8 release, like a 16-bit folder,
+        is a 16-bit source that quantize-once may quantize."""
+        return bool(self.config.quantization_config) and self.method not in DEQUANTIZED_METHODS
+
+    @functools.cached_property
+    def own_recipe(self):
+        return own_recipe(self.config, self.folder / "config.json")
+
+    def open(self, dtype: torch.dtype | None = None) -> Checkpoint:
+        return open_source(self, dtype)
+
+
+def open_source(folder: str | Path | ModelSource, dtype: torch.dtype | None = None) -> Checkpoint:
     """The checkpoint in `folder`, read through the reader its quantization needs. `dtype`: what a
     dequantizing reader returns (default: the checkpoint's own `torch_dtype`)."""
-    ckpt = Checkpoint(folder)
+    ckpt = Checkpoint(folder.folder, folder.config) if isinstance(folder, ModelSource) else Checkpoint(folder)
     method = quant_method(ckpt.config)
     if method == FP8_METHOD:
         return Fp8Checkpoint(ckpt, dtype)

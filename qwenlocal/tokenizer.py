@@ -247,7 +247,14 @@ class Tokenizer:
         self.think_end_id = self.token_to_id(THINK_END)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_source(cls, source) -> Tokenizer:
+        """The tokenizer of a sources.ModelSource, its config files not read again."""
+        return cls.from_dir(source.folder, source.metadata)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, metadata: dict[str, dict] | None = None) -> Tokenizer:
+        """`metadata`: config.json and generation_config.json as read already (by file name);
+        without it they are read here, for their stop ids."""
         folder = Path(path)
         if not folder.is_dir():
             raise UserError(f"Tokenizer folder {folder} does not exist.")
@@ -271,7 +278,11 @@ class Tokenizer:
         special = {k: v for k in SPECIAL_TOKEN_KEYS if (v := _token_content(tokenizer_config.get(k)))}
         eos: list[int] = []
         for name in ("generation_config.json", "config.json"):
-            if (folder / name).is_file() and isinstance(cfg := _read_json(folder / name), dict):
+            if metadata is not None:
+                cfg = metadata.get(name)
+            else:
+                cfg = _read_json(folder / name) if (folder / name).is_file() else None
+            if isinstance(cfg, dict):
                 eos += _eos_ids(cfg.get("eos_token_id"))
         return cls(tok, _load_chat_template(folder, tokenizer_config), special, tuple(eos))
 
@@ -301,6 +312,13 @@ class Tokenizer:
     def to_json(self) -> str:
         """The tokenizer as tokenizer.json text (for libraries that build their own view of it)."""
         return self._tok.to_str()
+    def opens_reasoning(self, prompt: list[int]) -> bool:
+        """The prompt ends with the `<think>` opener (whitespace after it aside): the chat template
+        opened the reasoning, so the reply starts inside it."""
+        end = len(prompt)
+        while end and self.decode(prompt[end - 1 : end]).isspace():
+            end -= 1
+        return end > 0 and prompt[end - 1] == self.think_start_id
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)

@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .config import DEFAULT_MODEL_ID, Qwen3MoeConfig
+from .config import DEFAULT_CTX_SIZE, DEFAULT_MODEL_ID, Qwen3MoeConfig
 from .errors import UserError
 from .gpus import (
     SPEED_AT_TOKENS,
@@ -27,6 +27,7 @@ from .gpus import (
     speed_range,
 )
 from .memory import GIB, KV_DTYPES, Estimate, Plan, estimate, fit_expert_slots, make_plan
+from .options import check_experts_or_budget
 from .sources import DOWNLOAD_GB, FP8_ID, GPTQ_INT4_CONFIG, GPTQ_INT4_ID, default_model, download_note
 
 SWEEP_CONTEXTS = (4096, 8192, 32768, 65536, 131072)
@@ -91,18 +92,16 @@ def plan_from_flags(
     gpu_experts: int | None,
     device: str = "cuda",
 ) -> Plan:
-    from quant.recipe import Recipe
-
-    from .sources import own_recipe
+    from .plan import decide_recipe
 
     if kv_dtype not in KV_DTYPES:
         raise UserError(f"Unknown --kv-dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}.")
-    recipe = own_recipe(config) if quant in (None, "auto") else None  # a quantized folder's own
-    recipe = recipe or Recipe.from_preset(quant or "mixed")
+    # before anything is known of the device, auto plans the default recipe for a 16-bit folder
+    recipe = decide_recipe(config, quant or "auto").recipe
     if gpu_experts is not None and gpu_experts < 0:
         raise UserError(f"--gpu-experts must be >= 0, got {gpu_experts}.")
     return make_plan(
-        recipe=recipe if recipe.quantizes_anything else None,
+        recipe=recipe,
         ctx_size=ctx,
         dtype=torch.bfloat16,
         kv_dtype=KV_DTYPES[kv_dtype],
@@ -244,7 +243,7 @@ def vram(
     ] = None,
     ctx_size: Annotated[
         str, typer.Option("--ctx-size", "-c", help="Context in tokens: 4096, 32k, 128k.")
-    ] = "4096",
+    ] = str(DEFAULT_CTX_SIZE),
     quant: Annotated[
         str | None,
         typer.Option("--quant", help="bf16, int8, nf4, mixed; default: the folder's own, else mixed."),
@@ -273,14 +272,14 @@ def vram(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Estimate memory for a context size, a quantization and a budget, before loading anything."""
-    from .cli_util import err, out, parse_bytes, parse_tokens, run
+    from .cli_util import err, out, run
+    from .options import parse_bytes, parse_tokens
 
     def body():
         config, name = read_config(model if model is not None else default_model(quant))
         ctx = parse_tokens(ctx_size)
         config.with_context(ctx)  # past the maximum: one clear sentence
-        if gpu_experts is not None and vram_budget is not None:
-            raise UserError("Give --gpu-experts or --vram-budget, not both.")
+        check_experts_or_budget(gpu_experts, vram_budget)
         if gpu is not None and (gpu_experts is not None or vram_budget is not None):
             raise UserError(
                 "Give --gpu or --vram-budget/--gpu-experts, not both: --gpu sizes the cache to the card."

@@ -27,6 +27,11 @@ from qwenlocal.reasoning import strip_reasoning
 from qwenlocal.session import ChatSession, ChatSettings, Conversation, ReplySorter, fit_context
 from qwenlocal.tokenizer import Tokenizer
 
+
+def read_generation(folder: Path) -> dict:
+    return json.loads((folder / "generation_config.json").read_text())
+
+
 # "8 tokens · prompt 538.4 tok/s · gen 97.9 tok/s · RSS 422.61 MiB · token limit"
 REPLY_LINE = re.compile(
     r"(\d+) tokens · prompt ([\d.]+) tok/s · gen ([\d.]+) tok/s · RSS ([\d.]+) (KiB|MiB|GiB)([^\r\n]*)"
@@ -149,7 +154,9 @@ def test_fit_context_drops_oldest_turns_keeps_system_and_last():
 
 
 def test_settings_set_validate_and_seed_per_reply(tiny_ckpt):
-    s = ChatSettings(thinking=True, max_tokens=64, overrides={"seed": 5}, model_dir=tiny_ckpt)
+    s = ChatSettings(
+        thinking=True, max_tokens=64, overrides={"seed": 5}, generation=read_generation(tiny_ckpt)
+    )
     assert (s.sampling().temperature, s.sampling().top_p) == (0.6, 0.95)
     assert s.set("temp", "0.2") == "temp = 0.2" and s.sampling().temperature == 0.2
     assert s.set("Top-K", "7") == "top_k = 7" and s.sampling().top_k == 7

@@ -14,7 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qwenlocal.cli import app, parse_tokens
+from quant.recipe import FORMAT_VERSION
+from qwenlocal.cli import app
+from qwenlocal.options import parse_tokens
 
 runner = CliRunner()
 
@@ -36,7 +38,9 @@ def test_generate_json(tiny_ckpt):
         "prompt_tps",
         "gen_tps",
         "peak_memory_bytes",
+        "peak_memory_scope",
     }
+    assert d["peak_memory_scope"] == "process"  # the CPU's peak is the process's (generate.peak_memory)
     assert d["generated_tokens"] == len(d["token_ids"]) == 8 and d["finish_reason"] == "length"
 
 
@@ -237,36 +241,36 @@ def test_console_script_process(tiny_ckpt, tmp_path):
 def test_quant_auto_loads_16bit_when_it_fits_else_quantizes_once(tiny_ckpt, tmp_path, monkeypatch):
     """`--quant auto` (the default): the tiny model fits the free RAM and loads as it is; with a
     budget smaller than its 16-bit weights it is quantized once into the cache, then reused."""
-    import qwenlocal.loader
+    import qwenlocal.plan
 
     monkeypatch.setenv("QWENLOCAL_CACHE_DIR", str(tmp_path / "cache"))
     fits = invoke("generate", tiny_ckpt, "Hi", "-n", 2, "--temp", 0, "--device", "cpu")
     assert fits.exit_code == 0, fits.output
     assert fits.stderr.count("--quant auto: 16-bit weights fit") == 1 and "quantizing" not in fits.stderr
     assert not (tmp_path / "cache").exists()
-    monkeypatch.setattr(qwenlocal.loader, "host_free_bytes", lambda: 1_000_000)
+    monkeypatch.setattr(qwenlocal.plan, "host_free_bytes", lambda: 1_000_000)
     first = invoke("generate", tiny_ckpt, "Hi", "-n", 2, "--temp", 0, "--device", "cpu")
     assert first.exit_code == 0, first.output
     assert "--quant auto: 16-bit weights do not fit" in first.stderr and "quantizing" in first.stderr
     [cached] = list((tmp_path / "cache").iterdir())
-    assert cached.name.endswith("-mixed") and (cached / "config.json").is_file()
+    assert cached.name.endswith(f"-mixed-v{FORMAT_VERSION}") and (cached / "config.json").is_file()
     second = invoke("generate", tiny_ckpt, "Hi", "-n", 2, "--temp", 0, "--device", "cpu")
     assert second.exit_code == 0 and "quantizing" not in second.stderr
     assert second.stdout == first.stdout
 
 
-def test_choose_quant_both_ways(tiny_ckpt):
+def test_quant_auto_both_ways(tiny_ckpt):
     import torch
 
     from qwenlocal.config import Qwen3MoeConfig
-    from qwenlocal.loader import choose_quant
+    from qwenlocal.plan import Sizing, decide_recipe
 
     config = Qwen3MoeConfig.from_file(tiny_ckpt / "config.json")
     cpu = torch.device("cpu")
-    big = choose_quant(config, cpu, torch.bfloat16, 256, budget=1 << 34)
-    assert big.recipe is None and big.reason.startswith("16-bit weights fit")
-    small = choose_quant(config, cpu, torch.bfloat16, 256, budget=1 << 20)
-    assert small.recipe is not None and small.recipe.preset == "mixed"
+    big = decide_recipe(config, "auto", Sizing(cpu, torch.bfloat16, 256, budget=1 << 34))
+    assert big.recipe is None and big.reason.startswith("16-bit weights fit") and not big.quantize_once
+    small = decide_recipe(config, "auto", Sizing(cpu, torch.bfloat16, 256, budget=1 << 20))
+    assert small.recipe is not None and small.recipe.preset == "mixed" and small.quantize_once
     assert "do not fit" in small.reason
 
 
@@ -361,3 +365,23 @@ def test_options_import_nothing_of_the_cli():
     tree = ast.parse(Path(qwenlocal.options.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not imported & {"cli", "cli_util", "chat", "server"}, imported
+
+
+def test_help_imports_no_command_module():
+    """`qwenlocal --help` lists every command without importing torch or the modules that
+    declare the commands; a command is imported when it runs."""
+    code = (
+        "import sys\n"
+        "from qwenlocal.cli import main\n"
+        "sys.argv = ['qwenlocal', '--help']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "heavy = {'torch', 'qwenlocal.chat', 'qwenlocal.server', 'qwenlocal.vram', 'qwenlocal.loader'}\n"
+        "print('imported:', sorted(heavy & set(sys.modules)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "imported: []" in r.stdout
+    for command in ("generate", "quantize", "chat", "serve", "vram"):
+        assert command in r.stdout
+    assert "Chat in the terminal" in r.stdout  # chat's docstring, read without importing chat.py
+    assert invoke("serve", "--help").exit_code == 0 and "--max-queue" in invoke("serve", "--help").stdout

@@ -93,7 +93,7 @@ def test_grouped_model_decodes_like_the_loop_model(qckpt):
 def test_fixed_shape_step_equals_forward(small_ckpt):
     """The step a CUDA graph captures (whole cache, masked; positions on the device) gives the
     forward's logits."""
-    model = load_model(small_ckpt, moe="grouped")
+    model = load_model(small_ckpt, dtype=torch.float32, moe="grouped")
     cache_a, cache_b = model.new_cache(32), model.new_cache(32)
     model(torch.tensor([PROMPT]), cache=cache_a)
     model(torch.tensor([PROMPT]), cache=cache_b)

@@ -102,15 +102,15 @@ def test_quantize_accepts_fp8_and_equals_quantizing_the_dequantized_model(fp8, t
 
 
 def test_cli_quantizes_an_fp8_folder_once_into_the_cache(fp8, tmp_path, monkeypatch):
-    from qwenlocal.cli_util import quantized_once
+    from qwenlocal.quant_cache import quantized_once
 
     monkeypatch.setenv("QWENLOCAL_CACHE_DIR", str(tmp_path / "cache"))
     folder, _ = fp8
-    target = quantized_once(folder, quiet=True)
+    target = quantized_once(folder).folder
     assert target.parent == tmp_path / "cache"
     qc = json.loads((target / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "qwenlocal"
-    assert quantized_once(folder, quiet=True) == target
+    assert quantized_once(folder).folder == target
 
 
 def test_reader_streams_one_tensor_at_a_time(fp8):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -51,9 +54,10 @@ def test_seed_is_reproducible():
 
 
 def test_mode_defaults(tiny_ckpt):
-    thinking = SamplingParams.for_mode(True, tiny_ckpt)
+    generation = json.loads((tiny_ckpt / "generation_config.json").read_text())
+    thinking = SamplingParams.for_mode(True, generation)
     assert (thinking.temperature, thinking.top_p, thinking.top_k, thinking.min_p) == (0.6, 0.95, 20, 0.0)
-    plain = SamplingParams.for_mode(False, tiny_ckpt, top_k=5)
+    plain = SamplingParams.for_mode(False, generation, top_k=5)
     assert (plain.temperature, plain.top_p, plain.top_k) == (0.7, 0.8, 5)
     with pytest.raises(UserError, match="top_p"):
         SamplingParams.for_mode(False, None, top_p=1.5)
@@ -61,7 +65,7 @@ def test_mode_defaults(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    return load_model(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)
+    return load_model(tiny_ckpt, dtype=torch.float32), Tokenizer.from_dir(tiny_ckpt)
 
 
 def test_records_and_summary(tiny):
@@ -168,14 +172,15 @@ def test_fp8_kv_cache_stores_rounded_keys_at_half_the_size(tiny_ckpt):
     prompt = list(range(1000, 1040))
     ref = Generator(model, ctx_size=64)
     ref_logits = ref.prefill(prompt)
-    model.kv_dtype = torch.float8_e4m3fn
+    plan = model.plan
+    model.plan = dataclasses.replace(plan, kv_dtype=torch.float8_e4m3fn)
     try:
         small = Generator(model, ctx_size=64)
         assert small.cache.nbytes * 2 == ref.cache.nbytes
         small.prefill(prompt[:20])
         logits = small.prefill(prompt[20:])  # the second chunk attends through the fp8 cache
     finally:
-        model.kv_dtype = None
+        model.plan = plan
     # layer 0's keys do not depend on the cache: stored exactly as the bf16 keys rounded to fp8
     want = ref.cache.k[0][:, :, :40].to(torch.float8_e4m3fn).to(torch.bfloat16)
     assert torch.equal(small.cache.k[0][:, :, :40].to(torch.bfloat16), want)

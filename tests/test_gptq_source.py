@@ -239,9 +239,9 @@ def test_quantize_a_gptq_folder_and_its_report(gptq, tmp_path):
     assert torch.equal(got, load_model(folder, dtype=torch.float32, quant="int4")(PROMPT))
     # GPTQ loaded as it is equals its int4 copy made with its own recipe: the same bytes
     from qwenlocal.quantize import quantize_checkpoint
-    from qwenlocal.sources import open_source
+    from qwenlocal.sources import ModelSource
 
-    quantize_checkpoint(folder, tmp_path / "own", open_source(folder).own_recipe)
+    quantize_checkpoint(folder, tmp_path / "own", ModelSource.read(folder).own_recipe)
     got = load_model(tmp_path / "own", dtype=torch.float32)(PROMPT)
     assert torch.equal(got, load_model(folder, dtype=torch.float32)(PROMPT))
 

@@ -240,13 +240,13 @@ def fake_cuda(monkeypatch, name: str, free: int, total: int):
 
 
 def test_gpu_auto_uses_the_installed_card(monkeypatch):
-    from qwenlocal.loader import VRAM_RESERVE
+    from qwenlocal.gpus import DESKTOP_RESERVE_BYTES
 
     fake_cuda(monkeypatch, "NVIDIA GeForce RTX 4060 Ti", 14 * GIB, int(15.7 * GIB))
     d = json.loads(vram("--gpu", "auto", "--json").stdout)
     assert d["gpu"]["name"] == "NVIDIA GeForce RTX 4060 Ti"
     assert d["gpu"]["bandwidth_gbs"] == 288  # the 16 GB variant, told apart by its memory
-    assert d["vram_budget_bytes"] == 14 * GIB - VRAM_RESERVE
+    assert d["vram_budget_bytes"] == 14 * GIB - DESKTOP_RESERVE_BYTES
     assert d["gpu_total_bytes"] <= d["vram_budget_bytes"] and d["gpu"]["tok_s_low"] > 0
     # the default on a CUDA machine: plans for the card, and still lists the others
     r = vram()

@@ -191,14 +191,25 @@ def test_vram_bad_inputs(args, message):
 
 def test_loader_budget_counts_the_kv_dtype():
     """At one budget, an fp8 KV cache frees for experts the bytes it saves, and fp32 takes them."""
-    from qwenlocal.loader import expert_slots
+    from qwenlocal.config import BUILTIN_DIR
+    from qwenlocal.plan import plan_load
+    from qwenlocal.sources import ModelSource
 
     c, recipe, ctx = Qwen3MoeConfig.builtin(), Recipe.from_preset("mixed"), 32768
     # by hand: 48 layers x (K and V) x 4 KV heads x 128 dims, one value of each per token
     kv_values = 48 * 2 * 4 * 128 * ctx
     one = estimate(c, plan(recipe, ctx)).expert_bytes
+    source, cuda = ModelSource.read(BUILTIN_DIR), torch.device("cuda")
     slots = {
-        kv: expert_slots(c, recipe, torch.device("cuda"), torch.bfloat16, ctx, None, 16 * GIB, kv)
+        kv: plan_load(
+            source,
+            device=cuda,
+            dtype=torch.bfloat16,
+            ctx_size=ctx,
+            quant="mixed",
+            vram_budget=16 * GIB,
+            kv_dtype=kv,
+        ).expert_slots
         for kv in (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
     }
     # 1 byte a value between fp8 and bf16, 2 between bf16 and fp32; slots are whole rounds of 48

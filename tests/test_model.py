@@ -105,7 +105,7 @@ def test_bf16_compute_close(checkpoint_factory):
 
 
 def test_batch_of_two_equals_each_alone(small_ckpt):
-    model = load_model(small_ckpt)
+    model = load_model(small_ckpt, dtype=torch.float32)
     a, b = PROMPT, PROMPT.flip(1)
     both = model(torch.cat([a, b]))
     assert torch.allclose(both[0], model(a)[0], atol=1e-5)

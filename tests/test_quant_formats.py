@@ -21,7 +21,6 @@ from quant import (
     QuantLinear,
     dequantize,
     from_bnb,
-    pack,
     pack_layout,
     qlinear,
     quantize,
@@ -30,6 +29,7 @@ from quant import (
     unpack,
 )
 from quant.bnb_cpu import bounds_4bit, code_4bit, dynamic_map, quantize_int8
+from quant.pack import pack
 from qwenlocal.errors import UserError
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -583,7 +583,8 @@ class LocalServer(Client):
 def tiny_parts(tiny_ckpt):
     from qwenlocal import load_model
 
-    return load_model(tiny_ckpt, dtype="fp32"), Tokenizer.from_dir(tiny_ckpt), tiny_ckpt
+    generation = json.loads((tiny_ckpt / "generation_config.json").read_text())
+    return load_model(tiny_ckpt, dtype="fp32"), Tokenizer.from_dir(tiny_ckpt), generation
 
 
 @pytest.fixture
@@ -594,8 +595,8 @@ def local(tiny_parts):
     made = []
 
     def make(tokenizer=None, defaults=None) -> LocalServer:
-        model, tok, folder = tiny_parts
-        engine = Engine(model, tokenizer or tok, folder, "tiny", 512, defaults=defaults)
+        model, tok, generation = tiny_parts
+        engine = Engine(model, tokenizer or tok, generation, "tiny", 512, defaults=defaults)
         made.append(LocalServer(engine))
         return made[-1]
 

@@ -291,3 +291,14 @@ def test_stream_decoder_random_ids(tok: Tokenizer) -> None:
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 60))]
         for skip in (False, True):
             assert "".join(_stream(tok, ids, skip)) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_a_prompt_that_opens_the_reasoning(tok):
+    """The one test of "does the reply start inside <think>?" (the chat session and the server
+    both ask it): the opener last, whitespace after it aside; a closed block is not open."""
+    head = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.opens_reasoning(tok.encode(head + "<think>\n"))
+    assert tok.opens_reasoning(tok.encode(head + "<think>"))
+    assert not tok.opens_reasoning(tok.encode(head + "<think>\n\n</think>\n\n"))
+    assert not tok.opens_reasoning(tok.encode(head))
+    assert not tok.opens_reasoning([])
