@@ -95,7 +95,8 @@ def _serve(parts, template: str | None = None):
     model, tok, folder = parts
     if template is not None:
         tok = Tokenizer(tok.backend, template, tok.special_tokens)
-    return AppServer(Engine(model, tok, folder, "tiny", 1024))
+    generation = json.loads((folder / "generation_config.json").read_text())
+    return AppServer(Engine(model, tok, generation, "tiny", 1024))
 
 
 @pytest.fixture(scope="module")
