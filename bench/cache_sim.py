@@ -19,10 +19,10 @@ from pathlib import Path
 
 from common import machine, markdown_table
 
-from qwenlocal.cache_policy import LFU_DECAY
-from qwenlocal.cache_sim import sweep
-from qwenlocal.routing_trace import read_trace
-from qwenlocal.synthetic_trace import synthetic_trace, trace_stats
+from qwenlocal.experts.cache_policy import LFU_DECAY
+from qwenlocal.planning.cache_sim import sweep
+from qwenlocal.planning.routing_trace import read_trace
+from qwenlocal.planning.synthetic_trace import synthetic_trace, trace_stats
 
 SIZES = (5, 10, 20, 30, 40, 50, 60, 80, 100)  # percent of a layer's experts
 POLICIES = ("lru", "lfu", "global-lru", "belady")

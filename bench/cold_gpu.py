@@ -21,8 +21,8 @@ import torch
 from common import greedy_run, machine, markdown_table
 
 from qwenlocal import load_model
-from qwenlocal.gpus import measure_cpu_bandwidth
-from qwenlocal.random_checkpoint import write_random_quantized_checkpoint
+from qwenlocal.planning.gpus import measure_cpu_bandwidth
+from qwenlocal.weights.random_checkpoint import write_random_quantized_checkpoint
 
 GIB = 1024**3
 MODES = ("copy", "cpu", "auto")
@@ -55,8 +55,8 @@ def run(
         "tokens": r["tokens"],
     }
     try:
-        from qwenlocal.gpus import cpu_decode_speed, decode_speed, find_gpu
-        from qwenlocal.memory import estimate, model_plan
+        from qwenlocal.planning.gpus import cpu_decode_speed, decode_speed, find_gpu
+        from qwenlocal.planning.memory import estimate, model_plan
 
         est = estimate(model.config, model_plan(model, ctx))
         gpu = find_gpu("H200")

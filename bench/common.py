@@ -38,7 +38,7 @@ def git_rev() -> str:
 
 def real_shape_checkpoint(layers: int, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A random checkpoint with Qwen3-30B-A3B's real layer shapes and `layers` layers, written once."""
-    from qwenlocal.random_checkpoint import write_random_checkpoint
+    from qwenlocal.weights.random_checkpoint import write_random_checkpoint
 
     name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     out = CACHE / f"real-shapes-{layers}L-{name}"
@@ -58,7 +58,7 @@ def greedy_run(model, prompt: list[int], n_decode: int, ctx_size: int) -> dict:
     counters of the timed part (hit rate, time waiting, bytes copied, prefetch recall)."""
     import time
 
-    from qwenlocal.generate import Generator, SamplingParams
+    from qwenlocal.generation.generate import Generator, SamplingParams
 
     greedy = SamplingParams(temperature=0)
     gen = Generator(model, ctx_size=ctx_size)

@@ -19,9 +19,9 @@ import torch
 from common import machine, markdown_table, real_shape_checkpoint
 
 from qwenlocal import load_model
-from qwenlocal.generate import Generator, SamplingParams
-from qwenlocal.grammar import Constraint, Tokens, grammar_tokenizer, json_body, lark
-from qwenlocal.tokenizer import Tokenizer
+from qwenlocal.generation.generate import Generator, SamplingParams
+from qwenlocal.generation.grammar import Constraint, Tokens, grammar_tokenizer, json_body, lark
+from qwenlocal.generation.tokenizer import Tokenizer
 
 SCHEMA = {
     "type": "object",

@@ -19,7 +19,7 @@ from common import CACHE, machine, markdown_table
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
 from qwenlocal import load_model
-from qwenlocal.random_checkpoint import write_random_quantized_checkpoint
+from qwenlocal.weights.random_checkpoint import write_random_quantized_checkpoint
 
 BANDWIDTH_PROBE_BYTES = 2 * 1024**3
 

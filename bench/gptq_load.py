@@ -27,10 +27,10 @@ GROUP = 128
 
 def write_random_gptq(out: Path, layers: int) -> Path:
     """Random codes and scales in the GPTQ layout, written shard by shard."""
-    from qwenlocal.checkpoint import ShardWriter, atomic_folder, checkpoint_shapes
-    from qwenlocal.config import Qwen3MoeConfig
-    from qwenlocal.random_checkpoint import TOKENIZER_DIR, TOKENIZER_FILES, config_dict, random_tensor
-    from qwenlocal.sources import GPTQ_INT4_CONFIG
+    from qwenlocal.model.config import Qwen3MoeConfig
+    from qwenlocal.weights.checkpoint import ShardWriter, atomic_folder, checkpoint_shapes
+    from qwenlocal.weights.random_checkpoint import TOKENIZER_DIR, TOKENIZER_FILES, config_dict, random_tensor
+    from qwenlocal.weights.sources import GPTQ_INT4_CONFIG
     from tests.prequant_packers import is_linear, pack_words
 
     d = config_dict({"num_hidden_layers": layers})
@@ -88,8 +88,8 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.decode)))
         return
 
-    from qwenlocal.quantize import quantize_checkpoint
-    from qwenlocal.sources import ModelSource
+    from qwenlocal.weights.quantize import quantize_checkpoint
+    from qwenlocal.weights.sources import ModelSource
 
     gptq = CACHE / f"real-shapes-{args.layers}L-gptq-int4"
     if not (gptq / "config.json").is_file():

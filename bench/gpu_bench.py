@@ -19,8 +19,8 @@ import torch
 from common import greedy_run, machine, markdown_table
 
 from qwenlocal import load_model
-from qwenlocal.memory import CUDA_CONTEXT_BYTES, GIB, estimate, model_plan
-from qwenlocal.random_checkpoint import TINY, write_random_quantized_checkpoint
+from qwenlocal.planning.memory import CUDA_CONTEXT_BYTES, GIB, estimate, model_plan
+from qwenlocal.weights.random_checkpoint import TINY, write_random_quantized_checkpoint
 
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -43,7 +43,7 @@ def profile_decode(model, prompt: list[int], ctx: int, steps: int = 16) -> dict:
     replay time when the step is captured)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qwenlocal.generate import Generator
+    from qwenlocal.generation.generate import Generator
 
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -129,7 +129,7 @@ def run(folder: Path, args, budget: int | None, moe: str, n_decode: int, prompt:
     if "hit" in r:
         row.update(hit_rate=r["hit"], copy_gbs=r["gb"] / r["wall"], wait_share=r["wait"])
     try:
-        from qwenlocal.gpus import decode_speed, find_gpu
+        from qwenlocal.planning.gpus import decode_speed, find_gpu
 
         gpu = find_gpu(args.gpu)
         speed = decode_speed(est, gpu.bandwidth_gbs, gpu.pcie_gbs)

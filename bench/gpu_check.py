@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from common import machine, markdown_table
 
-from qwenlocal import load_model, selfcheck
-from qwenlocal.generate import Generator, SamplingParams
-from qwenlocal.memory import GIB, estimate, model_plan
-from qwenlocal.random_checkpoint import TINY, write_random_quantized_checkpoint
+from qwenlocal import load_model
+from qwenlocal.generation.generate import Generator, SamplingParams
+from qwenlocal.model import selfcheck
+from qwenlocal.planning.memory import GIB, estimate, model_plan
+from qwenlocal.weights.random_checkpoint import TINY, write_random_quantized_checkpoint
 
 # Goals of issue 20 for an H100/H200.
 GOAL_RESIDENT_TPS = 300

@@ -16,8 +16,8 @@ import time
 import torch
 from common import machine, markdown_table
 
-from qwenlocal.config import BUILTIN_DIR
-from qwenlocal.tokenizer import Tokenizer
+from qwenlocal.generation.tokenizer import Tokenizer
+from qwenlocal.model.config import BUILTIN_DIR
 
 VOCAB = 151936  # the model's logits (the tokenizer's ids stop earlier)
 STEPS = 150

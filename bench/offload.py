@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--overhead", action="store_true", help="models loaded once, interleaved rounds")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    from qwenlocal.config import Qwen3MoeConfig
+    from qwenlocal.model.config import Qwen3MoeConfig
 
     config = Qwen3MoeConfig.from_file(f"{args.folder}/config.json")
     layers = len(config.moe_layers)

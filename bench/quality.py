@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from common import machine, markdown_table
 
-import qwenlocal.random_checkpoint as rc
+import qwenlocal.weights.random_checkpoint as rc
 from quant import dequantize, int4, quantize
 from quant.recipe import Recipe
 from qwenlocal import load_model
-from qwenlocal.checkpoint import Checkpoint
-from qwenlocal.quality import compare_logits, probe_ids
+from qwenlocal.generation.quality import compare_logits, probe_ids
+from qwenlocal.weights.checkpoint import Checkpoint
 
 CONFIG = {
     "hidden_size": 512,

@@ -19,8 +19,8 @@ from common import CACHE, ROOT, machine, markdown_table, real_shape_checkpoint
 
 REFERENCE = r"""
 import sys, time, torch, bitsandbytes.functional as F
-from qwenlocal.checkpoint import Checkpoint
-from qwenlocal.names import tensor_class
+from qwenlocal.weights.checkpoint import Checkpoint
+from qwenlocal.model.names import tensor_class
 from quant.pack import PackLayout, unpack
 src, out = Checkpoint(sys.argv[1]), Checkpoint(sys.argv[2])
 names = [n for n in src.weight_map if tensor_class(n) in ("attention", "experts")]

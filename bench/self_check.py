@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from common import CACHE, git_rev, machine, markdown_table
 
-from qwenlocal import load_model, selfcheck
-from qwenlocal.random_checkpoint import write_random_quantized_checkpoint
+from qwenlocal import load_model
+from qwenlocal.model import selfcheck
+from qwenlocal.weights.random_checkpoint import write_random_quantized_checkpoint
 
 
 def main() -> None:

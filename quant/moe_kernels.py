@@ -108,7 +108,7 @@ class GroupedSpec:
 # Dispatch
 
 
-# Triton kernels turned off in this process (qwenlocal.selfcheck, after one failed its check here)
+# Triton kernels turned off in this process (qwenlocal.model.selfcheck, after one failed its check here)
 TRITON_OFF: set[str] = set()
 
 

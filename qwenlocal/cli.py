@@ -14,7 +14,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from .cli_util import STATE, byte_progress, err, run
+from qwenlocal.app.cli_util import STATE, byte_progress, err, run
+
 from .errors import UserError
 
 
@@ -48,18 +49,20 @@ class LazyCommands(TyperGroup):
 
 
 def _docstring(module_name: str, function: str) -> str:
-    tree = ast.parse((Path(__file__).parent / f"{module_name}.py").read_text(encoding="utf-8"))
+    tree = ast.parse(
+        (Path(__file__).parent / f"{module_name.replace('.', '/')}.py").read_text(encoding="utf-8")
+    )
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
     return ast.get_docstring(node) or ""
 
 
 # command -> (module, function), imported when the command runs (LazyCommands)
 COMMANDS = {
-    "generate": ("generate_cmd", "generate"),
+    "generate": ("app.generate_cmd", "generate"),
     "quantize": ("cli", "quantize"),
-    "chat": ("chat", "chat"),
-    "serve": ("server", "serve"),
-    "vram": ("vram", "vram"),
+    "chat": ("app.chat", "chat"),
+    "serve": ("app.server", "serve"),
+    "vram": ("planning.vram", "vram"),
 }
 app = typer.Typer(
     cls=LazyCommands,
@@ -121,8 +124,7 @@ def quantize(
 
     def body():
         from quant.recipe import Recipe
-
-        from .quantize import quantize_checkpoint
+        from qwenlocal.weights.quantize import quantize_checkpoint
 
         recipe = Recipe.from_preset(
             preset,
@@ -146,7 +148,7 @@ def quantize(
             raise UserError(
                 "--expert-bits must be 4 or 8: quantizing the experts is what this command is for."
             )
-        from .options import parse_bytes, parse_device
+        from qwenlocal.planning.options import parse_bytes, parse_device
 
         dev = parse_device(device)
         shard = parse_bytes(shard_size)
@@ -157,8 +159,8 @@ def quantize(
             )
         render_quant_stats(stats.as_dict())
         if report:
-            from .checkpoint import resolve_model
-            from .quality import quality_report
+            from qwenlocal.generation.quality import quality_report
+            from qwenlocal.weights.checkpoint import resolve_model
 
             with err.status("comparing with the original on the probe text"):
                 rep = quality_report(resolve_model(src), path, stats.as_dict(), probe_tokens, dev)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenlocal.random_checkpoint import TINY, write_random_checkpoint
+from qwenlocal.weights.random_checkpoint import TINY, write_random_checkpoint
 
 DATA = Path(__file__).parent / "data"
 # Quantized copies made by the CLI (chat/serve/generate quantize a 16-bit model once) go to a

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwenlocal.checkpoint import INDEX_NAME
+from qwenlocal.weights.checkpoint import INDEX_NAME
 
 TOKENIZER_AND_GENERATION = (
     "generation_config.json",

@@ -13,8 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 from qwenlocal.cli import app
-from qwenlocal.tokenizer import Tokenizer
-from qwenlocal.tool_calls import JSON_STYLE, XML_STYLE, ToolCallParser, parse_tool_calls, template_style
+from qwenlocal.generation.tokenizer import Tokenizer
+from qwenlocal.generation.tool_calls import (
+    JSON_STYLE,
+    XML_STYLE,
+    ToolCallParser,
+    parse_tool_calls,
+    template_style,
+)
 from tests.test_server import HOST, Client, free_port
 
 DATA = Path(__file__).parent / "data"
@@ -65,7 +71,7 @@ class AppServer(Client):
     def __init__(self, engine):
         import uvicorn
 
-        from qwenlocal.server import create_app
+        from qwenlocal.app.server import create_app
 
         self.engine, self.port = engine, free_port()
         config = uvicorn.Config(create_app(engine), host=HOST, port=self.port, log_level="error")
@@ -90,7 +96,7 @@ def parts(tiny_ckpt):
 
 
 def _serve(parts, template: str | None = None):
-    from qwenlocal.engine import Engine
+    from qwenlocal.generation.engine import Engine
 
     model, tok, folder = parts
     if template is not None:
@@ -289,7 +295,7 @@ def test_template_style_and_parsing(tiny_ckpt):
 def test_the_sampler_takes_only_allowed_tokens():
     import torch
 
-    from qwenlocal.generate import SamplingParams, sample
+    from qwenlocal.generation.generate import SamplingParams, sample
 
     logits = torch.randn(1000)
     allowed = torch.zeros(1000, dtype=torch.bool)
@@ -338,8 +344,8 @@ def test_streamed_parse_equals_the_whole_parse(style, text):
 
 
 def test_reasoning_and_tool_calls_come_apart(tiny_ckpt):
-    from qwenlocal.chat_api import ChatPlan, chat_message
-    from qwenlocal.generate import Summary
+    from qwenlocal.app.chat_api import ChatPlan, chat_message
+    from qwenlocal.generation.generate import Summary
 
     plan = ChatPlan("", thinking=True, in_reasoning=False, style=JSON_STYLE, tools=SCHEMAS)
     text = '<think>\nThe user wants the time.\n</think>\n\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from qwenlocal.cache_policy import LRU, Access, LayerPolicy, LFUDecay, make_policy
-from qwenlocal.cache_sim import simulate, sweep
-from qwenlocal.routing_trace import TraceWriter, read_trace, write_trace
-from qwenlocal.synthetic_trace import synthetic_trace, trace_stats
+from qwenlocal.experts.cache_policy import LRU, Access, LayerPolicy, LFUDecay, make_policy
+from qwenlocal.planning.cache_sim import simulate, sweep
+from qwenlocal.planning.routing_trace import TraceWriter, read_trace, write_trace
+from qwenlocal.planning.synthetic_trace import synthetic_trace, trace_stats
 
 
 def random_trace(tokens: int, layers: int, experts: int, k: int, seed: int) -> list:

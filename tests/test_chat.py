@@ -19,13 +19,13 @@ import torch
 from rich.console import Console
 
 from qwenlocal import UserError, load_model
-from qwenlocal.chat import ChatApp, Command, History, LineReader, parse_line
-from qwenlocal.chat_view import ReplyView, device_row, memory_now, reply_line
-from qwenlocal.generate import Summary, TokenRecord, Totals
-from qwenlocal.offload import CacheStats, LayerStats
-from qwenlocal.reasoning import strip_reasoning
-from qwenlocal.session import ChatSession, ChatSettings, Conversation, ReplySorter, fit_context
-from qwenlocal.tokenizer import Tokenizer
+from qwenlocal.app.chat import ChatApp, Command, History, LineReader, parse_line
+from qwenlocal.app.chat_view import ReplyView, device_row, memory_now, reply_line
+from qwenlocal.app.session import ChatSession, ChatSettings, Conversation, ReplySorter, fit_context
+from qwenlocal.experts.offload import CacheStats, LayerStats
+from qwenlocal.generation.generate import Summary, TokenRecord, Totals
+from qwenlocal.generation.reasoning import strip_reasoning
+from qwenlocal.generation.tokenizer import Tokenizer
 
 
 def read_generation(folder: Path) -> dict:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qwenlocal import UserError, load_model
-from qwenlocal.checkpoint import Checkpoint, atomic_folder, resolve_model
-from qwenlocal.config import Qwen3MoeConfig
+from qwenlocal.model.config import Qwen3MoeConfig
+from qwenlocal.weights.checkpoint import Checkpoint, atomic_folder, resolve_model
 
 from .conftest import SMALL_VOCAB
 
@@ -138,7 +138,7 @@ def test_context_past_maximum():
 
 
 def test_config_spellings_agree():
-    from qwenlocal.random_checkpoint import config_dict
+    from qwenlocal.weights.random_checkpoint import config_dict
 
     old = Qwen3MoeConfig.from_dict(config_dict(SMALL_VOCAB, "4.x"))
     new = Qwen3MoeConfig.from_dict(config_dict(SMALL_VOCAB, "5.x"))

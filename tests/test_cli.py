@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from quant.recipe import FORMAT_VERSION
 from qwenlocal.cli import app
-from qwenlocal.options import parse_tokens
+from qwenlocal.planning.options import parse_tokens
 
 runner = CliRunner()
 
@@ -46,8 +46,8 @@ def test_generate_json(tiny_ckpt):
 
 def test_generate_greedy_matches_library(tiny_ckpt):
     from qwenlocal import load_model
-    from qwenlocal.generate import Generator, SamplingParams
-    from qwenlocal.tokenizer import Tokenizer
+    from qwenlocal.generation.generate import Generator, SamplingParams
+    from qwenlocal.generation.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_ckpt)
     gen = Generator(load_model(tiny_ckpt, dtype="bf16"), tok, ctx_size=4096)
@@ -59,8 +59,8 @@ def test_generate_greedy_matches_library(tiny_ckpt):
 
 def test_generate_stdin_raw_and_stream(tiny_ckpt):
     from qwenlocal import load_model
-    from qwenlocal.generate import Generator, SamplingParams
-    from qwenlocal.tokenizer import Tokenizer
+    from qwenlocal.generation.generate import Generator, SamplingParams
+    from qwenlocal.generation.tokenizer import Tokenizer
 
     text = "plain text prompt"
     r = invoke(
@@ -84,8 +84,8 @@ def test_generate_stdin_raw_and_stream(tiny_ckpt):
 def greedy_tokens(tiny_ckpt):
     """The greedy reply to 'Hi' (thinking mode, the chat template), as the library gives it."""
     from qwenlocal import load_model
-    from qwenlocal.generate import Generator, SamplingParams
-    from qwenlocal.tokenizer import Tokenizer
+    from qwenlocal.generation.generate import Generator, SamplingParams
+    from qwenlocal.generation.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_ckpt)
     gen = Generator(load_model(tiny_ckpt, dtype="bf16"), tok, ctx_size=4096)
@@ -147,7 +147,7 @@ def test_device_cuda_without_a_gpu(tiny_ckpt):
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    from qwenlocal.cli_util import STATE
+    from qwenlocal.app.cli_util import STATE
 
     monkeypatch.setitem(STATE, "debug", False)
     quiet = invoke("generate", tmp_path / "nowhere", "hi")
@@ -241,14 +241,14 @@ def test_console_script_process(tiny_ckpt, tmp_path):
 def test_quant_auto_loads_16bit_when_it_fits_else_quantizes_once(tiny_ckpt, tmp_path, monkeypatch):
     """`--quant auto` (the default): the tiny model fits the free RAM and loads as it is; with a
     budget smaller than its 16-bit weights it is quantized once into the cache, then reused."""
-    import qwenlocal.plan
+    import qwenlocal.planning.plan
 
     monkeypatch.setenv("QWENLOCAL_CACHE_DIR", str(tmp_path / "cache"))
     fits = invoke("generate", tiny_ckpt, "Hi", "-n", 2, "--temp", 0, "--device", "cpu")
     assert fits.exit_code == 0, fits.output
     assert fits.stderr.count("--quant auto: 16-bit weights fit") == 1 and "quantizing" not in fits.stderr
     assert not (tmp_path / "cache").exists()
-    monkeypatch.setattr(qwenlocal.plan, "host_free_bytes", lambda: 1_000_000)
+    monkeypatch.setattr(qwenlocal.planning.plan, "host_free_bytes", lambda: 1_000_000)
     first = invoke("generate", tiny_ckpt, "Hi", "-n", 2, "--temp", 0, "--device", "cpu")
     assert first.exit_code == 0, first.output
     assert "--quant auto: 16-bit weights do not fit" in first.stderr and "quantizing" in first.stderr
@@ -262,8 +262,8 @@ def test_quant_auto_loads_16bit_when_it_fits_else_quantizes_once(tiny_ckpt, tmp_
 def test_quant_auto_both_ways(tiny_ckpt):
     import torch
 
-    from qwenlocal.config import Qwen3MoeConfig
-    from qwenlocal.plan import Sizing, decide_recipe
+    from qwenlocal.model.config import Qwen3MoeConfig
+    from qwenlocal.planning.plan import Sizing, decide_recipe
 
     config = Qwen3MoeConfig.from_file(tiny_ckpt / "config.json")
     cpu = torch.device("cpu")
@@ -360,9 +360,9 @@ def test_options_import_nothing_of_the_cli():
     """cli_util imports options; the other way round would be a cycle."""
     import ast
 
-    import qwenlocal.options
+    import qwenlocal.planning.options
 
-    tree = ast.parse(Path(qwenlocal.options.__file__).read_text())
+    tree = ast.parse(Path(qwenlocal.planning.options.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not imported & {"cli", "cli_util", "chat", "server"}, imported
 
@@ -375,7 +375,7 @@ def test_help_imports_no_command_module():
         "from qwenlocal.cli import main\n"
         "sys.argv = ['qwenlocal', '--help']\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0\n"
-        "heavy = {'torch', 'qwenlocal.chat', 'qwenlocal.server', 'qwenlocal.vram', 'qwenlocal.loader'}\n"
+        "heavy = {'torch', 'qwenlocal.app.chat', 'qwenlocal.app.server', 'qwenlocal.planning.vram', 'qwenlocal.weights.loader'}\n"
         "print('imported:', sorted(heavy & set(sys.modules)))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

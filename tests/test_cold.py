@@ -14,10 +14,11 @@ import torch
 
 from quant import kernels
 from quant.int4 import cpu_packing
-from qwenlocal import UserError, cold, load_model
-from qwenlocal.cold import ColdExperts, Timing, cold_report, should_promote, split_misses
-from qwenlocal.experts import QuantExperts
-from qwenlocal.offload import OffloadedExperts
+from qwenlocal import UserError, load_model
+from qwenlocal.experts import cold
+from qwenlocal.experts.cold import ColdExperts, Timing, cold_report, should_promote, split_misses
+from qwenlocal.experts.offload import OffloadedExperts
+from qwenlocal.experts.store import QuantExperts
 
 from . import test_offload
 from .test_offload import LAYERS, PROMPT, greedy
@@ -238,9 +239,9 @@ def test_cli_flag(tiny_ckpt):
 def test_server_and_chat_show_cpu_work(qckpt):
     from rich.console import Console
 
-    from qwenlocal.chat_view import expert_layer_table
-    from qwenlocal.engine import Stats, expert_cache_stats
-    from qwenlocal.generate import Generator, SamplingParams
+    from qwenlocal.app.chat_view import expert_layer_table
+    from qwenlocal.generation.engine import Stats, expert_cache_stats
+    from qwenlocal.generation.generate import Generator, SamplingParams
 
     model = load_model(qckpt, dtype=torch.float32, gpu_experts=2 * LAYERS, cold_experts="cpu")
     stats = Stats()
@@ -257,9 +258,9 @@ def test_server_and_chat_show_cpu_work(qckpt):
 
 # -- vram --gpu: the speed of the `cpu` mode --------------------------------------------------------
 def test_cpu_mode_speed_estimate():
-    from qwenlocal.config import Qwen3MoeConfig
-    from qwenlocal.gpus import find_gpu, fit_card
-    from qwenlocal.vram import plan_from_flags
+    from qwenlocal.model.config import Qwen3MoeConfig
+    from qwenlocal.planning.gpus import find_gpu, fit_card
+    from qwenlocal.planning.vram import plan_from_flags
 
     config = Qwen3MoeConfig.builtin()
     plan = plan_from_flags(config, "mixed", 4096, "bf16", 1, None)

@@ -10,7 +10,7 @@ import torch
 from quant.formats import dequantize, quantize
 from quant.linear import qlinear
 from qwenlocal import load_model
-from qwenlocal.generate import Generator, SamplingParams
+from qwenlocal.generation.generate import Generator, SamplingParams
 
 from .conftest import TINY
 
@@ -42,7 +42,7 @@ def test_qlinear_on_gpu(fmt, rows):
 @pytest.fixture(scope="module")
 def qckpt(checkpoint_factory):
     from quant.recipe import Recipe
-    from qwenlocal.quantize import quantize_checkpoint
+    from qwenlocal.weights.quantize import quantize_checkpoint
 
     src = checkpoint_factory("cuda-src", {**TINY, "num_hidden_layers": 3}, dtype=torch.bfloat16)
     out = src.parent / "cuda-q"
@@ -149,7 +149,7 @@ def test_model_equals_transformers_on_gpu(checkpoint_factory, moe):
 
 @cuda
 def test_memory_estimate_against_the_allocator(qckpt):
-    from qwenlocal.memory import CUDA_CONTEXT_BYTES, estimate, model_plan
+    from qwenlocal.planning.memory import CUDA_CONTEXT_BYTES, estimate, model_plan
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -224,7 +224,7 @@ def test_graph_spans_replay_equal_eager_across_a_span_edge(qckpt):
 
 @cuda
 def test_self_check_passes_every_fast_path_here(qckpt, tmp_path):
-    from qwenlocal import selfcheck
+    from qwenlocal.model import selfcheck
 
     model = load_model(qckpt, device="cuda", dtype=torch.bfloat16, moe="grouped")
     verdicts = selfcheck.self_check(model, folder=tmp_path)

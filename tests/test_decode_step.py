@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwenlocal import UserError, load_model
-from qwenlocal.generate import Generator, SamplingParams
+from qwenlocal.generation.generate import Generator, SamplingParams
 
 from .conftest import TINY
 
@@ -22,7 +22,7 @@ MAX_ATEN_PER_LAYER = 100
 @pytest.fixture(scope="module", params=["nf4", "mixed"])
 def qckpt(request, checkpoint_factory):
     from quant.recipe import Recipe
-    from qwenlocal.quantize import quantize_checkpoint
+    from qwenlocal.weights.quantize import quantize_checkpoint
 
     src = checkpoint_factory("step-src", {**TINY, "num_hidden_layers": 3}, dtype=torch.bfloat16)
     out = src.parent / f"step-{request.param}"

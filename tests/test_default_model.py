@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from qwenlocal.cli import app
-from qwenlocal.sources import FP8_ID, GPTQ_INT4_ID, default_model, own_recipe
-from qwenlocal.vram import read_config
+from qwenlocal.planning.vram import read_config
+from qwenlocal.weights.sources import FP8_ID, GPTQ_INT4_ID, default_model, own_recipe
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwenlocal import UserError, load_model
-from qwenlocal.checkpoint import Checkpoint
+from qwenlocal.weights.checkpoint import Checkpoint
 
 from .prequant_packers import write_gptq
 from .test_fp8_source import FP8_SHAPES
@@ -19,7 +19,7 @@ from .test_fp8_source import FP8_SHAPES
 def test_an_old_quantize_once_copy_is_made_again(small_ckpt, tmp_path, monkeypatch):
     """A cached copy written by an older format is not loaded: it is made again, saying so."""
     from quant import recipe as recipe_module
-    from qwenlocal import quant_cache
+    from qwenlocal.weights import quant_cache
 
     monkeypatch.setenv("QWENLOCAL_CACHE_DIR", str(tmp_path / "cache"))
     notes: list[str] = []
@@ -36,7 +36,7 @@ def test_an_old_quantize_once_copy_is_made_again(small_ckpt, tmp_path, monkeypat
 
 
 def test_a_reader_does_not_change_the_checkpoint_it_wraps(checkpoint_factory, tmp_path):
-    from qwenlocal.gptq import GptqCheckpoint
+    from qwenlocal.weights.gptq import GptqCheckpoint
 
     src = checkpoint_factory("gptq-src", FP8_SHAPES, dtype=torch.float32)
     folder, _, _ = write_gptq(src, tmp_path / "gptq")
@@ -85,7 +85,7 @@ def test_generate_imports_without_the_resource_module():
     code = (  # psutil first: on Linux it imports resource itself, on Windows it needs none
         "import sys, psutil; sys.modules['resource'] = None\n"
         "import torch\n"
-        "from qwenlocal.generate import peak_memory\n"
+        "from qwenlocal.generation.generate import peak_memory\n"
         "n, scope = peak_memory(torch.device('cpu'))\n"
         "assert n > 0 and scope == 'process', (n, scope)\n"
     )
@@ -94,7 +94,7 @@ def test_generate_imports_without_the_resource_module():
 
 
 def test_the_summary_says_whose_peak_it_reports(small_ckpt):
-    from qwenlocal.generate import Generator, SamplingParams, Summary
+    from qwenlocal.generation.generate import Generator, SamplingParams, Summary
 
     model = load_model(small_ckpt, dtype=torch.float32)
     records = list(

@@ -11,10 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from qwenlocal import load_model
-from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.cli import app
-from qwenlocal.generate import Generator, SamplingParams
-from qwenlocal.sources import Fp8Checkpoint, dequantize_fp8, open_source
+from qwenlocal.generation.generate import Generator, SamplingParams
+from qwenlocal.weights.checkpoint import Checkpoint
+from qwenlocal.weights.sources import Fp8Checkpoint, dequantize_fp8, open_source
 
 from .conftest import TINY
 from .prequant_packers import fp8_dequantized_copy, read_tensors, write_folder, write_fp8
@@ -102,7 +102,7 @@ def test_quantize_accepts_fp8_and_equals_quantizing_the_dequantized_model(fp8, t
 
 
 def test_cli_quantizes_an_fp8_folder_once_into_the_cache(fp8, tmp_path, monkeypatch):
-    from qwenlocal.quant_cache import quantized_once
+    from qwenlocal.weights.quant_cache import quantized_once
 
     monkeypatch.setenv("QWENLOCAL_CACHE_DIR", str(tmp_path / "cache"))
     folder, _ = fp8

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qwenlocal import UserError, load_model
-from qwenlocal.generate import Generator, SamplingParams, Summary, TokenRecord, sample
-from qwenlocal.tokenizer import Tokenizer
+from qwenlocal.generation.generate import Generator, SamplingParams, Summary, TokenRecord, sample
+from qwenlocal.generation.tokenizer import Tokenizer
 
 
 def test_greedy_is_argmax():

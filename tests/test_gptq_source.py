@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from qwenlocal import load_model
 from qwenlocal.cli import app
-from qwenlocal.generate import Generator, SamplingParams
+from qwenlocal.generation.generate import Generator, SamplingParams
 
 from .prequant_packers import gptq_dequantized_copy, read_tensors, write_folder, write_gptq
 from .test_fp8_source import FP8_SHAPES
@@ -160,12 +160,12 @@ def test_int4_greedy_tokens_and_offload(gptq, int4_reference):
 
 def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
     """The int4 codes are GPTQ's codes, and nothing is quantized while loading."""
-    import qwenlocal.quantize
-    from qwenlocal.gptq import unpack_rows
+    import qwenlocal.weights.quantize
+    from qwenlocal.weights.gptq import unpack_rows
 
     folder, _, _ = gptq("int4-g32-asym-v2")
     monkeypatch.setattr(
-        qwenlocal.quantize, "quantize", lambda *a, **k: pytest.fail("quantized while loading")
+        qwenlocal.weights.quantize, "quantize", lambda *a, **k: pytest.fail("quantized while loading")
     )
     model = load_model(folder, dtype=torch.float32)
     q = model.model.layers[0].self_attn.k_proj.qtensor
@@ -189,7 +189,7 @@ def test_gptq_words_go_straight_into_each_cpu_kernel_layout(packing):
     an independent GPTQ packer put in; for every layout, whichever this CPU uses."""
     from quant.int4 import codes as int4_codes
     from quant.int4 import pack_codes_for_cpu
-    from qwenlocal.gptq import words_to_cpu_layout
+    from qwenlocal.weights.gptq import words_to_cpu_layout
 
     from .prequant_packers import pack_words
 
@@ -202,7 +202,7 @@ def test_gptq_words_go_straight_into_each_cpu_kernel_layout(packing):
 
 
 def test_memory_model_and_vram_equal_what_loads(gptq):
-    from qwenlocal.memory import estimate, make_plan, measure
+    from qwenlocal.planning.memory import estimate, make_plan, measure
 
     folder, _, _ = gptq("int4-g128-sym-v1")
     model = load_model(folder, dtype=torch.bfloat16)
@@ -238,8 +238,8 @@ def test_quantize_a_gptq_folder_and_its_report(gptq, tmp_path):
     got = load_model(out, dtype=torch.float32)(PROMPT)
     assert torch.equal(got, load_model(folder, dtype=torch.float32, quant="int4")(PROMPT))
     # GPTQ loaded as it is equals its int4 copy made with its own recipe: the same bytes
-    from qwenlocal.quantize import quantize_checkpoint
-    from qwenlocal.sources import ModelSource
+    from qwenlocal.weights.quantize import quantize_checkpoint
+    from qwenlocal.weights.sources import ModelSource
 
     quantize_checkpoint(folder, tmp_path / "own", ModelSource.read(folder).own_recipe)
     got = load_model(tmp_path / "own", dtype=torch.float32)(PROMPT)

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from quant import moe_kernels, triton_env
-from qwenlocal import engine, load_model, memory
-from qwenlocal import model as model_mod
-from qwenlocal.generate import Generator
+from qwenlocal import load_model
+from qwenlocal.generation import engine
+from qwenlocal.generation.generate import Generator
+from qwenlocal.model import qwen3_moe as model_mod
+from qwenlocal.planning import memory
 
 from .conftest import TINY
 
@@ -170,7 +172,7 @@ def test_int8_lm_head_on_gpu_is_dequantized_in_slices(monkeypatch):
 
 def test_graph_capture_and_replay_on_the_models_device():
     """Capture makes its streams and pool on the current device: __call__ makes it the model's."""
-    from qwenlocal import graphs
+    from qwenlocal.model import graphs
 
     def launch(call: ast.Call) -> bool:
         return ast.unparse(call.func) in ("self._capture", "self.graphs[self.span].replay")

@@ -9,14 +9,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qwenlocal import gpus
-from qwenlocal.cache_sim import lru_hit_rate
 from qwenlocal.cli import app
-from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.gpus import Gpu, decode_speed, expected_hit_rate, find_gpu, fit_card, gpu_table
-from qwenlocal.memory import GIB, fit_expert_slots
-from qwenlocal.synthetic_trace import synthetic_trace
-from qwenlocal.vram import plan_from_flags
+from qwenlocal.model.config import Qwen3MoeConfig
+from qwenlocal.planning import gpus
+from qwenlocal.planning.cache_sim import lru_hit_rate
+from qwenlocal.planning.gpus import Gpu, decode_speed, expected_hit_rate, find_gpu, fit_card, gpu_table
+from qwenlocal.planning.memory import GIB, fit_expert_slots
+from qwenlocal.planning.synthetic_trace import synthetic_trace
+from qwenlocal.planning.vram import plan_from_flags
 
 runner = CliRunner()
 CONFIG = Qwen3MoeConfig.builtin()
@@ -240,7 +240,7 @@ def fake_cuda(monkeypatch, name: str, free: int, total: int):
 
 
 def test_gpu_auto_uses_the_installed_card(monkeypatch):
-    from qwenlocal.gpus import DESKTOP_RESERVE_BYTES
+    from qwenlocal.planning.gpus import DESKTOP_RESERVE_BYTES
 
     fake_cuda(monkeypatch, "NVIDIA GeForce RTX 4060 Ti", 14 * GIB, int(15.7 * GIB))
     d = json.loads(vram("--gpu", "auto", "--json").stdout)

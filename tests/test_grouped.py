@@ -16,8 +16,8 @@ import torch
 from quant.int4 import GROUP_SIZES, cpu_packing, repack_for_cpu
 from quant.moe_kernels import GroupedSpec, torch_down, torch_gate_up
 from quant.pack import unpack
-from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.experts import DenseExperts, QuantExperts
+from qwenlocal.experts.store import DenseExperts, QuantExperts
+from qwenlocal.model.config import Qwen3MoeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # (format, double quant); "bf16"/"fp32": the stacked 16/32-bit experts

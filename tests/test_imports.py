@@ -58,8 +58,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "quant.formats" in graph["quant.linear"]
-    assert {"qwenlocal.plan", "qwenlocal.quantize", "quant.linear"} <= graph["qwenlocal.loader"]
-    assert {"qwenlocal.memory", "qwenlocal.sources"} <= graph["qwenlocal.plan"]
+    assert {"qwenlocal.planning.plan", "qwenlocal.weights.quantize", "quant.linear"} <= graph["qwenlocal.weights.loader"]
+    assert {"qwenlocal.planning.memory", "qwenlocal.weights.sources"} <= graph["qwenlocal.planning.plan"]
 
 
 def test_no_import_cycle():

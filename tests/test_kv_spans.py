@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenlocal import load_model, memory
-from qwenlocal import model as model_mod
-from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.gpus import SPEED_AT_TOKENS, bytes_per_step, kv_read_bytes
-from qwenlocal.graphs import GraphDecoder, graph_bytes, kv_bucket, kv_spans
+from qwenlocal import load_model
+from qwenlocal.model import qwen3_moe as model_mod
+from qwenlocal.model.config import Qwen3MoeConfig
+from qwenlocal.model.graphs import GraphDecoder, graph_bytes, kv_bucket, kv_spans
+from qwenlocal.planning import memory
+from qwenlocal.planning.gpus import SPEED_AT_TOKENS, bytes_per_step, kv_read_bytes
 
 from .conftest import TINY
 
@@ -109,7 +110,7 @@ class FakeGraph:
 @pytest.fixture
 def cpu_graphs(monkeypatch):
     """GraphDecoder's CUDA calls replaced so that its span logic runs on the CPU."""
-    from qwenlocal import graphs
+    from qwenlocal.model import graphs
 
     cuda = SimpleNamespace(
         device=lambda d: contextlib.nullcontext(),
@@ -124,8 +125,8 @@ def cpu_graphs(monkeypatch):
 
 
 def test_decoder_replays_the_span_of_each_token_and_keeps_its_rope(tiny, cpu_graphs):
-    from qwenlocal import graphs
-    from qwenlocal.generate import Generator, SamplingParams
+    from qwenlocal.generation.generate import Generator, SamplingParams
+    from qwenlocal.model import graphs
 
     prompt = [3 + i for i in range(250)]
     greedy = SamplingParams(temperature=0)

@@ -16,9 +16,9 @@ from quant.recipe import Recipe
 from quant.scratch import release_scratch
 from qwenlocal import load_model
 from qwenlocal.cli import app
-from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.generate import Generator
-from qwenlocal.memory import (
+from qwenlocal.generation.generate import Generator
+from qwenlocal.model.config import Qwen3MoeConfig
+from qwenlocal.planning.memory import (
     GIB,
     activation_terms,
     estimate,
@@ -146,8 +146,8 @@ def test_vram_json():
     ):
         assert key in d
     # no model: the checkpoint chat would download, with its own recipe ("gptq" with the int4 format)
-    from qwenlocal.sources import GPTQ_INT4_ID, own_recipe
-    from qwenlocal.vram import read_config
+    from qwenlocal.planning.vram import read_config
+    from qwenlocal.weights.sources import GPTQ_INT4_ID, own_recipe
 
     expected = own_recipe(read_config(GPTQ_INT4_ID)[0]).preset
     assert d["ctx_size"] == 32768 and d["quant"] == expected and d["experts_total"] == 6144
@@ -191,9 +191,9 @@ def test_vram_bad_inputs(args, message):
 
 def test_loader_budget_counts_the_kv_dtype():
     """At one budget, an fp8 KV cache frees for experts the bytes it saves, and fp32 takes them."""
-    from qwenlocal.config import BUILTIN_DIR
-    from qwenlocal.plan import plan_load
-    from qwenlocal.sources import ModelSource
+    from qwenlocal.model.config import BUILTIN_DIR
+    from qwenlocal.planning.plan import plan_load
+    from qwenlocal.weights.sources import ModelSource
 
     c, recipe, ctx = Qwen3MoeConfig.builtin(), Recipe.from_preset("mixed"), 32768
     # by hand: 48 layers x (K and V) x 4 KV heads x 128 dims, one value of each per token

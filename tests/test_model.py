@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qwenlocal import load_model
-from qwenlocal.generate import Generator, SamplingParams
+from qwenlocal.generation.generate import Generator, SamplingParams
 
 from .conftest import SMALL_VOCAB
 

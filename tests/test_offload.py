@@ -13,9 +13,9 @@ import torch
 
 from quant.int4 import cpu_packing
 from qwenlocal import UserError, load_model
-from qwenlocal.experts import QuantExperts
-from qwenlocal.generate import Generator, SamplingParams
-from qwenlocal.offload import OffloadedExperts
+from qwenlocal.experts.offload import OffloadedExperts
+from qwenlocal.experts.store import QuantExperts
+from qwenlocal.generation.generate import Generator, SamplingParams
 
 from .conftest import TINY
 
@@ -27,7 +27,7 @@ LAYERS = 3
 def qckpt(checkpoint_factory):
     """A quantized folder (mixed recipe) of a tiny model with 8 experts, top-2, 3 MoE layers."""
     from quant.recipe import Recipe
-    from qwenlocal.quantize import quantize_checkpoint
+    from qwenlocal.weights.quantize import quantize_checkpoint
 
     src = checkpoint_factory("offload-src", {**TINY, "num_hidden_layers": LAYERS}, dtype=torch.bfloat16)
     out = src.parent / "offload-q"
@@ -173,7 +173,7 @@ def test_offload_needs_quantized_experts(checkpoint_factory):
 
 
 def test_budget_sizes_the_cache(qckpt):
-    from qwenlocal.memory import estimate, make_plan
+    from qwenlocal.planning.memory import estimate, make_plan
 
     model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS)
     config = model.config
@@ -195,8 +195,8 @@ def test_budget_sizes_the_cache(qckpt):
 
 
 def test_record_routing(qckpt, tmp_path):
-    from qwenlocal.experts import RoutingRecorder
-    from qwenlocal.routing_trace import read_trace
+    from qwenlocal.experts.store import RoutingRecorder
+    from qwenlocal.planning.routing_trace import read_trace
 
     model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS)
     model.experts.recorder = RoutingRecorder(tmp_path / "trace.jsonl", model.config)
@@ -211,7 +211,7 @@ def test_record_routing(qckpt, tmp_path):
 
 
 def test_server_reports_expert_cache(qckpt):
-    from qwenlocal.engine import Stats, expert_cache_stats
+    from qwenlocal.generation.engine import Stats, expert_cache_stats
 
     def served(model):  # the server's counters, summed from the generations' last records
         stats = Stats()
@@ -232,9 +232,9 @@ def test_server_reports_expert_cache(qckpt):
 def test_runtime_hits_equal_the_simulator(qckpt, tmp_path, policy):
     """Fed one token a step, the runtime cache hits exactly where the simulator replaying the
     recorded routing does, layer by layer."""
-    from qwenlocal.cache_sim import simulate
-    from qwenlocal.experts import RoutingRecorder
-    from qwenlocal.routing_trace import read_trace
+    from qwenlocal.experts.store import RoutingRecorder
+    from qwenlocal.planning.cache_sim import simulate
+    from qwenlocal.planning.routing_trace import read_trace
 
     model = load_model(qckpt, dtype=torch.float32, gpu_experts=3 * LAYERS, policy=policy)
     model.experts.recorder = RoutingRecorder(tmp_path / "trace.jsonl", model.config)

@@ -17,8 +17,8 @@ import sys, json
 from pathlib import Path
 import torch
 import qwenlocal
-from qwenlocal.random_checkpoint import TINY, write_random_checkpoint
-from qwenlocal.tokenizer import Tokenizer
+from qwenlocal.weights.random_checkpoint import TINY, write_random_checkpoint
+from qwenlocal.generation.tokenizer import Tokenizer
 
 folder = write_random_checkpoint(Path(sys.argv[1]), TINY, dtype=torch.float32)
 ids = Tokenizer.from_dir(folder).encode("Hello world")
@@ -76,17 +76,26 @@ def test_cited_documents_exist():
 
 
 def test_readme_layout_names_every_module():
-    """The README's layout section lists each module of qwenlocal/ and quant/, and no others."""
+    """The README's layout section lists each module of qwenlocal/ and quant/ (subpackages too), and no
+    others: a folder's modules are indented below it."""
     import re
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Layout", 1)[1].split("```", 2)[1]
-    listed, package = {}, None
+    listed, folders = set(), []  # folders: (indent, name) of the folders the current line is inside
     for line in section.splitlines():
-        if m := re.match(r"^(\w+)/\s*$", line):
-            package = m.group(1)
-        elif (m := re.match(r"^  (\w+\.py)\b", line)) and package:
-            listed.setdefault(package, set()).add(m.group(1))
-    for package in ("qwenlocal", "quant"):
-        modules = {p.name for p in (ROOT / package).glob("*.py")} - {"__init__.py", "__main__.py"}
-        assert listed.get(package) == modules, package
+        if not (m := re.match(r"^( *)(\w+/|\w+\.py)(\s|$)", line)):
+            continue
+        indent, name = len(m.group(1)), m.group(2)
+        folders = [(i, f) for i, f in folders if i < indent]
+        if name.endswith("/"):
+            folders.append((indent, name[:-1]))
+        elif folders:
+            listed.add("/".join([*(f for _, f in folders), name]))
+    modules = {
+        p.relative_to(ROOT).as_posix()
+        for package in ("qwenlocal", "quant")
+        for p in (ROOT / package).rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    assert listed == modules

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from quant.recipe import Recipe
-from qwenlocal import pinned
-from qwenlocal.config import Qwen3MoeConfig
-from qwenlocal.memory import estimate, make_plan
-from qwenlocal.offload import OffloadedExperts
-from qwenlocal.quantize import expert_layout
+from qwenlocal.experts import pinned
+from qwenlocal.experts.offload import OffloadedExperts
+from qwenlocal.model.config import Qwen3MoeConfig
+from qwenlocal.planning.memory import estimate, make_plan
+from qwenlocal.weights.quantize import expert_layout
 
 LAYERS = 4  # the real layer shape; four layers keep the (untouched) mappings small
 

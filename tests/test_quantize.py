@@ -16,10 +16,10 @@ from quant.formats import dequantize, quantize
 from quant.pack import PackLayout, unpack
 from quant.recipe import Recipe
 from qwenlocal import load_model
-from qwenlocal.checkpoint import Checkpoint
 from qwenlocal.cli import app
-from qwenlocal.names import EXPERT_PROJS, expert_blob_name, expert_tensor_name, tensor_class
-from qwenlocal.quality import probe_ids
+from qwenlocal.generation.quality import probe_ids
+from qwenlocal.model.names import EXPERT_PROJS, expert_blob_name, expert_tensor_name, tensor_class
+from qwenlocal.weights.checkpoint import Checkpoint
 
 from .conftest import TINY
 
@@ -172,7 +172,7 @@ def test_bits_per_weight_in_stats(quantized):
 
 
 def test_compare_logits_worked_by_hand():
-    from qwenlocal.quality import compare_logits
+    from qwenlocal.generation.quality import compare_logits
 
     ref = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
     got = torch.tensor([[torch.log(torch.tensor(3.0)), 0.0], [0.0, 2.0]])
@@ -208,7 +208,7 @@ def test_out_equal_to_src_is_refused(src):
 
 def test_a_recipe_that_quantizes_nothing_is_refused(src, tmp_path):
     from qwenlocal.errors import UserError
-    from qwenlocal.quantize import quantize_checkpoint
+    from qwenlocal.weights.quantize import quantize_checkpoint
 
     r = invoke("quantize", src, tmp_path / "out", "--no-report", "--preset", "bf16")
     assert r.exit_code == 2 and "--expert-bits must be 4 or 8" in r.stderr
@@ -258,7 +258,7 @@ def test_recipe_flags_reach_the_stored_bytes(src, tmp_path, run):
 
 
 def test_write_error_midway_leaves_nothing(src, tmp_path, monkeypatch):
-    from qwenlocal import checkpoint
+    from qwenlocal.weights import checkpoint
 
     calls = {"n": 0}
     original = checkpoint.ShardWriter.add
@@ -276,14 +276,14 @@ def test_write_error_midway_leaves_nothing(src, tmp_path, monkeypatch):
 
 
 def test_crash_midway_leaves_nothing(src, tmp_path, monkeypatch):
-    import qwenlocal.quantize
+    import qwenlocal.weights.quantize
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qwenlocal.quantize, "pack", boom)
+    monkeypatch.setattr(qwenlocal.weights.quantize, "pack", boom)
     with pytest.raises(KeyboardInterrupt):
-        qwenlocal.quantize.quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("mixed"))
+        qwenlocal.weights.quantize.quantize_checkpoint(src, tmp_path / "out", Recipe.from_preset("mixed"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -328,7 +328,11 @@ def test_generate_on_quantized_folder(quantized):
 
 def test_random_quantized_checkpoint_without_a_16bit_source(tmp_path):
     """The GPU benchmark's way to build the full-size model: quantized straight from random tensors."""
-    from qwenlocal.random_checkpoint import RandomSource, config_dict, write_random_quantized_checkpoint
+    from qwenlocal.weights.random_checkpoint import (
+        RandomSource,
+        config_dict,
+        write_random_quantized_checkpoint,
+    )
 
     overrides = {**TINY, "num_hidden_layers": 2}
     out = write_random_quantized_checkpoint(tmp_path / "rq", overrides, preset="nf4")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from quant import moe_kernels
-from qwenlocal import load_model, selfcheck
-from qwenlocal.generate import Generator, SamplingParams
+from qwenlocal import load_model
+from qwenlocal.generation.generate import Generator, SamplingParams
+from qwenlocal.model import selfcheck
 
 from .conftest import TINY
 

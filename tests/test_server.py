@@ -20,10 +20,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from qwenlocal.app.openai_api import StopBuffer
 from qwenlocal.cli import app
-from qwenlocal.openai_api import StopBuffer
-from qwenlocal.reasoning import ReasoningSplitter, split_reasoning
-from qwenlocal.tokenizer import Tokenizer
+from qwenlocal.generation.reasoning import ReasoningSplitter, split_reasoning
+from qwenlocal.generation.tokenizer import Tokenizer
 
 HOST = "127.0.0.1"
 KEY = "sk-test-key"
@@ -562,7 +562,7 @@ class LocalServer(Client):
     def __init__(self, engine, api_key: str | None = None):
         import uvicorn
 
-        from qwenlocal.server import create_app
+        from qwenlocal.app.server import create_app
 
         self.engine, self.port = engine, free_port()
         config = uvicorn.Config(create_app(engine, api_key), host=HOST, port=self.port, log_level="error")
@@ -590,7 +590,7 @@ def tiny_parts(tiny_ckpt):
 @pytest.fixture
 def local(tiny_parts):
     """make(tokenizer=..., defaults=...) -> a LocalServer on the tiny model; stopped after the test."""
-    from qwenlocal.engine import Engine
+    from qwenlocal.generation.engine import Engine
 
     made = []
 
@@ -653,7 +653,7 @@ def test_shutting_down_answers_503_with_retry_after(local):
 
 
 def test_server_wide_sampling_defaults(local):
-    from qwenlocal.options import SamplingOptions
+    from qwenlocal.planning.options import SamplingOptions
 
     # top_k 1 makes any temperature greedy; max_tokens 4 ends every reply that gives none
     s = local(defaults=SamplingOptions(temperature=5.0, top_k=1, max_tokens=4))

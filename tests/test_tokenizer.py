@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qwenlocal.config import BUILTIN_DIR
 from qwenlocal.errors import UserError
-from qwenlocal.tokenizer import CHATML_TEMPLATE, Tokenizer
+from qwenlocal.generation.tokenizer import CHATML_TEMPLATE, Tokenizer
+from qwenlocal.model.config import BUILTIN_DIR
 
 QWEN3_DIR = BUILTIN_DIR  # the real Qwen3 tokenizer files, shipped with the package
 
