@@ -27,6 +27,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -78,6 +79,23 @@ def pick_kernel(q: QTensor, x: Tensor):
         if q.fmt in ("nf4", "fp4") and q.shape[1] % q.blocksize == 0 and bnb_4bit_faster_on_cpu():
             return bnb_matmul_4bit
     return plain
+
+
+def row_kernel(q: QTensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    """x [1, in] (contiguous, `dtype`, on the CPU) -> x @ W.T through the kernel `pick_kernel` picks
+    for one such row, bound once: a decode step calls it for each of its experts' matrices without
+    the dispatch's checks. None where that pick is not one of torch's int8 / int4 kernels."""
+    if q.device.type != "cpu" or dtype not in _KERNEL_DTYPES or not is_aligned(q.weight):
+        return None
+    w = q.weight
+    if q.fmt == "int4" and q.packing != "plain" and dtype == torch.bfloat16:
+        assert q.scale_zero is not None
+        scale_zero, group = q.scale_zero, q.blocksize
+        return lambda x: torch._weight_int4pack_mm_for_cpu(x, w, group, scale_zero)
+    if q.fmt == "int8":
+        scales = int8_scales(q, dtype)
+        return lambda x: torch._weight_int8pack_mm(x, w, scales)
+    return None
 
 
 def is_aligned(t: Tensor) -> bool:
