@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 NAME = "qwenlocal_cpu_moe"
+MAX_PICKS = 64  # the most experts a token picks that the operator takes (its sort buffer)
 _SOURCE = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -34,25 +35,31 @@ _SOURCE = r"""
 at::Tensor moe_int4_row(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                         const at::Tensor& blob, at::IntArrayRef offs, int64_t hidden, int64_t inter,
                         int64_t group) {
-  auto sorted = ids.sort();
-  auto order = std::get<1>(sorted);
-  auto id = std::get<0>(sorted).contiguous();
-  auto w = weights.index_select(0, order);
-  const int64_t* idp = id.data_ptr<int64_t>();
+  TORCH_CHECK(blob.is_contiguous() && ids.numel() <= 64, "moe_int4_row: a contiguous blob, k <= 64");
+  const int64_t k = ids.numel(), nbytes = blob.size(1), base = blob.storage_offset();
+  at::Tensor idc = ids.contiguous();
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  int64_t order[64];  // the picks in increasing expert id (insertion sort: k is 8)
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t i = j;
+    for (; i > 0 && idp[order[i - 1]] > idp[j]; --i) order[i] = order[i - 1];
+    order[i] = j;
+  }
+  at::Tensor b16 = blob.view(at::kBFloat16);
   at::Tensor out;
-  for (int64_t j = 0; j < id.numel(); ++j) {
-    at::Tensor row = blob.select(0, idp[j]);
-    auto part = [&](int64_t i, int64_t n, int64_t k) {
-      return row.narrow(0, offs[i], n * k / 2).view({n, k / 2});
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t row = base + idp[order[j]] * nbytes;
+    auto w = [&](int64_t i, int64_t n, int64_t kk) {
+      return blob.as_strided({n, kk / 2}, {kk / 2, 1}, row + offs[i]);
     };
-    auto sz = [&](int64_t i, int64_t n, int64_t k) {
-      return row.narrow(0, offs[i], (k / group) * n * 4).view(at::kBFloat16).view({k / group, n, 2});
+    auto sz = [&](int64_t i, int64_t n, int64_t kk) {
+      return b16.as_strided({kk / group, n, 2}, {n * 2, 2, 1}, (row + offs[i]) / 2);
     };
-    at::Tensor g = at::_weight_int4pack_mm_for_cpu(x, part(0, inter, hidden), group, sz(1, inter, hidden));
-    at::Tensor u = at::_weight_int4pack_mm_for_cpu(x, part(2, inter, hidden), group, sz(3, inter, hidden));
+    at::Tensor g = at::_weight_int4pack_mm_for_cpu(x, w(0, inter, hidden), group, sz(1, inter, hidden));
+    at::Tensor u = at::_weight_int4pack_mm_for_cpu(x, w(2, inter, hidden), group, sz(3, inter, hidden));
     at::Tensor h = at::silu(g).mul_(u);
-    at::Tensor y = at::_weight_int4pack_mm_for_cpu(h, part(4, hidden, inter), group, sz(5, hidden, inter));
-    y = y * w.select(0, j);
+    at::Tensor y = at::_weight_int4pack_mm_for_cpu(h, w(4, hidden, inter), group, sz(5, hidden, inter));
+    y.mul_(weights.select(0, order[j]));
     out = j == 0 ? y : out.add_(y);
   }
   return out;

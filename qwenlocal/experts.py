@@ -257,6 +257,8 @@ class QuantExperts(Experts):
                 all(s is not None and s.fmt == "int4" and s.packing.startswith("cpu-") for s in specs)
                 and len({s.blocksize for s in specs}) == 1
                 and self.layout.nbytes % KERNEL_ALIGN == 0
+                and self.config.num_experts_per_tok <= cpu_moe.MAX_PICKS
+                and all(b.is_contiguous() for b in self.blobs.values())
                 and all(is_aligned(b) and b.device.type == "cpu" for b in self.blobs.values())
                 and all(o % KERNEL_ALIGN == 0 for o in offsets.values())
             )
