@@ -12,8 +12,9 @@
     cuda    int8 / int4   dequantize + GEMM
 
 `plain` (dequantize, then F.linear) is the reference every other path equals within bf16 rounding;
-the tests hold each kernel to it. An fp32 x always takes the plain path on the CPU (exact, and
-torch's int8/int4 CPU kernels are slow in fp32). The crossover is timed once per process on this
+the tests hold each kernel to it. An fp32 x with few rows takes the int8/int4 kernels through bf16
+(torch's kernels are slow in fp32, and the plain path ~7x slower at one row); with more rows, and
+for the other formats, it takes the plain path (exact up to fp32 summation). The crossover is timed once per process on this
 CPU (`kernel_max_rows`): the kernels' time grows with the rows and the GEMM's barely, and where
 they cross depends on the CPU (16 rows on an AVX2 EPYC, 32-64 on AVX512-BF16 ones: BENCHMARKS.md).
 On the CPU the GEMM runs in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX) and in fp32
@@ -69,6 +70,14 @@ def pick_kernel(q: QTensor, x: Tensor):
     rows = x.numel() // x.shape[-1]
     if x.is_cuda:
         return bnb_matmul_4bit if q.fmt in ("nf4", "fp4") else plain
+    if x.dtype == torch.float32 and q.fmt in ("int8", "int4") and is_aligned(q.weight):
+        # float32 activations (load_model's float32 models): decode-sized rows go through the
+        # kernels in bf16 (the dequantize path would cost ~7x); more rows keep the exact fp32 path
+        if q.fmt == "int8" and rows <= kernel_max_rows("int8"):
+            return int8_kernel_cpu
+        if q.fmt == "int4" and q.packing != "plain" and rows <= kernel_max_rows("int4"):
+            return int4_kernel_cpu
+        return plain
     if x.dtype in _KERNEL_DTYPES and is_aligned(q.weight):
         if q.fmt == "int8":
             return int8_kernel_cpu if rows <= kernel_max_rows("int8") else int8_gemm_cpu
@@ -128,8 +137,12 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
 
 
 def int8_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
-    """torch's int8 weight-only kernel on the bnb int8 bytes as stored: x @ (w * scale).T."""
-    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q.weight, int8_scales(q, x.dtype))
+    """torch's int8 weight-only kernel on the bnb int8 bytes as stored: x @ (w * scale).T (an fp32 x
+    in bf16: torch's kernel is slow in fp32)."""
+    if x.dtype in _KERNEL_DTYPES:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q.weight, int8_scales(q, x.dtype))
+    xb = x.to(torch.bfloat16).contiguous()
+    return torch.ops.aten._weight_int8pack_mm(xb, q.weight, int8_scales(q, torch.bfloat16)).to(x.dtype)
 
 
 def int8_gemm_cpu(x: Tensor, q: QTensor) -> Tensor:

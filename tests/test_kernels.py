@@ -151,14 +151,14 @@ def test_int4_paths_equal_the_dequantized_linear(rows, xdtype):
     q = to_kernel_layout(quantize(w, "int4", 64))
     x = torch.randn(rows, 256).to(xdtype)
     ref = F.linear(x.double(), int4_from_spec(*_stored_int4(w, 64), 64))
-    expected = int4_kernel_cpu if rows <= kernel_max_rows("int4") and xdtype != torch.float32 else plain
+    expected = int4_kernel_cpu if rows <= kernel_max_rows("int4") else plain  # fp32 too, in bf16
     assert pick_kernel(q, x) is expected
     for kernel in (int4_kernel_cpu, plain):
         y = kernel(x, q)
         assert y.dtype == xdtype
         bf16_close(y, ref)
     y = qlinear(x, q)
-    if xdtype == torch.float32:  # the plain path is exact up to fp32 summation
+    if expected is plain and xdtype == torch.float32:  # exact up to fp32 summation
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -178,10 +178,10 @@ def test_int8_paths_equal_bnb_dequantized_linear(rows, xdtype):
     ref = F.linear(
         x := torch.randn(rows, 256).to(xdtype), bnbf.int8_vectorwise_dequant(data, row_stats).to(x.dtype)
     )
-    if xdtype == torch.float32:
-        expected = plain
+    if rows <= kernel_max_rows("int8"):
+        expected = int8_kernel_cpu  # fp32 too, in bf16
     else:
-        expected = int8_kernel_cpu if rows <= kernel_max_rows("int8") else int8_gemm_cpu
+        expected = plain if xdtype == torch.float32 else int8_gemm_cpu
     assert pick_kernel(q, x) is expected
     for kernel in (int8_kernel_cpu, int8_gemm_cpu, plain):
         y = kernel(x, q)
@@ -352,24 +352,44 @@ def test_kernel_crossover_is_the_last_row_count_where_the_kernel_was_faster(monk
     finally:
         kernel_max_rows.cache_clear()
     ladder = list(KERNEL_ROWS_LADDER)
-    want = 1 if loses_at == ladder[0] else ladder[-1] if loses_at is None else ladder[ladder.index(loses_at) - 1]
+    want = (
+        1 if loses_at == ladder[0] else ladder[-1] if loses_at is None else ladder[ladder.index(loses_at) - 1]
+    )
     assert got == want
     stop = len(ladder) if loses_at is None else ladder.index(loses_at) + 1
     assert len(timed) == 2 * stop
 
 
 def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckpt):
-    """The same quantized model: bf16 decode-sized inputs take torch's int8/int4 kernels, fp32
-    inputs the plain path; the logits agree within bf16 rounding."""
+    """The same quantized model: bf16 decode-sized inputs take torch's int8/int4 kernels; fp32
+    inputs through the plain path only (the reference); the logits agree within bf16 rounding.
+    fp32 inputs left to the dispatch take the kernels too, within bf16 rounding of the reference."""
     from qwenlocal import load_model
 
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     with torch.inference_mode():
         fast = load_model(small_ckpt, dtype=torch.bfloat16, quant="mixed")
         assert fast.experts.layout.specs["down_proj"].packing == cpu_packing()
-        plain_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
-        a, b = fast(ids).float(), plain_model(ids)
+        fp32_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
+        a, fp32_fast = fast(ids).float(), fp32_model(ids)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "pick_kernel", lambda q, x: kernels.plain)
+            b = fp32_model(ids)
     assert ((a - b).norm() / b.norm()).item() < 0.03
+    assert ((fp32_fast - b).norm() / b.norm()).item() < 0.03
+
+
+def test_fp32_decode_rows_take_the_kernels():
+    """load_model's float32 on a quantized folder: one row goes through torch's kernels in bf16."""
+    x = torch.randn(1, 256)
+    q8 = quantize(weights((96, 256)), "int8")
+    assert pick_kernel(q8, x) is int8_kernel_cpu
+    q4 = to_kernel_layout(quantize(weights((128, 256)), "int4", 64))
+    if q4.packing != "plain":
+        assert pick_kernel(q4, x) is int4_kernel_cpu
+    y = qlinear(x, q8)
+    assert y.dtype == torch.float32
+    bf16_close(y, F.linear(x.double(), dequantize(q8).double()))
 
 
 def test_the_crossover_is_timed_once_when_threads_ask_together(monkeypatch):
