@@ -12,9 +12,9 @@
     cuda    int8 / int4   dequantize + GEMM
 
 `plain` (dequantize, then F.linear) is the reference every other path equals within bf16 rounding;
-the tests hold each kernel to it. An fp32 x with few rows takes the int8/int4 kernels through bf16
-(torch's kernels are slow in fp32, and the plain path ~7x slower at one row); with more rows, and
-for the other formats, it takes the plain path (exact up to fp32 summation). The crossover is timed once per process on this
+the tests hold each kernel to it. An fp32 x takes the plain path (exact up to fp32 summation);
+a float32 model's decode token goes through the kernels in bf16 instead (`decode_in_bf16`: its
+callers, the quantized linear layers and the experts, know when a row is a decode token). The crossover is timed once per process on this
 CPU (`kernel_max_rows`): the kernels' time grows with the rows and the GEMM's barely, and where
 they cross depends on the CPU (16 rows on an AVX2 EPYC, 32-64 on AVX512-BF16 ones: BENCHMARKS.md).
 On the CPU the GEMM runs in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX) and in fp32
@@ -70,14 +70,6 @@ def pick_kernel(q: QTensor, x: Tensor):
     rows = x.numel() // x.shape[-1]
     if x.is_cuda:
         return bnb_matmul_4bit if q.fmt in ("nf4", "fp4") else plain
-    if x.dtype == torch.float32 and q.fmt in ("int8", "int4") and is_aligned(q.weight):
-        # float32 activations (load_model's float32 models): decode-sized rows go through the
-        # kernels in bf16 (the dequantize path would cost ~7x); more rows keep the exact fp32 path
-        if q.fmt == "int8" and rows <= kernel_max_rows("int8"):
-            return int8_kernel_cpu
-        if q.fmt == "int4" and q.packing != "plain" and rows <= kernel_max_rows("int4"):
-            return int4_kernel_cpu
-        return plain
     if x.dtype in _KERNEL_DTYPES and is_aligned(q.weight):
         if q.fmt == "int8":
             return int8_kernel_cpu if rows <= kernel_max_rows("int8") else int8_gemm_cpu
@@ -88,6 +80,19 @@ def pick_kernel(q: QTensor, x: Tensor):
         if q.fmt in ("nf4", "fp4") and q.shape[1] % q.blocksize == 0 and bnb_4bit_faster_on_cpu():
             return bnb_matmul_4bit
     return plain
+
+
+def decode_in_bf16(x: Tensor, q: QTensor) -> bool:
+    """Whether x, a float32 model's decode token [1, in] on the CPU, should go through q's int8 /
+    int4 kernel in bf16: the plain path would dequantize the whole matrix for that one row (a
+    float32 model decoded ~7x slower than a bf16 one), and torch's kernels are slow in fp32."""
+    return (
+        x.dtype == torch.float32
+        and not x.is_cuda
+        and x.numel() == x.shape[-1]
+        and (q.fmt == "int8" or (q.fmt == "int4" and q.packing != "plain"))
+        and is_aligned(q.weight)
+    )
 
 
 def row_kernel(q: QTensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:

@@ -240,7 +240,11 @@ class QuantExperts(Experts):
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """On the CPU, int4 experts in one call to quant.cpu_moe's operator once it is built (the
-        same ops, in the same order, as the loop it replaces)."""
+        same ops, in the same order, as the loop it replaces); a float32 token through it in bf16."""
+        if x.dtype == torch.float32 and not x.is_cuda and self.fused_args() is not None:
+            # a float32 model's decode token: the int4 kernels in bf16 (kernels.decode_in_bf16)
+            bf16 = torch.bfloat16
+            return self.one_token(layer, x.to(bf16), ids, weights.to(bf16)).to(x.dtype)
         if not x.is_cuda and x.dtype == torch.bfloat16 and ids.dtype == torch.int64:
             args = self.fused_args()
             if args is not None and cpu_moe.ready():

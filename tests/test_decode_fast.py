@@ -77,3 +77,17 @@ def test_experts_the_operator_cannot_read_take_the_python_loop():
     assert ex.fused_args() is None
     ex4, _ = make_experts("int4", False, hidden=128, inter=64)  # stored layout, not repacked
     assert ex4.fused_args() is None
+
+
+def test_a_float32_decode_token_goes_through_the_int4_kernels_in_bf16():
+    from quant.int4 import cpu_packing
+
+    if cpu_packing() is None:
+        pytest.skip("this CPU's int4 layout is not one we pack")
+    ex, _ = kernel_experts("int4")
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(6))
+    ids, w = routing(1, 2, dtype=torch.float32)
+    with torch.inference_mode():
+        got = ex.one_token(0, x, ids[0], w[0])
+        want = ex.one_token(0, x.bfloat16(), ids[0], w[0].bfloat16()).float()
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -151,7 +151,7 @@ def test_int4_paths_equal_the_dequantized_linear(rows, xdtype):
     q = to_kernel_layout(quantize(w, "int4", 64))
     x = torch.randn(rows, 256).to(xdtype)
     ref = F.linear(x.double(), int4_from_spec(*_stored_int4(w, 64), 64))
-    expected = int4_kernel_cpu if rows <= kernel_max_rows("int4") else plain  # fp32 too, in bf16
+    expected = int4_kernel_cpu if rows <= kernel_max_rows("int4") and xdtype != torch.float32 else plain
     assert pick_kernel(q, x) is expected
     for kernel in (int4_kernel_cpu, plain):
         y = kernel(x, q)
@@ -178,10 +178,10 @@ def test_int8_paths_equal_bnb_dequantized_linear(rows, xdtype):
     ref = F.linear(
         x := torch.randn(rows, 256).to(xdtype), bnbf.int8_vectorwise_dequant(data, row_stats).to(x.dtype)
     )
-    if rows <= kernel_max_rows("int8"):
-        expected = int8_kernel_cpu  # fp32 too, in bf16
+    if xdtype == torch.float32:
+        expected = plain
     else:
-        expected = plain if xdtype == torch.float32 else int8_gemm_cpu
+        expected = int8_kernel_cpu if rows <= kernel_max_rows("int8") else int8_gemm_cpu
     assert pick_kernel(q, x) is expected
     for kernel in (int8_kernel_cpu, int8_gemm_cpu, plain):
         y = kernel(x, q)
@@ -363,7 +363,7 @@ def test_kernel_crossover_is_the_last_row_count_where_the_kernel_was_faster(monk
 def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckpt):
     """The same quantized model: bf16 decode-sized inputs take torch's int8/int4 kernels; fp32
     inputs through the plain path only (the reference); the logits agree within bf16 rounding.
-    fp32 inputs left to the dispatch take the kernels too, within bf16 rounding of the reference."""
+    An fp32 decode row left to the dispatch takes the kernels too, within bf16 rounding of it."""
     from qwenlocal import load_model
 
     ids = torch.tensor([[1, 5, 9, 200, 7]])
@@ -371,25 +371,26 @@ def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckp
         fast = load_model(small_ckpt, dtype=torch.bfloat16, quant="mixed")
         assert fast.experts.layout.specs["down_proj"].packing == cpu_packing()
         fp32_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
-        a, fp32_fast = fast(ids).float(), fp32_model(ids)
+        a, one_fast = fast(ids).float(), fp32_model(ids[:, :1])
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(kernels, "pick_kernel", lambda q, x: kernels.plain)
-            b = fp32_model(ids)
+            b, one_plain = fp32_model(ids), fp32_model(ids[:, :1])
     assert ((a - b).norm() / b.norm()).item() < 0.03
-    assert ((fp32_fast - b).norm() / b.norm()).item() < 0.03
+    assert ((one_fast - one_plain).norm() / one_plain.norm()).item() < 0.03
 
 
-def test_fp32_decode_rows_take_the_kernels():
-    """load_model's float32 on a quantized folder: one row goes through torch's kernels in bf16."""
+def test_a_float32_models_decode_token_takes_the_kernels_in_bf16(monkeypatch):
+    """load_model's float32 on a quantized folder: a decode row of a quantized linear layer goes
+    through torch's kernel in bf16; more rows keep the exact path."""
+    lin = QuantLinear.from_linear(weights((96, 256)), "int8")
+    calls = []
+    monkeypatch.setattr(kernels, "int8_kernel_cpu", lambda x, q: calls.append(x.dtype) or plain(x, q))
     x = torch.randn(1, 256)
-    q8 = quantize(weights((96, 256)), "int8")
-    assert pick_kernel(q8, x) is int8_kernel_cpu
-    q4 = to_kernel_layout(quantize(weights((128, 256)), "int4", 64))
-    if q4.packing != "plain":
-        assert pick_kernel(q4, x) is int4_kernel_cpu
-    y = qlinear(x, q8)
-    assert y.dtype == torch.float32
-    bf16_close(y, F.linear(x.double(), dequantize(q8).double()))
+    y = lin(x)
+    assert calls == [torch.bfloat16] and y.dtype == torch.float32
+    bf16_close(y, F.linear(x.double(), lin.dequantized_weight(torch.float32).double()))
+    assert kernels.decode_in_bf16(x, lin.qtensor)
+    assert not kernels.decode_in_bf16(torch.randn(2, 256), lin.qtensor)
 
 
 def test_the_crossover_is_timed_once_when_threads_ask_together(monkeypatch):
