@@ -52,10 +52,12 @@ def ours(folder, decode: int, prefills: list[int]) -> dict[str, float]:
 
 def llama(bench: str, gguf: str, decode: int, prefills: list[int], threads: int) -> dict[str, float]:
     args = [bench, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json"]
-    args += ["-n", str(decode), "-p", ",".join(str(p) for p in prefills)]
+    args += ["-n", str(decode), "-p", ",".join(str(p) for p in prefills) or "0"]
     rows = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
     out = {}
     for r in rows:
+        if not r["n_gen"] and not r["n_prompt"]:
+            continue
         key = "decode" if r["n_gen"] else f"prefill {r['n_prompt']}"
         out[key] = r["avg_ts"]
     return out
