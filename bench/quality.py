@@ -8,6 +8,8 @@ error is over every expert matrix. int4 "min/max" is the plain range fit; the ot
 default least-squares refit (quant/int4.py).
 
     python bench/quality.py
+    python bench/quality.py --attention    (attention in int8 / int4 g64 / int4 g128, experts int8,
+                                            lm_head 16-bit: what 4-bit attention costs, for the recipe)
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ FORMATS = [
     ("int4 g128, min/max", {"fmt4": "int4", "group_size": 128}, 0),
     ("int8 row-wise", {"attn_bits": 8, "expert_bits": 8}, None),
 ]
+# --attention: attention in each format, experts int8 (the loader quantizes both or neither) and
+# lm_head 16-bit: the differences between rows are attention's
+ATTENTION = [
+    ("attention int8 row-wise", {"attn_bits": 8}, None),
+    ("attention int4 g64", {"attn_bits": 4, "fmt4": "int4", "group_size": 64}, None),
+    ("attention int4 g128", {"attn_bits": 4, "fmt4": "int4", "group_size": 128}, None),
+]
 
 
 def student_t_tensor(name, shape, gen, dtype, device="cpu"):
@@ -69,10 +78,14 @@ def write(folder: Path, dist: str) -> Path:
         rc.random_tensor = rc.gaussian_tensor
 
 
-def weight_error(ckpt: Checkpoint, spec_of) -> tuple[float, float]:
+def weight_error(ckpt: Checkpoint, spec_of, cls: str = "experts") -> tuple[float, float]:
     num = den = bits = n = 0.0
     for name in ckpt.weight_map:
-        if ".mlp.experts." not in name:
+        if (
+            (".self_attn." not in name or "norm" in name)
+            if cls == "attention"
+            else ".mlp.experts." not in name
+        ):
             continue
         w = ckpt.get(name)
         spec = spec_of(tuple(w.shape))
@@ -88,7 +101,10 @@ def weight_error(ckpt: Checkpoint, spec_of) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probe", type=int, default=128)
+    ap.add_argument("--attention", action="store_true", help="quantize attention alone")
     args = ap.parse_args()
+    formats = ATTENTION if args.attention else FORMATS
+    base = {"attn_bits": 4, "expert_bits": 8 if args.attention else 4, "lm_head_bits": 16}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dist in ("gauss", "t3"):
@@ -97,13 +113,13 @@ def main() -> None:
             with torch.inference_mode():
                 ref = load_model(folder, dtype=torch.float32, quant="bf16")(ids)[0]
             ckpt = Checkpoint(folder)
-            for name, overrides, refit in FORMATS:
-                base = {"attn_bits": 4, "expert_bits": 4, "lm_head_bits": 16}
+            for name, overrides, refit in formats:
                 recipe = dataclasses.replace(Recipe(), **{**base, **overrides}, preset=name)
                 saved = int4.REFIT_ITERS
                 int4.REFIT_ITERS = saved if refit is None else refit
                 try:
-                    err, bpw = weight_error(ckpt, lambda shape, r=recipe: r.spec("experts", shape))
+                    cls = "attention" if args.attention else "experts"
+                    err, bpw = weight_error(ckpt, lambda shape, r=recipe, c=cls: r.spec(c, shape), cls)
                     with torch.inference_mode():
                         got = load_model(folder, dtype=torch.float32, quant=recipe)(ids)[0]
                 finally:
@@ -122,12 +138,13 @@ def main() -> None:
                 print(" | ".join(rows[-1]), flush=True)
             ckpt.close()
     print(f"machine: {machine()}")
-    print(f"model: random, {CONFIG}, real vocabulary; probe {args.probe} tokens; lm_head 16-bit")
+    rest = "experts int8, lm_head 16-bit" if args.attention else "lm_head 16-bit"
+    print(f"model: random, {CONFIG}, real vocabulary; probe {args.probe} tokens; {rest}")
     print(
         markdown_table(
             [
                 "weights",
-                "format (attention + experts)",
+                "format (attention)" if args.attention else "format (attention + experts)",
                 "bits/weight",
                 "rel. weight error",
                 "KL mean",

@@ -12,8 +12,9 @@
     cuda    int8 / int4   dequantize + GEMM
 
 `plain` (dequantize, then F.linear) is the reference every other path equals within bf16 rounding;
-the tests hold each kernel to it. An fp32 x always takes the plain path on the CPU (exact, and
-torch's int8/int4 CPU kernels are slow in fp32). The crossover is timed once per process on this
+the tests hold each kernel to it. An fp32 x takes the plain path (exact up to fp32 summation);
+a float32 model's decode token goes through the kernels in bf16 instead (`decode_in_bf16`: its
+callers, the quantized linear layers and the experts, know when a row is a decode token). The crossover is timed once per process on this
 CPU (`kernel_max_rows`): the kernels' time grows with the rows and the GEMM's barely, and where
 they cross depends on the CPU (16 rows on an AVX2 EPYC, 32-64 on AVX512-BF16 ones: BENCHMARKS.md).
 On the CPU the GEMM runs in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX) and in fp32
@@ -27,6 +28,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -81,6 +83,36 @@ def pick_kernel(q: QTensor, x: Tensor):
     return plain
 
 
+def decode_in_bf16(x: Tensor, q: QTensor) -> bool:
+    """Whether x, a float32 model's decode token [1, in] on the CPU, should go through q's int8 /
+    int4 kernel in bf16: the plain path would dequantize the whole matrix for that one row (a
+    float32 model decoded ~7x slower than a bf16 one), and torch's kernels are slow in fp32."""
+    return (
+        x.dtype == torch.float32
+        and not x.is_cuda
+        and x.numel() == x.shape[-1]
+        and (q.fmt == "int8" or (q.fmt == "int4" and q.packing != "plain"))
+        and is_aligned(q.weight)
+    )
+
+
+def row_kernel(q: QTensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+    """x [1, in] (contiguous, `dtype`, on the CPU) -> x @ W.T through the kernel `pick_kernel` picks
+    for one such row, bound once: a decode step calls it for each of its experts' matrices without
+    the dispatch's checks. None where that pick is not one of torch's int8 / int4 kernels."""
+    if q.device.type != "cpu" or dtype not in _KERNEL_DTYPES or not is_aligned(q.weight):
+        return None
+    w = q.weight
+    if q.fmt == "int4" and q.packing != "plain" and dtype == torch.bfloat16:
+        assert q.scale_zero is not None
+        scale_zero, group = q.scale_zero, q.blocksize
+        return lambda x: torch._weight_int4pack_mm_for_cpu(x, w, group, scale_zero)
+    if q.fmt == "int8":
+        scales = int8_scales(q, dtype)
+        return lambda x: torch._weight_int8pack_mm(x, w, scales)
+    return None
+
+
 def is_aligned(t: Tensor) -> bool:
     return t.data_ptr() % KERNEL_ALIGN == 0
 
@@ -112,8 +144,12 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
 
 
 def int8_kernel_cpu(x: Tensor, q: QTensor) -> Tensor:
-    """torch's int8 weight-only kernel on the bnb int8 bytes as stored: x @ (w * scale).T."""
-    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q.weight, int8_scales(q, x.dtype))
+    """torch's int8 weight-only kernel on the bnb int8 bytes as stored: x @ (w * scale).T (an fp32 x
+    in bf16: torch's kernel is slow in fp32)."""
+    if x.dtype in _KERNEL_DTYPES:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q.weight, int8_scales(q, x.dtype))
+    xb = x.to(torch.bfloat16).contiguous()
+    return torch.ops.aten._weight_int8pack_mm(xb, q.weight, int8_scales(q, torch.bfloat16)).to(x.dtype)
 
 
 def int8_gemm_cpu(x: Tensor, q: QTensor) -> Tensor:

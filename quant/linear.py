@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import moe_kernels
 from .formats import QTensor, dequantize, quantize
-from .kernels import qlinear, to_kernel_layout
+from .kernels import decode_in_bf16, qlinear, to_kernel_layout
 from .spec import DEFAULT_BLOCKSIZE, PARTS, QSpec
 
 
@@ -85,6 +85,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cuda:  # the op's CPU body is qlinear; calling it here keeps q's kernel cache
+            if decode_in_bf16(x, self.qtensor):
+                return qlinear(x.to(torch.bfloat16), self.qtensor, self.bias).to(x.dtype)
             return qlinear(x, self.qtensor, self.bias)
         return qmatmul(x, self.qtensor, self.bias)
 

@@ -158,7 +158,7 @@ def test_int4_paths_equal_the_dequantized_linear(rows, xdtype):
         assert y.dtype == xdtype
         bf16_close(y, ref)
     y = qlinear(x, q)
-    if xdtype == torch.float32:  # the plain path is exact up to fp32 summation
+    if expected is plain and xdtype == torch.float32:  # exact up to fp32 summation
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -361,17 +361,36 @@ def test_kernel_crossover_is_the_last_row_count_where_the_kernel_was_faster(monk
 
 
 def test_model_in_bf16_through_the_kernels_matches_the_plain_fp32_path(small_ckpt):
-    """The same quantized model: bf16 decode-sized inputs take torch's int8/int4 kernels, fp32
-    inputs the plain path; the logits agree within bf16 rounding."""
+    """The same quantized model: bf16 decode-sized inputs take torch's int8/int4 kernels; fp32
+    inputs through the plain path only (the reference); the logits agree within bf16 rounding.
+    An fp32 decode row left to the dispatch takes the kernels too, within bf16 rounding of it."""
     from qwenlocal import load_model
 
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     with torch.inference_mode():
         fast = load_model(small_ckpt, dtype=torch.bfloat16, quant="mixed")
         assert fast.experts.layout.specs["down_proj"].packing == cpu_packing()
-        plain_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
-        a, b = fast(ids).float(), plain_model(ids)
+        fp32_model = load_model(small_ckpt, dtype=torch.float32, quant="mixed")
+        a, one_fast = fast(ids).float(), fp32_model(ids[:, :1])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "pick_kernel", lambda q, x: kernels.plain)
+            b, one_plain = fp32_model(ids), fp32_model(ids[:, :1])
     assert ((a - b).norm() / b.norm()).item() < 0.03
+    assert ((one_fast - one_plain).norm() / one_plain.norm()).item() < 0.03
+
+
+def test_a_float32_models_decode_token_takes_the_kernels_in_bf16(monkeypatch):
+    """load_model's float32 on a quantized folder: a decode row of a quantized linear layer goes
+    through torch's kernel in bf16; more rows keep the exact path."""
+    lin = QuantLinear.from_linear(weights((96, 256)), "int8")
+    calls = []
+    monkeypatch.setattr(kernels, "int8_kernel_cpu", lambda x, q: calls.append(x.dtype) or plain(x, q))
+    x = torch.randn(1, 256)
+    y = lin(x)
+    assert calls == [torch.bfloat16] and y.dtype == torch.float32
+    bf16_close(y, F.linear(x.double(), lin.dequantized_weight(torch.float32).double()))
+    assert kernels.decode_in_bf16(x, lin.qtensor)
+    assert not kernels.decode_in_bf16(torch.randn(2, 256), lin.qtensor)
 
 
 def test_the_crossover_is_timed_once_when_threads_ask_together(monkeypatch):

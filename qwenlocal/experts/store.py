@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.kernels import kernel_pack_layout, qlinear
+from quant import cpu_moe
+from quant.kernels import KERNEL_ALIGN, is_aligned, kernel_pack_layout, qlinear, row_kernel
 from quant.pack import unpack
 from qwenlocal.experts.cache_stats import CacheStats
 from qwenlocal.experts.pinned import host_empty
@@ -221,6 +222,8 @@ class QuantExperts(Experts):
             for layer in config.moe_layers
         }
         self._views: dict[tuple[int, int], dict] = {}
+        self._row_kernels: dict[tuple[int, int, torch.dtype], tuple | None] = {}
+        self._fused: tuple | None = None
 
     def allocate(self, device: torch.device | str, pin: bool = False) -> None:
         """Every layer's blobs on `device`; pinned host blobs are slices of one page-locked
@@ -235,7 +238,7 @@ class QuantExperts(Experts):
         else:
             for layer, shape in shapes.items():
                 self.blobs[layer] = torch.empty(shape, dtype=torch.uint8, device=device)
-        self._views.clear()
+        self.forget_views()
 
     def set_blob(self, layer: int, expert: int, blob: torch.Tensor) -> None:
         self.blobs[layer][expert].copy_(blob)
@@ -244,7 +247,7 @@ class QuantExperts(Experts):
         """Once every blob is loaded: repack them in place for the kernels of their device (int4 on
         the CPU: quant/int4.py); the layout then says so. A no-op for other formats."""
         self.layout = kernel_pack_layout(self.layout, list(self.blobs.values()))
-        self._views.clear()
+        self.forget_views()
 
     @property
     def nbytes(self) -> int:
@@ -261,8 +264,69 @@ class QuantExperts(Experts):
             views = self._views[key] = unpack(self.blobs[layer][expert], self.layout)
         return views
 
+    def forget_views(self) -> None:
+        self._views.clear()
+        self._row_kernels.clear()
+        self._fused = None
+
+    def one_token(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """On the CPU, int4 experts in one call to quant.cpu_moe's operator once it is built (the
+        same ops, in the same order, as the loop it replaces); a float32 token through it in bf16."""
+        if x.dtype == torch.float32 and not x.is_cuda and self.fused_args() is not None:
+            # a float32 model's decode token: the int4 kernels in bf16 (kernels.decode_in_bf16)
+            bf16 = torch.bfloat16
+            return self.one_token(layer, x.to(bf16), ids, weights.to(bf16)).to(x.dtype)
+        if not x.is_cuda and x.dtype == torch.bfloat16 and ids.dtype == torch.int64:
+            args = self.fused_args()
+            if args is not None and cpu_moe.ready():
+                return cpu_moe.moe_int4_row(x.contiguous(), ids, weights, self.blobs[layer], *args)
+        return super().one_token(layer, x, ids, weights)
+
+    def fused_args(self) -> tuple | None:
+        """(byte offsets, hidden, intermediate, group) for quant.cpu_moe, or None where the experts
+        are not int4 in the CPU kernel layout, one group size, every piece aligned for the kernel."""
+        if self._fused is None:
+            specs = [self.layout.specs.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
+            offsets = {(sl.name, sl.part): sl.offset for sl in self.layout}
+            ok = (
+                all(s is not None and s.fmt == "int4" and s.packing.startswith("cpu-") for s in specs)
+                and len({s.blocksize for s in specs}) == 1
+                and self.layout.nbytes % KERNEL_ALIGN == 0
+                and self.config.num_experts_per_tok <= cpu_moe.MAX_PICKS
+                and all(b.is_contiguous() for b in self.blobs.values())
+                and all(is_aligned(b) and b.device.type == "cpu" for b in self.blobs.values())
+                and all(o % KERNEL_ALIGN == 0 for o in offsets.values())
+            )
+            self._fused = (False,)
+            if ok:
+                parts = [
+                    offsets[(name, part)]
+                    for name in ("gate_proj", "up_proj", "down_proj")
+                    for part in ("weight", "scale_zero")
+                ]
+                inter, hidden = specs[0].shape
+                self._fused = (parts, hidden, inter, specs[0].blocksize)
+        return None if self._fused == (False,) else self._fused
+
     def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and not x.is_cuda:  # a decode token: its kernels bound once per expert
+            kernels = self.row_kernels(layer, expert, x.dtype)
+            if kernels is not None:
+                gate, up, down = kernels
+                x = x.contiguous()
+                return down(F.silu(gate(x)).mul_(up(x)))
         return quant_swiglu(x, self.qtensors(layer, expert))
+
+    def row_kernels(self, layer: int, expert: int, dtype: torch.dtype) -> tuple | None:
+        """gate, up and down of one expert as `row_kernel` calls, or None where one is not."""
+        key = (layer, expert, dtype)
+        if key not in self._row_kernels:
+            q = self.qtensors(layer, expert)
+            fns = tuple(row_kernel(q[name], dtype) for name in ("gate_proj", "up_proj", "down_proj"))
+            self._row_kernels[key] = None if None in fns else fns
+        return self._row_kernels[key]
 
     def grouped_weights(self, layer: int):
         from quant.moe_kernels import GroupedSpec
@@ -273,7 +337,7 @@ class QuantExperts(Experts):
     def _apply(self, fn, recurse=True):  # .to(device) moves the blobs, which are not buffers
         for layer, blob in self.blobs.items():
             self.blobs[layer] = fn(blob)
-        self._views.clear()
+        self.forget_views()
         return super()._apply(fn, recurse)
 
 

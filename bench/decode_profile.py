@@ -1,0 +1,151 @@
+"""Where one CPU decode step goes: aten ops per layer, time in the matmul kernels, and the rest.
+
+Two random checkpoints, quantized with the default recipe while loading:
+- "ops": Qwen3-30B-A3B's op structure with tiny matrices (48 layers, 128 experts, top-8, hidden
+  128): a step is almost all dispatch, Python and allocation, so its ms per token is the overhead;
+- "real": the real layer shapes, 2 layers.
+
+    python bench/decode_profile.py [--models ops real] [--steps 16]
+
+Prints, per model: ms per token (best of `--steps` plain timed steps), aten ops per layer (profiler
+events at the top level of each op, from one profiled step), the matmul kernels' time, and the ms
+per token outside them (the kernels' share of the profiled step, applied to the plain one: the
+profiler slows small ops more than kernels, so "outside" is a lower bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import torch
+from common import CACHE, machine, markdown_table, real_shape_checkpoint
+from torch.profiler import ProfilerActivity, profile
+
+from qwenlocal import load_model
+
+# The op-structure model (the issue's): real depth, expert count and top-k, tiny widths.
+OPS_SHAPE = {
+    "num_hidden_layers": 48,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+}
+# The ops that read weights: what a memory-bound step should spend its time in.
+KERNELS = (
+    "aten::_weight_int4pack_mm_for_cpu",
+    "aten::_weight_int8pack_mm",
+    "aten::mm",
+    "aten::addmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def ops_checkpoint():
+    from qwenlocal.weights.random_checkpoint import write_random_checkpoint
+
+    out = CACHE / "op-structure-48L-h128-bf16"
+    if not (out / "model.safetensors.index.json").is_file():
+        write_random_checkpoint(out, OPS_SHAPE, dtype=torch.bfloat16, force=True)
+    return out
+
+
+def step_ms(model, cache, token, steps: int) -> float:
+    best = float("inf")
+    for _ in range(steps):
+        t = time.perf_counter()
+        model(token, cache=cache)
+        best = min(best, time.perf_counter() - t)
+        cache.length -= 1  # the same position every step: equal work
+    return 1000 * best
+
+
+@torch.inference_mode()
+def profile_model(folder, recipe: str, steps: int) -> dict:
+    model = load_model(folder, dtype=torch.bfloat16, quant=recipe)
+    cache = model.new_cache(64)
+    model(torch.arange(8).view(1, 8), cache=cache)
+    token = torch.tensor([[11]])
+    for _ in range(3):  # warm-up: probes, scratch buffers
+        model(token, cache=cache)
+        cache.length -= 1
+    ms = step_ms(model, cache, token, steps)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        model(token, cache=cache)
+        profiled_us = 1e6 * (time.perf_counter() - t)
+    cache.length -= 1
+    top = [e for e in prof.events() if e.name.startswith("aten::") and not _has_aten_parent(e)]
+    counts = Counter(e.name for e in top)
+    # the profiler slows the small ops more than the kernels: the kernels' share of the profiled
+    # step, applied to the unprofiled one, is an upper bound on their time
+    share = min(1.0, sum(e.cpu_time_total for e in top if e.name in KERNELS) / profiled_us)
+    layers = model.config.num_hidden_layers
+    return {
+        "ms": ms,
+        "ops": len(top),
+        "ops_per_layer": len(top) / layers,
+        "kernel_ms": ms * share,
+        "outside_ms": ms * (1 - share),
+        "top": counts.most_common(12),
+        "recipe": model.recipe.describe() if model.recipe else "16-bit",
+    }
+
+
+def _has_aten_parent(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith("aten::"):
+            return True
+        p = p.cpu_parent
+    return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["ops", "real"], choices=["ops", "real"])
+    ap.add_argument("--recipe", default="mixed")
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args()
+    print(f"machine: {machine()}; {torch.get_num_threads()} threads")
+    rows = []
+    for name in args.models:
+        folder = ops_checkpoint() if name == "ops" else real_shape_checkpoint(2)
+        r = profile_model(folder, args.recipe, args.steps)
+        label = "op structure (48 L, hidden 128)" if name == "ops" else "real shapes, 2 L"
+        rows.append(
+            [
+                label,
+                f"{r['ms']:.2f}",
+                r["ops"],
+                f"{r['ops_per_layer']:.0f}",
+                f"{r['kernel_ms']:.2f}",
+                f"{r['outside_ms']:.2f}",
+            ]
+        )
+        print(f"{label} ({r['recipe']}), most frequent top-level ops in one step:")
+        print(", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in r["top"]))
+    print()
+    print(
+        markdown_table(
+            [
+                "model",
+                "ms / token",
+                "aten ops / token",
+                "ops / layer",
+                "matmul kernels ms",
+                "outside kernels ms",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
