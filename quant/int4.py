@@ -155,7 +155,11 @@ def dequantize_int4_t(
     else:
         block, style = cpu_packing_parts(packing)
         p = weight.view(n // block, k, block // 2)
-        lo, hi = p & 15, p >> 4
+        # the nibbles into kept scratch: fresh buffers for them cost more than the shifts
+        lo = torch.bitwise_and(p, 15, out=scratch("int4_lo", p.numel(), torch.uint8, p.device).view(p.shape))
+        hi = torch.bitwise_right_shift(
+            p, 4, out=scratch("int4_hi", p.numel(), torch.uint8, p.device).view(p.shape)
+        )
         if style == "halves":  # byte j of a block: rows j (low) and j + B/2 (high)
             u4 = u.view(k, n // block, 2, block // 2)
             u4[:, :, 0].copy_(lo.permute(1, 0, 2))

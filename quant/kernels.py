@@ -138,7 +138,9 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
         assert q.scale_zero is not None
         wt = scratch("qlinear_w", q.numel, torch.float32)
         wt = dequantize_int4_t(q.weight, q.scale_zero, (n, k), q.blocksize, q.packing, wt)
-        return torch.matmul(x.to(dt), wt.to(dt)).to(x.dtype)
+        if dt != torch.float32:  # the GEMM's copy in kept scratch too, not a fresh one per call
+            wt = scratch("qlinear_wg", q.numel, dt).view(k, n).copy_(wt)
+        return torch.matmul(x.to(dt), wt).to(x.dtype)
     w = dequantize(q, out=scratch("qlinear_w", q.numel, dt))
     return F.linear(x.to(dt), w.view(q.shape)).to(x.dtype)
 

@@ -58,7 +58,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "quant.formats" in graph["quant.linear"]
-    assert {"qwenlocal.planning.plan", "qwenlocal.weights.quantize", "quant.linear"} <= graph["qwenlocal.weights.loader"]
+    assert {"qwenlocal.planning.plan", "qwenlocal.weights.quantize", "quant.linear"} <= graph[
+        "qwenlocal.weights.loader"
+    ]
     assert {"qwenlocal.planning.memory", "qwenlocal.weights.sources"} <= graph["qwenlocal.planning.plan"]
 
 

@@ -218,14 +218,15 @@ def dequant_bytes(config: Qwen3MoeConfig, plan: Plan) -> int:
     a kernel and is never dequantized whole. On a GPU: the widest projection in the activation
     dtype. On the CPU, per-thread scratch kept between calls, for the widest weight of each format:
     int8's codes in the GEMM dtype (2 bytes where the CPU has native bf16, else 4); int4's weight in
-    fp32 (4), its codes (1) and a bf16 copy for the GEMM (2); other formats' weight in fp32 (4)."""
+    fp32 (4), its codes (1), its two nibble planes (1/2 each) and a bf16 copy for the GEMM (2);
+    other formats' weight in fp32 (4)."""
     h = config.hidden_size
     attention = config.num_attention_heads * config.head_dim * h
     if plan.device != "cpu":
         return max(attention, h * h) * plan.dtype.itemsize
     from quant.kernels import gemm_dtype_cpu
 
-    per_element = {"int8": gemm_dtype_cpu(plan.dtype).itemsize, "int4": 4 + 1 + 2}
+    per_element = {"int8": gemm_dtype_cpu(plan.dtype).itemsize, "int4": 4 + 1 + 1 + 2}
     widest: dict[str, int] = {}
     for cls, elements in (("attention", attention), ("experts", config.moe_intermediate_size * h)):
         fmt = plan.recipe.format_for(cls)
