@@ -83,6 +83,32 @@ class QuantLinear(nn.Module):
         self.weight = q.weight  # an aligned copy where the loaded one was not (quant/kernels.py)
         self.spec, self._q = q.spec, q
 
+    @classmethod
+    def concat_rows(cls, layers: list[QuantLinear]) -> QuantLinear | None:
+        """One layer whose output is the layers' outputs side by side: for int8 (bnb's row-wise
+        codes and one scale per row) the codes' rows and the scales stacked, which the int8 kernels
+        compute row by row, so each output is bit for bit the layer's own. Each layer's buffers
+        become views into the stacked ones (no weight held twice). None for other formats, or
+        layers that do not stack (dtype, device, width, bias)."""
+        first = layers[0].qtensor
+        if first.fmt != "int8" or any(
+            type(m) is not cls
+            or m.spec.fmt != "int8"
+            or m.spec.dtype != first.dtype
+            or m.in_features != first.shape[1]
+            or m.weight.device != first.weight.device
+            or m.bias is not None
+            for m in layers
+        ):
+            return None
+        rows = [m.out_features for m in layers]
+        weight = torch.cat([m.weight for m in layers])
+        absmax = torch.cat([m.absmax for m in layers])
+        for m, w, a in zip(layers, weight.split(rows), absmax.split(rows), strict=True):
+            m.weight, m.absmax, m._q = w, a, None
+        q = QTensor("int8", (sum(rows), first.shape[1]), first.dtype, first.blocksize, weight, absmax)
+        return cls(q)
+
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cuda:  # the op's CPU body is qlinear; calling it here keeps q's kernel cache
             if decode_in_bf16(x, self.qtensor):
