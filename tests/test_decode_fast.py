@@ -141,11 +141,15 @@ def test_stacked_16bit_projection_equals_three_calls_bit_for_bit(dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_stacked_int8_projection_equals_three_calls_bit_for_bit(dtype):
+@pytest.mark.parametrize("bias", [False, True])
+def test_stacked_int8_projection_equals_three_calls_bit_for_bit(dtype, bias):
     from quant.kernels import int8_kernel_cpu, pick_kernel
     from quant.linear import QuantLinear
 
     layers = [QuantLinear.from_linear(m.weight.float(), "int8") for m in three_linears(torch.float32)]
+    if bias:
+        for m, b in zip(layers, three_linears(dtype, bias=True, seed=9), strict=True):
+            m.bias = b.bias.data.clone()
     for m in layers:
         m.use_kernel_layout()
     x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -159,6 +163,7 @@ def test_stacked_int8_projection_equals_three_calls_bit_for_bit(dtype):
     assert pick_kernel(fused.qtensor, kernel_x) is int8_kernel_cpu  # one _weight_int8pack_mm call
     for m in layers:
         assert shares_storage(m.weight, fused.weight) and shares_storage(m.absmax, fused.absmax)
+        assert not bias or shares_storage(m.bias, fused.bias)
 
 
 def test_projections_that_do_not_stack_stay_apart():

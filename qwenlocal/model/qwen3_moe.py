@@ -26,6 +26,15 @@ from qwenlocal.model.rope import Rope, apply_rope
 # Keys one attention call scores per query row at most (masked_attention): bounds a long context's
 # prefill scores to what the memory model counts.
 ATTENTION_SCORE_KEYS = 4096
+# Where load_model stacks q/k/v into one matmul (Attention.fuse_qkv): the devices on which the tests
+# hold it equal to three, bit for bit, and the weight formats whose rows stack (None: 16-bit).
+FUSED_QKV_DEVICES = ("cpu",)
+FUSED_QKV_FORMATS = (None, "int8")
+
+
+def qk_norm_shape(config: Qwen3MoeConfig) -> tuple[int, int, int]:
+    """The q_norm and k_norm weights repeated per head, [H + KV, 1, D]: what a fused layer holds."""
+    return (config.num_attention_heads + config.num_key_value_heads, 1, config.head_dim)
 
 
 class Linear(nn.Module):
@@ -112,9 +121,10 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * d, h, bias)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
-        # fuse_qkv's one-token path; kept out of the module's state (the checkpoint is unchanged)
+        # fuse_qkv's one-token path, out of the state_dict (the checkpoint is unchanged); the
+        # projection's weight is q/k/v's storage, the norm weights per head a buffer of their own
         self.__dict__["qkv"] = None
-        self.__dict__["qk_norm_weight"] = None
+        self.register_buffer("qk_norm_weight", None, persistent=False)
 
     def fuse_qkv(self) -> bool:
         """Compute a decode token's q, k and v with one matmul: the three weights' rows stacked into
@@ -128,12 +138,12 @@ class Attention(nn.Module):
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         norms = (self.q_norm.weight.expand(h, d), self.k_norm.weight.expand(kv, d))
         self.__dict__["qkv"] = fused
-        self.__dict__["qk_norm_weight"] = torch.cat(norms).unsqueeze(1)  # [H + KV, 1, D]
+        self.qk_norm_weight = torch.cat(norms).unsqueeze(1)  # qk_norm_shape
         return True
 
     def _apply(self, fn, recurse: bool = True):
         # moved or cast, q/k/v no longer share the fused matrix: decode goes back to three matmuls
-        self.__dict__["qkv"] = self.__dict__["qk_norm_weight"] = None
+        self.__dict__["qkv"], self.qk_norm_weight = None, None
         return super()._apply(fn, recurse)
 
     def project(self, x: torch.Tensor, s: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
