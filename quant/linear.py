@@ -106,6 +106,8 @@ class QuantLinear(nn.Module):
         whole = {name: torch.cat([getattr(m, name) for m in layers]) for name in names}
         for name in names:
             for m, part in zip(layers, whole[name].split(rows), strict=True):
+                if isinstance(getattr(m, name), nn.Parameter):  # a bias the loader assigned as one
+                    part = nn.Parameter(part, requires_grad=False)
                 setattr(m, name, part)
         for m in layers:
             m._q = None
