@@ -7,9 +7,11 @@ Two random checkpoints, quantized with the default recipe while loading:
 
     python bench/decode_profile.py [--models ops real] [--steps 16]
 
-Prints, per model: ms per token (best of `--steps` plain timed steps), aten ops per layer (profiler
-events at the top level of each op, from one profiled step), the matmul kernels' time, and the ms
-per token outside them (the kernels' share of the profiled step, applied to the plain one: the
+Each model's step runs "before" (q/k/v as three matmuls, the norms through fp32 and back, as the
+step was before issue 22's attention work) and "after" (as loaded), interleaved, on one load.
+Prints, per model and step: ms per token (best of `--steps` plain timed steps), aten ops per
+layer (profiler events at the top level of each op, from one profiled step), the matmul kernels'
+time, and the ms per token outside them (the kernels' share of the profiled step, applied to the plain one: the
 profiler slows small ops more than kernels, so "outside" is a lower bound).
 """
 
@@ -18,12 +20,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from common import CACHE, machine, markdown_table, real_shape_checkpoint
 from torch.profiler import ProfilerActivity, profile
 
 from qwenlocal import load_model
+from qwenlocal.model import qwen3_moe
+from qwenlocal.model.qwen3_moe import rms_norm as fused_rms_norm
 
 # The op-structure model (the issue's): real depth, expert count and top-k, tiny widths.
 OPS_SHAPE = {
@@ -45,6 +51,7 @@ KERNELS = (
     "aten::linear",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
 )
+VARIANTS = ("before", "after")
 
 
 def ops_checkpoint():
@@ -56,14 +63,36 @@ def ops_checkpoint():
     return out
 
 
-def step_ms(model, cache, token, steps: int) -> float:
-    best = float("inf")
-    for _ in range(steps):
-        t = time.perf_counter()
-        model(token, cache=cache)
-        best = min(best, time.perf_counter() - t)
-        cache.length -= 1  # the same position every step: equal work
-    return 1000 * best
+def step_ms(model, cache, token) -> float:
+    t = time.perf_counter()
+    model(token, cache=cache)
+    cache.length -= 1  # the same position every step: equal work
+    return 1000 * (time.perf_counter() - t)
+
+
+def reference_rms_norm(x, weight, eps):
+    """The norm as the step computed it before issue 22's attention work: through fp32 and back."""
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+
+@contextmanager
+def variant(model, name: str):
+    """ "before": q/k/v as three matmuls and the norms through fp32 (what the step did before the
+    fused projection); "after": the step as loaded."""
+    if name == "after":
+        yield
+        return
+    attns = [layer.self_attn for layer in model.model.layers]
+    saved = [a.qkv for a in attns]
+    for a in attns:
+        a.__dict__["qkv"] = None
+    qwen3_moe.rms_norm = reference_rms_norm
+    try:
+        yield
+    finally:
+        qwen3_moe.rms_norm = fused_rms_norm
+        for a, qkv in zip(attns, saved, strict=True):
+            a.__dict__["qkv"] = qkv
 
 
 @torch.inference_mode()
@@ -72,11 +101,20 @@ def profile_model(folder, recipe: str, steps: int) -> dict:
     cache = model.new_cache(64)
     model(torch.arange(8).view(1, 8), cache=cache)
     token = torch.tensor([[11]])
-    for _ in range(3):  # warm-up: probes, scratch buffers
-        model(token, cache=cache)
-        cache.length -= 1
-    ms = step_ms(model, cache, token, steps)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for name in VARIANTS:
+        with variant(model, name):
+            for _ in range(3):  # warm-up: probes, scratch buffers
+                step_ms(model, cache, token)
+    best = dict.fromkeys(VARIANTS, float("inf"))
+    for _ in range(steps):  # interleaved, best of `steps`: the machine may be loaded
+        for name in VARIANTS:
+            with variant(model, name):
+                best[name] = min(best[name], step_ms(model, cache, token))
+    return {name: profile_step(model, cache, token, best[name], name) for name in VARIANTS}
+
+
+def profile_step(model, cache, token, ms: float, name: str) -> dict:
+    with variant(model, name), profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         model(token, cache=cache)
         profiled_us = 1e6 * (time.perf_counter() - t)
@@ -117,26 +155,32 @@ def main() -> None:
     rows = []
     for name in args.models:
         folder = ops_checkpoint() if name == "ops" else real_shape_checkpoint(2)
-        r = profile_model(folder, args.recipe, args.steps)
+        results = profile_model(folder, args.recipe, args.steps)
         label = "op structure (48 L, hidden 128)" if name == "ops" else "real shapes, 2 L"
-        rows.append(
-            [
-                label,
-                f"{r['ms']:.2f}",
-                r["ops"],
-                f"{r['ops_per_layer']:.0f}",
-                f"{r['kernel_ms']:.2f}",
-                f"{r['outside_ms']:.2f}",
-            ]
-        )
-        print(f"{label} ({r['recipe']}), most frequent top-level ops in one step:")
-        print(", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in r["top"]))
+        for v, r in results.items():
+            ratio = results["before"]["ms"] / r["ms"]
+            rows.append(
+                [
+                    label,
+                    v,
+                    f"{r['ms']:.2f}",
+                    f"{ratio:.2f}x",
+                    r["ops"],
+                    f"{r['ops_per_layer']:.0f}",
+                    f"{r['kernel_ms']:.2f}",
+                    f"{r['outside_ms']:.2f}",
+                ]
+            )
+            print(f"{label} {v} ({r['recipe']}), most frequent top-level ops in one step:")
+            print(", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in r["top"]))
     print()
     print(
         markdown_table(
             [
                 "model",
+                "step",
                 "ms / token",
+                "speed vs before",
                 "aten ops / token",
                 "ops / layer",
                 "matmul kernels ms",

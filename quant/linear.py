@@ -83,6 +83,38 @@ class QuantLinear(nn.Module):
         self.weight = q.weight  # an aligned copy where the loaded one was not (quant/kernels.py)
         self.spec, self._q = q.spec, q
 
+    @classmethod
+    def concat_rows(cls, layers: list[QuantLinear]) -> QuantLinear | None:
+        """One layer whose output is the layers' outputs side by side: for int8 (bnb's row-wise
+        codes and one scale per row) the codes' rows and the scales stacked, which the int8 kernels
+        compute row by row, so each output is bit for bit the layer's own. Each layer's buffers
+        become views into the stacked ones (no weight held twice). None for other formats, or
+        layers that do not stack (dtype, device, width, bias or none)."""
+        first = layers[0].qtensor
+        if first.fmt != "int8" or any(
+            type(m) is not cls
+            or m.spec.fmt != "int8"
+            or m.spec.dtype != first.dtype
+            or m.in_features != first.shape[1]
+            or m.weight.device != first.weight.device
+            or (m.bias is None) != (layers[0].bias is None)
+            for m in layers
+        ):
+            return None
+        rows = [m.out_features for m in layers]
+        names = ("weight", "absmax") if layers[0].bias is None else ("weight", "absmax", "bias")
+        whole = {name: torch.cat([getattr(m, name) for m in layers]) for name in names}
+        for name in names:
+            for m, part in zip(layers, whole[name].split(rows), strict=True):
+                if isinstance(getattr(m, name), nn.Parameter):  # a bias the loader assigned as one
+                    part = nn.Parameter(part, requires_grad=False)
+                setattr(m, name, part)
+        for m in layers:
+            m._q = None
+        shape = (sum(rows), first.shape[1])
+        q = QTensor("int8", shape, first.dtype, first.blocksize, whole["weight"], whole["absmax"])
+        return cls(q, whole.get("bias"))
+
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cuda:  # the op's CPU body is qlinear; calling it here keeps q's kernel cache
             if decode_in_bf16(x, self.qtensor):

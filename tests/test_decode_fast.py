@@ -91,3 +91,163 @@ def test_a_float32_decode_token_goes_through_the_int4_kernels_in_bf16():
         got = ex.one_token(0, x, ids[0], w[0])
         want = ex.one_token(0, x.bfloat16(), ids[0], w[0].bfloat16()).float()
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+# --- attention at one token: q/k/v as one matmul, fewer ops in the norms and RoPE ---
+
+ATTN_SHAPE = {"hidden_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32}
+
+
+def reference_rms_norm(x, weight, eps):
+    """The norm as it was computed before: x in fp32, normalized, cast back, times the weight."""
+    return weight * torch.nn.functional.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+
+def three_linears(dtype, bias=False, seed=0):
+    from qwenlocal.model.qwen3_moe import Linear
+
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for rows in (256, 64, 64):
+        m = Linear(128, rows, bias)
+        m.weight.data = torch.randn(rows, 128, generator=g).to(dtype)
+        if bias:
+            m.bias.data = torch.randn(rows, generator=g).to(dtype)
+        layers.append(m)
+    return layers
+
+
+def shares_storage(part, whole) -> bool:
+    return part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_stacked_16bit_projection_equals_three_calls_bit_for_bit(dtype, bias):
+    from qwenlocal.model.qwen3_moe import Linear
+
+    layers = three_linears(dtype, bias)
+    x = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.inference_mode():
+        wants = [(torch.cat([m(x[:, :r]) for m in layers], -1)) for r in (1, 3)]
+        fused = Linear.concat_rows(layers)
+        assert fused is not None and fused.weight.shape == (384, 128)
+        for r, want in zip((1, 3), wants, strict=True):
+            assert torch.equal(fused(x[:, :r]), want)
+            assert torch.equal(torch.cat([m(x[:, :r]) for m in layers], -1), want)  # the views
+    for m in layers:  # views into the fused matrix, not a second copy
+        assert shares_storage(m.weight, fused.weight)
+        assert not bias or shares_storage(m.bias, fused.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_stacked_int8_projection_equals_three_calls_bit_for_bit(dtype, bias):
+    from quant.kernels import int8_kernel_cpu, pick_kernel
+    from quant.linear import QuantLinear
+
+    layers = [QuantLinear.from_linear(m.weight.float(), "int8") for m in three_linears(torch.float32)]
+    if bias:
+        for m, b in zip(layers, three_linears(dtype, bias=True, seed=9), strict=True):
+            m.bias = b.bias.data.clone()
+    for m in layers:
+        m.use_kernel_layout()
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.inference_mode():
+        want = torch.cat([m(x) for m in layers], -1)
+        fused = QuantLinear.concat_rows(layers)
+        assert fused is not None
+        assert torch.equal(fused(x), want)
+        assert torch.equal(torch.cat([m(x) for m in layers], -1), want)
+    kernel_x = x if dtype != torch.float32 else x.bfloat16()  # a float32 token goes in bf16
+    assert pick_kernel(fused.qtensor, kernel_x) is int8_kernel_cpu  # one _weight_int8pack_mm call
+    for m in layers:
+        assert shares_storage(m.weight, fused.weight) and shares_storage(m.absmax, fused.absmax)
+        assert not bias or shares_storage(m.bias, fused.bias)
+
+
+def test_projections_that_do_not_stack_stay_apart():
+    from quant.linear import QuantLinear
+    from qwenlocal.model.qwen3_moe import Linear
+
+    nf4 = [QuantLinear.from_linear(m.weight, "nf4", 64) for m in three_linears(torch.float32)]
+    assert QuantLinear.concat_rows(nf4) is None
+    mixed = three_linears(torch.bfloat16)
+    mixed[2].weight.data = mixed[2].weight.float()
+    assert Linear.concat_rows(mixed) is None
+    int8 = [QuantLinear.from_linear(m.weight, "int8") for m in three_linears(torch.float32)]
+    assert Linear.concat_rows([int8[0], *three_linears(torch.float32)[1:]]) is None
+    assert QuantLinear.concat_rows([int8[0], *three_linears(torch.float32)[1:]]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_equals_the_fp32_round_trip_bit_for_bit(dtype):
+    from qwenlocal.model.qwen3_moe import rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 1, 2048), (1, 36, 1, 128), (2, 5, 128), (1, 1, 64)]:
+        for scale in (1e-3, 1.0, 300.0):
+            x = (torch.randn(shape, generator=g) * scale).to(dtype)
+            w = (1 + torch.randn(shape[-1], generator=g) / 4).to(dtype)
+            assert torch.equal(rms_norm(x, w, 1e-6), reference_rms_norm(x, w, 1e-6))
+
+
+def attention_and_step(dtype, fmt):
+    from quant.linear import QuantLinear
+    from qwenlocal.model.config import Qwen3MoeConfig
+    from qwenlocal.model.qwen3_moe import Attention, Step
+    from qwenlocal.model.rope import Rope
+    from qwenlocal.weights.random_checkpoint import config_dict
+
+    config = Qwen3MoeConfig.from_dict(config_dict(ATTN_SHAPE))
+    attn = Attention(config, 0)
+    g = torch.Generator().manual_seed(7)
+    for name, p in attn.named_parameters():
+        p.data = (torch.randn(p.shape, generator=g) / (1 if "norm" in name else 8)).to(dtype)
+    if fmt == "int8":
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer = QuantLinear.from_linear(getattr(attn, name).weight.float(), "int8")
+            layer.use_kernel_layout()
+            setattr(attn, name, layer)
+    positions = torch.tensor([5])
+    cos, sin = Rope(config, 16).at(positions, dtype)
+    return attn, Step(positions, cos, sin, None, None, None, False)
+
+
+@pytest.mark.parametrize("fmt", ["16-bit", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_fused_attention_token_equals_the_plain_path_bit_for_bit(fmt, dtype):
+    attn, s = attention_and_step(dtype, fmt)
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(8)).to(dtype)
+    with torch.inference_mode():
+        plain = attn.project(x, s)
+        plain_out = attn(x, s)
+        assert attn.fuse_qkv() and attn.qkv is not None
+        fused = attn.project(x, s)
+        for got, want in zip(fused, plain, strict=True):
+            assert got.shape == want.shape and torch.equal(got, want)
+        assert torch.equal(attn(x, s), plain_out)
+        attn.to(dtype)  # moved or cast: the views are no longer the fused matrix, so it is dropped
+        assert attn.qkv is None
+        assert all(torch.equal(a, b) for a, b in zip(attn.project(x, s), plain, strict=True))
+
+
+def test_a_loaded_cpu_model_decodes_fused_as_it_does_unfused(checkpoint_factory):
+    from qwenlocal import load_model
+    from qwenlocal.weights.random_checkpoint import TINY
+
+    src = checkpoint_factory("fused-qkv", {**TINY, "num_hidden_layers": 2}, dtype=torch.bfloat16)
+    for quant in ("none", "mixed"):  # 16-bit attention, and int8 attention (the default recipe)
+        fused = load_model(src, dtype=torch.bfloat16, quant=quant)
+        plain = load_model(src, dtype=torch.bfloat16, quant=quant)
+        assert all(layer.self_attn.qkv is not None for layer in fused.model.layers)
+        for layer in plain.model.layers:
+            layer.self_attn._apply(lambda t: t)  # drops the fused projection, keeps the weights
+            assert layer.self_attn.qkv is None
+        caches = fused.new_cache(32), plain.new_cache(32)
+        prompt = torch.tensor([[17, 923, 4, 511, 77]])
+        with torch.inference_mode():
+            assert torch.equal(fused(prompt, caches[0]), plain(prompt, caches[1]))
+            for token in (5, 900, 33):
+                ids = torch.tensor([[token]])
+                assert torch.equal(fused(ids, caches[0]), plain(ids, caches[1]))

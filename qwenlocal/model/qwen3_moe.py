@@ -26,6 +26,15 @@ from qwenlocal.model.rope import Rope, apply_rope
 # Keys one attention call scores per query row at most (masked_attention): bounds a long context's
 # prefill scores to what the memory model counts.
 ATTENTION_SCORE_KEYS = 4096
+# Where load_model stacks q/k/v into one matmul (Attention.fuse_qkv): the devices on which the tests
+# hold it equal to three, bit for bit, and the weight formats whose rows stack (None: 16-bit).
+FUSED_QKV_DEVICES = ("cpu",)
+FUSED_QKV_FORMATS = (None, "int8")
+
+
+def qk_norm_shape(config: Qwen3MoeConfig) -> tuple[int, int, int]:
+    """The q_norm and k_norm weights repeated per head, [H + KV, 1, D]: what a fused layer holds."""
+    return (config.num_attention_heads + config.num_key_value_heads, 1, config.head_dim)
 
 
 class Linear(nn.Module):
@@ -40,6 +49,31 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    @classmethod
+    def concat_rows(cls, layers: list[Linear]) -> Linear | None:
+        """One layer whose output is the layers' outputs side by side (their weights' rows stacked);
+        each layer's weight (and bias) becomes a view into it, so no weight is held twice. None
+        where the layers do not stack (another class, dtype, device or bias)."""
+        first = layers[0]
+        if any(
+            type(m) is not cls
+            or m.in_features != first.in_features
+            or m.weight.dtype != first.weight.dtype
+            or m.weight.device != first.weight.device
+            or (m.bias is None) != (first.bias is None)
+            for m in layers
+        ):
+            return None
+        with torch.device("meta"):
+            fused = cls(first.in_features, sum(m.out_features for m in layers), first.bias is not None)
+        names = ("weight",) if first.bias is None else ("weight", "bias")
+        for name in names:
+            whole = torch.cat([getattr(m, name) for m in layers])
+            setattr(fused, name, nn.Parameter(whole, requires_grad=False))
+            for m, part in zip(layers, whole.split([m.out_features for m in layers]), strict=True):
+                setattr(m, name, nn.Parameter(part, requires_grad=False))
+        return fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -48,8 +82,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in fp32, cast back, then times the weight (as transformers does); one kernel, not five
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x normalized over its last dim in fp32, cast back to x's dtype), as transformers
+    computes it. torch's rms_norm already accumulates a 16-bit x in fp32 and rounds once at the end,
+    so it is called on x itself: bit for bit the same as on x.float() then cast back (the tests hold
+    it to that), in two ops instead of four."""
+    return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 @dataclass
@@ -80,17 +121,53 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * d, h, bias)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        # fuse_qkv's one-token path, out of the state_dict (the checkpoint is unchanged); the
+        # projection's weight is q/k/v's storage, the norm weights per head a buffer of their own
+        self.__dict__["qkv"] = None
+        self.register_buffer("qk_norm_weight", None, persistent=False)
+
+    def fuse_qkv(self) -> bool:
+        """Compute a decode token's q, k and v with one matmul: the three weights' rows stacked into
+        one matrix (q_proj, k_proj and v_proj then hold views of it), which gives each row's output
+        bit for bit where the kernel computes each output row on its own (tests/test_decode_fast.py).
+        False (nothing changed) where the weights do not stack."""
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        fused = type(self.q_proj).concat_rows(projections)
+        if fused is None:
+            return False
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        norms = (self.q_norm.weight.expand(h, d), self.k_norm.weight.expand(kv, d))
+        self.__dict__["qkv"] = fused
+        self.qk_norm_weight = torch.cat(norms).unsqueeze(1)  # qk_norm_shape
+        return True
+
+    def _apply(self, fn, recurse: bool = True):
+        # moved or cast, q/k/v no longer share the fused matrix: decode goes back to three matmuls
+        self.__dict__["qkv"], self.qk_norm_weight = None, None
+        return super()._apply(fn, recurse)
+
+    def project(self, x: torch.Tensor, s: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, KV, T, D]: normed, and q and k rotated."""
+        b, t, _ = x.shape
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        if t == 1 and self.qkv is not None:
+            # one token: [B, 1, heads, D] is [B, heads, 1, D] in memory, so no transposes; q and k
+            # normed and rotated in one pass each (every row on its own: the same numbers)
+            y = self.qkv(x).view(b, h + 2 * kv, 1, d)
+            qk = apply_rope(rms_norm(y[:, : h + kv], self.qk_norm_weight, self.q_norm.eps), s.cos, s.sin)
+            return qk[:, :h], qk[:, h:], y[:, h + kv :]
+        q = self.q_norm(self.q_proj(x).view(b, t, h, d)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, kv, d)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+        return apply_rope(q, s.cos, s.sin), apply_rope(k, s.cos, s.sin), v
 
     def forward(self, x: torch.Tensor, s: Step) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, s.cos, s.sin), apply_rope(k, s.cos, s.sin)  # [B, H, T, D]
+        q, k, v = self.project(x, s)
         if s.cache is not None:
             k, v = s.cache.update(self.layer, k, v, s.positions, s.end)
         if t == 1:  # one query: each KV head's query heads become its rows (no K/V copies for GQA)
-            rows = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            rows = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             out = F.scaled_dot_product_attention(rows, k, v, attn_mask=s.mask).view(b, self.n_heads, 1, -1)
         elif s.mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal, enable_gqa=True)

@@ -15,7 +15,12 @@ from qwenlocal.generation.generate import PREFILL_CHUNK
 from qwenlocal.model.config import Qwen3MoeConfig
 from qwenlocal.model.graphs import graph_bytes
 from qwenlocal.model.names import tensor_class
-from qwenlocal.model.qwen3_moe import ATTENTION_SCORE_KEYS
+from qwenlocal.model.qwen3_moe import (
+    ATTENTION_SCORE_KEYS,
+    FUSED_QKV_DEVICES,
+    FUSED_QKV_FORMATS,
+    qk_norm_shape,
+)
 from qwenlocal.weights.checkpoint import dense_tensor_shapes
 from qwenlocal.weights.quantize import expert_layout
 
@@ -169,6 +174,9 @@ def weight_bytes(config: Qwen3MoeConfig, plan: Plan) -> dict[str, int]:
         cls = tensor_class(name)
         spec = plan.recipe.spec(cls, shape, plan.dtype) if plan.recipe is not None and cls else None
         out[component_of(name)] += spec.nbytes if spec is not None else _nbytes(shape, plan.dtype)
+        fmt = spec.fmt if spec is not None else None
+        if name.endswith("q_proj.weight") and plan.device in FUSED_QKV_DEVICES and fmt in FUSED_QKV_FORMATS:
+            out["norms"] += _nbytes(qk_norm_shape(config), plan.dtype)  # Attention.fuse_qkv
     return out
 
 

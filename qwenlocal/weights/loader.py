@@ -28,7 +28,7 @@ from qwenlocal.model.names import (
     is_blob_name,
     tensor_class,
 )
-from qwenlocal.model.qwen3_moe import Qwen3MoeForCausalLM
+from qwenlocal.model.qwen3_moe import FUSED_QKV_DEVICES, Qwen3MoeForCausalLM
 from qwenlocal.planning.memory import embed_device
 from qwenlocal.planning.plan import LoadPlan, plan_load
 from qwenlocal.weights.checkpoint import (
@@ -129,6 +129,9 @@ def load_model(
     ckpt = open_source(source)
     try:
         model = _build(ckpt, plan, progress)
+        if plan.device.type in FUSED_QKV_DEVICES:
+            for layer in model.model.layers:
+                layer.self_attn.fuse_qkv()
     finally:
         ckpt.close()  # the memory maps, whether the load finished or failed
     model.plan = plan
