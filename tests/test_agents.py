@@ -4,8 +4,6 @@ constrained to a JSON schema, driven with the official openai client on a random
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import jsonschema
@@ -21,7 +19,7 @@ from qwenlocal.generation.tool_calls import (
     parse_tool_calls,
     template_style,
 )
-from tests.test_server import HOST, Client, free_port
+from tests.test_server import LocalServer
 
 DATA = Path(__file__).parent / "data"
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -65,29 +63,6 @@ TOOLS = [
 SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
 
 
-class AppServer(Client):
-    """create_app(engine) under uvicorn in a thread of this process (one model for both templates)."""
-
-    def __init__(self, engine):
-        import uvicorn
-
-        from qwenlocal.app.server import create_app
-
-        self.engine, self.port = engine, free_port()
-        config = uvicorn.Config(create_app(engine), host=HOST, port=self.port, log_level="error")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the app did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def parts(tiny_ckpt):
     from qwenlocal import load_model
@@ -102,7 +77,7 @@ def _serve(parts, template: str | None = None):
     if template is not None:
         tok = Tokenizer(tok.backend, template, tok.special_tokens)
     generation = json.loads((folder / "generation_config.json").read_text())
-    return AppServer(Engine(model, tok, generation, "tiny", 1024))
+    return LocalServer(Engine(model, tok, generation, "tiny", 1024))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from qwenlocal.errors import UserError
-from qwenlocal.generation.tool_calls import xml_is_text
+from qwenlocal.generation.tokenizer import THINK_END, THINK_START
+from qwenlocal.generation.tool_calls import CALL_END, CALL_START, xml_is_text
 
 # JSON as the model writes it: no free whitespace (a random or weak model could pad forever), and
 # the separators of the chat templates' tojson, which the model saw in training.
@@ -83,7 +84,7 @@ class Tokens:
 
     @classmethod
     def of(cls, tokenizer) -> Tokens:
-        ids = [tokenizer.token_to_id(t) for t in ("<think>", "</think>", "<tool_call>", "</tool_call>")]
+        ids = [tokenizer.token_to_id(t) for t in (THINK_START, THINK_END, CALL_START, CALL_END)]
         return cls(*ids)
 
 
@@ -94,11 +95,11 @@ def _tok(token_id: int | None, text: str) -> str:
 def lark(body: str, tokens: Tokens, thinking: bool, in_reasoning: bool) -> str:
     """A grammar whose answer is `body` (lark rules with `body` as the start of the answer); in
     thinking mode a think block may come first, free, so the model reasons as it would unconstrained."""
-    end = _tok(tokens.think_end, "</think>")
+    end = _tok(tokens.think_end, THINK_END)
     if in_reasoning:
         head = f"THINK {end} {AFTER_THINK} "
     elif thinking:
-        head = f"({_tok(tokens.think_start, '<think>')} THINK {end} {AFTER_THINK})? "
+        head = f"({_tok(tokens.think_start, THINK_START)} THINK {end} {AFTER_THINK})? "
     else:
         head = ""
     rules = f"start: {head}answer\n{body}\n"
@@ -114,7 +115,7 @@ def tool_calls_body(tools: list[dict], style: str, tokens: Tokens, parallel: boo
     written as the model's template writes them: Qwen3's JSON or Qwen3-Coder's XML."""
     rules = ["answer: call" + (' ("\\n" call)*' if parallel else "")]
     rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
-    start, end = _tok(tokens.tool_call_start, "<tool_call>"), _tok(tokens.tool_call_end, "</tool_call>")
+    start, end = _tok(tokens.tool_call_start, CALL_START), _tok(tokens.tool_call_end, CALL_END)
     for i, tool in enumerate(tools):
         name, params = tool["name"], tool.get("parameters") or {"type": "object"}
         if style == "json":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import json
 import os
 import platform
@@ -124,11 +125,9 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> str:
 
 def machine_key(device: torch.device) -> str:
     """The machine a verdict holds for: GPU name, compute capability, driver, torch, Triton, us."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
+    try:  # the installed version, without importing Triton (seconds on a cold start)
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         triton_version = "none"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -176,14 +175,16 @@ def self_check(
     machine yet; turn off those that fail. Returns a Verdict per path checked or read back."""
     if os.environ.get("QWENLOCAL_SELF_CHECK") == "0":
         return []
-    forced = set(forced)
+    forced, paths = set(forced), active_paths(model)
+    if not paths:  # nothing to check: no verdict file read, no machine described
+        return []
     file = (folder or cache_dir()) / VERDICTS_FILE
     data = _read(file)
     known = data.setdefault(machine_key(model.device), {})
     verdicts: list[Verdict] = []
     want: torch.Tensor | None = None
     passed: set[str] = set()
-    for path in active_paths(model):
+    for path in paths:
         if path == "graph" and not graphs_supported(model):
             continue  # no graph without the grouped experts, which failed
         if path in forced:  # the user's choice: on, unchecked
