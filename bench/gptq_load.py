@@ -2,8 +2,8 @@
 
 A random checkpoint with Qwen3-30B-A3B's real layer shapes and `--layers` layers is written in
 Qwen3-30B-A3B-GPTQ-Int4's layout (4-bit, group 128, symmetric, v1 zeros; random codes and scales:
-no 16-bit source is needed), then converted once to the `int4` format with GPTQ's own recipe
-(the same weights, repacked). Each folder is then loaded in a fresh process, alternating, `--repeat`
+no 16-bit source is needed), then converted once to the `int4` format with the recipe a CPU load
+of it takes (GPTQ's own, its 16-bit lm_head at int8: the same weights, repacked). Each folder is then loaded in a fresh process, alternating, `--repeat`
 times: load time, peak RSS after loading, and greedy decode speed. The two must decode the same
 tokens.
 
@@ -88,15 +88,17 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.decode)))
         return
 
+    from qwenlocal.planning.plan import plan_load
     from qwenlocal.weights.quantize import quantize_checkpoint
     from qwenlocal.weights.sources import ModelSource
 
     gptq = CACHE / f"real-shapes-{args.layers}L-gptq-int4"
     if not (gptq / "config.json").is_file():
         write_random_gptq(gptq, args.layers)
-    int4 = CACHE / f"real-shapes-{args.layers}L-gptq-as-int4"
+    int4 = CACHE / f"real-shapes-{args.layers}L-gptq-as-int4-cpu"
     if not (int4 / "config.json").is_file():
-        quantize_checkpoint(gptq, int4, ModelSource.read(gptq).own_recipe, force=True)
+        recipe = plan_load(ModelSource.read(gptq), device="cpu").recipe
+        quantize_checkpoint(gptq, int4, recipe, force=True)
 
     results: dict[str, list[dict]] = {"gptq": [], "int4": []}
     for _ in range(args.repeat):

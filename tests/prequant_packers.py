@@ -238,10 +238,19 @@ def write_gptq(
     return folder, plain, as_int4
 
 
+def int8_rowwise(w: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' int8 vectorwise round trip in fp32: round(w * 127 / row absmax) * absmax / 127."""
+    absmax = w.float().abs().amax(1, keepdim=True)
+    return torch.round(w.float() * (127 / absmax)) * (absmax / 127)
+
+
 def gptq_dequantized_copy(src: Path, out: Path, plain: dict[str, torch.Tensor], dtype=torch.float32) -> Path:
-    """The GPTQ folder src with its quantized linears replaced by the packer's own dequantized weights."""
+    """The GPTQ folder src with its quantized linears replaced by the packer's own dequantized weights
+    (and any 16-bit tensor that `plain` names, by its entry)."""
 
     def one(name, tensors):
+        if name in plain:
+            return {name: plain[name]}
         for part in ("qweight", "qzeros", "scales", "g_idx"):
             if name.endswith("." + part):
                 prefix = name.removesuffix("." + part)

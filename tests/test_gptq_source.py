@@ -3,6 +3,7 @@ groups 32..128 and -1, act-order): equal to transformers on the weights they sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from qwenlocal import load_model
 from qwenlocal.cli import app
 from qwenlocal.generation.generate import Generator, SamplingParams
 
-from .prequant_packers import gptq_dequantized_copy, read_tensors, write_folder, write_gptq
+from .prequant_packers import gptq_dequantized_copy, int8_rowwise, read_tensors, write_folder, write_gptq
 from .test_fp8_source import FP8_SHAPES
 
 transformers = pytest.importorskip("transformers")
@@ -114,13 +115,17 @@ INT4_VARIANTS = ["int4-g128-sym-v1", "int4-g32-asym-v2", "int4-per-column-v2", "
 
 @pytest.fixture(scope="module")
 def int4_reference(gptq, tmp_path_factory):
-    """variant -> transformers on the weights the int4 format holds for the GPTQ folder."""
+    """variant -> transformers on the weights the int4 format holds for the GPTQ folder, and its
+    16-bit lm_head as int8 holds it (what a CPU load computes)."""
     made = {}
 
     def make(variant: str):
         if variant not in made:
             folder, _, as_int4 = gptq(variant)
-            plain = gptq_dequantized_copy(folder, tmp_path_factory.mktemp(variant) / "as-int4", as_int4)
+            lm_head = int8_rowwise(read_tensors(folder)["lm_head.weight"])
+            plain = gptq_dequantized_copy(
+                folder, tmp_path_factory.mktemp(variant) / "as-int4", {**as_int4, "lm_head.weight": lm_head}
+            )
             made[variant] = transformers.Qwen3MoeForCausalLM.from_pretrained(
                 plain, dtype=torch.float32
             ).eval()
@@ -159,14 +164,20 @@ def test_int4_greedy_tokens_and_offload(gptq, int4_reference):
 
 
 def test_repack_moves_gptq_codes_without_a_float_step(gptq, monkeypatch):
-    """The int4 codes are GPTQ's codes, and nothing is quantized while loading."""
+    """The int4 codes are GPTQ's codes, and nothing is quantized while loading but the lm_head
+    GPTQ left 16-bit (to int8, on the CPU)."""
     import qwenlocal.weights.quantize
     from qwenlocal.weights.gptq import unpack_rows
 
     folder, _, _ = gptq("int4-g32-asym-v2")
-    monkeypatch.setattr(
-        qwenlocal.weights.quantize, "quantize", lambda *a, **k: pytest.fail("quantized while loading")
-    )
+    quantize, lm_head = qwenlocal.weights.quantize.quantize, read_tensors(folder)["lm_head.weight"]
+
+    def lm_head_only(w, fmt, *args, **kwargs):
+        if fmt != "int8" or w.shape != lm_head.shape:
+            pytest.fail("quantized while loading")
+        return quantize(w, fmt, *args, **kwargs)
+
+    monkeypatch.setattr(qwenlocal.weights.quantize, "quantize", lm_head_only)
     model = load_model(folder, dtype=torch.float32)
     q = model.model.layers[0].self_attn.k_proj.qtensor
     stored = read_tensors(folder)
@@ -202,19 +213,72 @@ def test_gptq_words_go_straight_into_each_cpu_kernel_layout(packing):
 
 
 def test_memory_model_and_vram_equal_what_loads(gptq):
-    from qwenlocal.planning.memory import estimate, make_plan, measure
+    from qwenlocal.planning.memory import estimate, measure
 
     folder, _, _ = gptq("int4-g128-sym-v1")
     model = load_model(folder, dtype=torch.bfloat16)
-    plan = make_plan(recipe=model.recipe, ctx_size=640, dtype=torch.bfloat16, kv_dtype=None, device="cpu")
-    est = estimate(model.config, plan)
+    est = estimate(model.config, model.plan.memory(640))
     real = measure(model)
     for name in ("attention", "experts", "embed_tokens", "lm_head", "routers", "norms"):
         assert est.bytes_of(name) == real.get(name, {}).get("cpu", 0), name
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert est.bytes_of("lm_head") == vocab * hidden + 4 * vocab  # int8 codes, an fp32 scale a row
     r = runner.invoke(app, ["vram", str(folder), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["quant"] == "gptq" and d["components"]["experts"]["bytes"] == est.bytes_of("experts")
+    assert d["components"]["lm_head"]["bytes"] == vocab * hidden * 2  # vram plans a GPU: bf16
+
+
+def test_a_cpu_load_computes_the_16bit_lm_head_at_int8(gptq):
+    """GPTQ left lm_head 16-bit (as Qwen's release does): on the CPU it is quantized at load into
+    the bytes our quantizer makes of the same weight; the rest of GPTQ's recipe is unchanged."""
+    from quant import quantize
+    from quant.linear import QuantLinear
+    from qwenlocal.planning.plan import GPTQ_LM_HEAD_INT8
+    from qwenlocal.weights.sources import ModelSource
+
+    folder, _, _ = gptq("int4-g128-sym-v1")
+    own = ModelSource.read(folder).own_recipe
+    assert own.lm_head_bits == 16
+    model = load_model(folder, dtype=torch.bfloat16)
+    assert model.recipe == dataclasses.replace(own, lm_head_bits=8)
+    assert model.plan.reason == GPTQ_LM_HEAD_INT8
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec.fmt == "int8"
+    want = quantize(read_tensors(folder)["lm_head.weight"], "int8")
+    assert torch.equal(model.lm_head.weight, want.weight)
+    assert torch.equal(model.lm_head.absmax, want.absmax)
+
+
+def test_int8_lm_head_logits_stay_close_and_an_explicit_recipe_is_kept(gptq):
+    from qwenlocal.generation.quality import compare_logits
+    from qwenlocal.model.qwen3_moe import Linear
+    from qwenlocal.weights.sources import ModelSource
+
+    folder, _, _ = gptq("int4-g128-sym-v1")
+    own = ModelSource.read(folder).own_recipe
+    int8 = load_model(folder, dtype=torch.float32)
+    asked = load_model(folder, dtype=torch.float32, quant=own)  # GPTQ's recipe as it is, by request
+    assert isinstance(asked.lm_head, Linear) and asked.plan.reason is None
+    with torch.no_grad():
+        got, ref = int8(PROMPT)[0], asked(PROMPT)[0]
+    # bench/lm_head.py, the real shape with Gaussian weights: max |diff| 0.046 at logit std 1.00
+    assert 0 < (got - ref).abs().max() <= 0.05 * ref.std()
+    c = compare_logits(ref, got)
+    assert c["top1_agreement"] == 1.0 and c["kl_mean"] < 1e-4
+
+
+def test_a_gpu_plan_keeps_gptq_lm_head_16bit(gptq):
+    """Nothing was measured on a GPU: there the lm_head stays as GPTQ left it."""
+    from qwenlocal.planning.plan import Sizing, decide_recipe
+    from qwenlocal.weights.sources import ModelSource
+
+    folder, _, _ = gptq("int4-g128-sym-v1")
+    config = ModelSource.read(folder).config
+    gpu = decide_recipe(config, "auto", Sizing(torch.device("cuda"), torch.bfloat16, 4096, 8 * 1024**3))
+    assert gpu.recipe.lm_head_bits == 16 and gpu.reason is None
+    cpu = decide_recipe(config, None, Sizing(torch.device("cpu"), torch.bfloat16, 4096))
+    assert cpu.recipe.lm_head_bits == 8
 
 
 def test_act_order_is_refused_for_int4_and_loads_dequantized(gptq):
@@ -237,13 +301,13 @@ def test_quantize_a_gptq_folder_and_its_report(gptq, tmp_path):
     # the same weights: GPTQ's groups of 128 are two int4 groups of 64 each
     got = load_model(out, dtype=torch.float32)(PROMPT)
     assert torch.equal(got, load_model(folder, dtype=torch.float32, quant="int4")(PROMPT))
-    # GPTQ loaded as it is equals its int4 copy made with its own recipe: the same bytes
+    # GPTQ loaded as it is equals its int4 copy made with the recipe it loaded with: the same bytes
     from qwenlocal.weights.quantize import quantize_checkpoint
-    from qwenlocal.weights.sources import ModelSource
 
-    quantize_checkpoint(folder, tmp_path / "own", ModelSource.read(folder).own_recipe)
+    model = load_model(folder, dtype=torch.float32)
+    quantize_checkpoint(folder, tmp_path / "own", model.recipe)
     got = load_model(tmp_path / "own", dtype=torch.float32)(PROMPT)
-    assert torch.equal(got, load_model(folder, dtype=torch.float32)(PROMPT))
+    assert torch.equal(got, model(PROMPT))
 
 
 def test_quality_report_compares_with_the_dequantized_gptq_weights(tiny_ckpt, tmp_path):

@@ -25,6 +25,15 @@ from qwenlocal.weights.sources import ModelSource
 
 # RAM kept free for the OS and the rest of the process when --quant auto sizes a CPU load.
 HOST_RESERVE = 2 * 1024**3
+# A GPTQ folder whose lm_head GPTQ left 16-bit (Qwen's GPTQ-Int4: 0.62 GB read a token) has it
+# computed at int8 on the CPU, in our recipes' format: 1.4x faster at one decode row, half the
+# bytes held, ~1.5 s once at load; logits' KL 4e-5 on Gaussian weights (bf16's own rounding: 3e-6),
+# more where one outlier dominates a row (bench/lm_head.py, BENCHMARKS.md). On a GPU it stays
+# 16-bit: nothing was measured there, and quantizing on the device at load holds the bf16 matrix
+# there beside its int8 copy.
+GPTQ_LM_HEAD_INT8 = (
+    "GPTQ left lm_head 16-bit; on the CPU it is quantized to int8 at load (1.4x faster, half the bytes)"
+)
 
 
 def default_dtype(config: Qwen3MoeConfig) -> torch.dtype:
@@ -65,17 +74,19 @@ class RecipeDecision:
     recipe: object | None  # quant.recipe.Recipe; None: 16-bit weights
     prequantized: bool = False  # the folder holds the recipe's tensors (our own quantized layout)
     quantize_once: bool = False  # --quant auto: load the cached quantized copy (quant_cache.py)
-    reason: str | None = None  # why --quant auto chose for a 16-bit folder: stderr and the panel
+    reason: str | None = None  # why --quant auto chose what it did: stderr and the panel
 
 
 def decide_recipe(
     config: Qwen3MoeConfig, quant=None, sizing: Sizing | None = None, where: object = "config.json"
 ) -> RecipeDecision:
     """The recipe a folder loads with. `quant`: None (the folder as it is), "auto", "bf16"/"none",
-    a preset name or a Recipe. A quantized folder keeps its own recipe (GPTQ's codes repacked);
+    a preset name or a Recipe. A quantized folder keeps its own recipe (GPTQ's codes repacked; a
+    16-bit GPTQ lm_head at int8 when `sizing` is a CPU's: GPTQ_LM_HEAD_INT8);
     "auto" on a 16-bit or FP8 folder keeps 16-bit weights that fit `sizing` and otherwise takes the
-    default recipe, quantized once into the cache (without `sizing`, as `vram` plans: the default).
-    Other presets quantize a 16-bit source while loading. `where`: the config file errors name."""
+    default recipe, quantized once into the cache (without `sizing`, as `vram` plans a GPU: the
+    default). Other presets quantize a 16-bit source while loading. `where`: the config file errors
+    name."""
     from quant.recipe import DEFAULT_PRESET, Recipe
     from qwenlocal.weights.sources import DEQUANTIZED_METHODS, GPTQ_METHOD, own_recipe, quant_method
 
@@ -86,6 +97,8 @@ def decide_recipe(
             raise UserError(f"This checkpoint is already quantized ({own.preset}); drop --quant {quant}.")
         return RecipeDecision(own, prequantized=True)
     if own is not None and quant in (None, "auto"):  # GPTQ
+        if own.lm_head_bits == 16 and sizing is not None and sizing.device.type == "cpu":
+            return RecipeDecision(dataclasses.replace(own, lm_head_bits=8), reason=GPTQ_LM_HEAD_INT8)
         return RecipeDecision(own)
     if quant == "auto":
         if sizing is None:
@@ -138,7 +151,7 @@ class LoadPlan:
     recipe: object | None  # quant.recipe.Recipe; None: 16-bit weights
     prequantized: bool  # the folder holds the recipe's tensors
     quantize_once: bool  # the cached quantized copy is loaded instead of the folder
-    reason: str | None  # why --quant auto chose the recipe
+    reason: str | None  # why --quant auto chose the recipe (RecipeDecision.reason)
     budget: int | None  # device bytes the expert cache was sized to
     expert_slots: int | None  # slots on the device in all layers; None: every expert resident
     slots_per_layer: int | None
