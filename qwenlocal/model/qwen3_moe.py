@@ -7,7 +7,9 @@ offloaded variants plug in without touching this file.
 
 A forward's positions are a device tensor (`Step`): RoPE, the KV-cache write and the mask are
 computed from it on the device, so a decode step makes no host reads and can be captured as a
-CUDA graph and replayed (qwenlocal.model.graphs).
+CUDA graph and replayed (qwenlocal.model.graphs). On the CPU a decode token runs each layer up to
+its experts as one C++ call (cpu_decode: the same ops, prepared at load by DecoderLayer.fuse_decode);
+the Python layers here stay its reference and fallback.
 """
 
 from __future__ import annotations
