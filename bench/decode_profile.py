@@ -8,11 +8,13 @@ Two random checkpoints, quantized with the default recipe while loading:
     python bench/decode_profile.py [--models ops real] [--steps 16]
 
 Each model's step runs "before" (q/k/v as three matmuls, the norms through fp32 and back, as the
-step was before issue 22's attention work) and "after" (as loaded), interleaved, on one load.
-Prints, per model and step: ms per token (best of `--steps` plain timed steps), aten ops per
-layer (profiler events at the top level of each op, from one profiled step), the matmul kernels'
-time, and the ms per token outside them (the kernels' share of the profiled step, applied to the plain one: the
-profiler slows small ops more than kernels, so "outside" is a lower bound).
+step was before issue 22's attention work), "fused" (the fused attention in Python: the layers'
+C++ operator, qwenlocal.model.cpu_decode, off) and "layer op" (as loaded, the operator built),
+interleaved, on one load. Prints, per model and step: ms per token (best of `--steps` plain timed
+steps), aten ops per layer (profiler events with no aten op above them, whether Python or a C++
+operator issued them), calls from Python per layer (ops with no op above them), the matmul
+kernels' time, and the ms per token outside them (the kernels' share of the profiled step, applied
+to the plain one: the profiler slows small ops more than kernels, so "outside" is a lower bound).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from common import CACHE, machine, markdown_table, real_shape_checkpoint
 from torch.profiler import ProfilerActivity, profile
 
 from qwenlocal import load_model
-from qwenlocal.model import qwen3_moe
+from qwenlocal.model import cpu_decode, qwen3_moe
 from qwenlocal.model.qwen3_moe import rms_norm as fused_rms_norm
 
 # The op-structure model (the issue's): real depth, expert count and top-k, tiny widths.
@@ -51,7 +53,7 @@ KERNELS = (
     "aten::linear",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
 )
-VARIANTS = ("before", "after")
+VARIANTS = ("before", "fused", "layer op")
 
 
 def ops_checkpoint():
@@ -78,26 +80,33 @@ def reference_rms_norm(x, weight, eps):
 @contextmanager
 def variant(model, name: str):
     """ "before": q/k/v as three matmuls and the norms through fp32 (what the step did before the
-    fused projection); "after": the step as loaded."""
-    if name == "after":
+    fused projection); "fused": the fused projection, the layers in Python; "layer op": the step as
+    loaded."""
+    if name == "layer op":
         yield
         return
-    attns = [layer.self_attn for layer in model.model.layers]
-    saved = [a.qkv for a in attns]
-    for a in attns:
-        a.__dict__["qkv"] = None
-    qwen3_moe.rms_norm = reference_rms_norm
+    layers = model.model.layers
+    saved = [(layer.decode_args, layer.self_attn.qkv) for layer in layers]
+    for layer in layers:
+        layer.__dict__["decode_args"] = None
+        if name == "before":
+            layer.self_attn.__dict__["qkv"] = None
+    if name == "before":
+        qwen3_moe.rms_norm = reference_rms_norm
     try:
         yield
     finally:
         qwen3_moe.rms_norm = fused_rms_norm
-        for a, qkv in zip(attns, saved, strict=True):
-            a.__dict__["qkv"] = qkv
+        for layer, (args, qkv) in zip(layers, saved, strict=True):
+            layer.__dict__["decode_args"] = args
+            layer.self_attn.__dict__["qkv"] = qkv
 
 
 @torch.inference_mode()
 def profile_model(folder, recipe: str, steps: int) -> dict:
     model = load_model(folder, dtype=torch.bfloat16, quant=recipe)
+    if not cpu_decode.OPERATOR.build():
+        raise SystemExit("the layer operator did not build here (no C++ compiler?)")
     cache = model.new_cache(64)
     model(torch.arange(8).view(1, 8), cache=cache)
     token = torch.tensor([[11]])
@@ -119,7 +128,9 @@ def profile_step(model, cache, token, ms: float, name: str) -> dict:
         model(token, cache=cache)
         profiled_us = 1e6 * (time.perf_counter() - t)
     cache.length -= 1
-    top = [e for e in prof.events() if e.name.startswith("aten::") and not _has_aten_parent(e)]
+    events = prof.events()
+    top = [e for e in events if e.name.startswith("aten::") and not _has_parent(e, "aten::")]
+    from_python = [e for e in events if "::" in e.name and not _has_parent(e, "")]
     counts = Counter(e.name for e in top)
     # the profiler slows the small ops more than the kernels: the kernels' share of the profiled
     # step, applied to the unprofiled one, is an upper bound on their time
@@ -129,6 +140,7 @@ def profile_step(model, cache, token, ms: float, name: str) -> dict:
         "ms": ms,
         "ops": len(top),
         "ops_per_layer": len(top) / layers,
+        "python_per_layer": len(from_python) / layers,
         "kernel_ms": ms * share,
         "outside_ms": ms * (1 - share),
         "top": counts.most_common(12),
@@ -136,10 +148,11 @@ def profile_step(model, cache, token, ms: float, name: str) -> dict:
     }
 
 
-def _has_aten_parent(e) -> bool:
+def _has_parent(e, prefix: str) -> bool:
+    """Whether an op whose name starts with `prefix` (any op, for "") is above e."""
     p = e.cpu_parent
     while p is not None:
-        if p.name.startswith("aten::"):
+        if "::" in p.name and p.name.startswith(prefix):
             return True
         p = p.cpu_parent
     return False
@@ -158,15 +171,16 @@ def main() -> None:
         results = profile_model(folder, args.recipe, args.steps)
         label = "op structure (48 L, hidden 128)" if name == "ops" else "real shapes, 2 L"
         for v, r in results.items():
-            ratio = results["before"]["ms"] / r["ms"]
             rows.append(
                 [
                     label,
                     v,
                     f"{r['ms']:.2f}",
-                    f"{ratio:.2f}x",
+                    f"{results['before']['ms'] / r['ms']:.2f}x",
+                    f"{results['fused']['ms'] / r['ms']:.2f}x",
                     r["ops"],
                     f"{r['ops_per_layer']:.0f}",
+                    f"{r['python_per_layer']:.0f}",
                     f"{r['kernel_ms']:.2f}",
                     f"{r['outside_ms']:.2f}",
                 ]
@@ -181,8 +195,10 @@ def main() -> None:
                 "step",
                 "ms / token",
                 "speed vs before",
+                "vs fused",
                 "aten ops / token",
-                "ops / layer",
+                "aten ops / layer",
+                "calls from Python / layer",
                 "matmul kernels ms",
                 "outside kernels ms",
             ],

@@ -242,8 +242,8 @@ def test_a_loaded_cpu_model_decodes_fused_as_it_does_unfused(checkpoint_factory)
         plain = load_model(src, dtype=torch.bfloat16, quant=quant)
         assert all(layer.self_attn.qkv is not None for layer in fused.model.layers)
         for layer in plain.model.layers:
-            layer.self_attn._apply(lambda t: t)  # drops the fused projection, keeps the weights
-            assert layer.self_attn.qkv is None
+            layer._apply(lambda t: t)  # drops the fused projection (and layer operator), keeps the weights
+            assert layer.self_attn.qkv is None and layer.decode_args is None
         caches = fused.new_cache(32), plain.new_cache(32)
         prompt = torch.tensor([[17, 923, 4, 511, 77]])
         with torch.inference_mode():

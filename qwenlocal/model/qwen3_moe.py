@@ -7,7 +7,9 @@ offloaded variants plug in without touching this file.
 
 A forward's positions are a device tensor (`Step`): RoPE, the KV-cache write and the mask are
 computed from it on the device, so a decode step makes no host reads and can be captured as a
-CUDA graph and replayed (qwenlocal.model.graphs).
+CUDA graph and replayed (qwenlocal.model.graphs). On the CPU a decode token runs each layer up to
+its experts as one C++ call (cpu_decode: the same ops, prepared at load by DecoderLayer.fuse_decode);
+the Python layers here stay its reference and fallback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlocal.experts.store import DenseExperts, Experts
+from qwenlocal.model import cpu_decode
 from qwenlocal.model.config import Qwen3MoeConfig
 from qwenlocal.model.kv_cache import KVCache
 from qwenlocal.model.rope import Rope, apply_rope
@@ -97,7 +100,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Step:
     """Where one forward's T tokens go: their positions [T] on the device, RoPE tables for them,
     the cache, how many stored keys attention reads (None: all of them, masked, for a step of
-    fixed shape), and the mask or causal flag."""
+    fixed shape), the mask or causal flag, and whether layers prepared for it (DecoderLayer.
+    fuse_decode) run the token as one call of cpu_decode's operator."""
 
     positions: torch.Tensor
     cos: torch.Tensor
@@ -106,6 +110,7 @@ class Step:
     end: int | None
     mask: torch.Tensor | None
     causal: bool
+    layer_op: bool = False
 
 
 class Attention(nn.Module):
@@ -245,10 +250,53 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.__dict__["decode_args"] = None  # fuse_decode's operands (cpu_decode.LayerArgs)
+
+    def fuse_decode(self) -> bool:
+        """Let a CPU decode token run this layer up to its experts as one call of cpu_decode's
+        operator (bit for bit the Python layer's ops), after Attention.fuse_qkv. False (nothing
+        changed) where a weight is not one the operator computes as the Python layer does."""
+        attn, mlp = self.self_attn, self.mlp
+        dtype = self.input_layernorm.weight.dtype
+        moe = isinstance(mlp, SparseMoeBlock)
+        if attn.qkv is None or attn.qk_norm_weight is None:
+            return False
+        linears = [decode_parts(m, dtype) for m in (attn.qkv, attn.o_proj, *([mlp.gate] if moe else []))]
+        if any(p is None for p in linears):
+            return False
+        args = cpu_decode.layer_args(
+            attn.layer,
+            (self.input_layernorm.weight, attn.qk_norm_weight, self.post_attention_layernorm.weight),
+            (linears[0], linears[1], linears[2] if moe else None),
+            (attn.n_heads, attn.n_kv, attn.head_dim, mlp.top_k if moe else 0),
+            (self.input_layernorm.eps, attn.q_norm.eps, self.post_attention_layernorm.eps),
+            moe and mlp.norm_topk_prob,
+        )
+        self.__dict__["decode_args"] = args
+        return args is not None
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__["decode_args"] = None  # moved or cast: the operands are no longer the weights
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, s: Step) -> torch.Tensor:
+        if s.layer_op and self.decode_args is not None:
+            x, h, ids, weights = cpu_decode.decode_layer(
+                x, s.cos, s.sin, s.positions, s.cache, s.end, self.decode_args
+            )
+            if not isinstance(self.mlp, SparseMoeBlock):
+                return x + self.mlp(h)
+            return x + self.mlp.experts(self.mlp.layer, h, ids, weights).view(x.shape)
         x = x + self.self_attn(self.input_layernorm(x), s)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def decode_parts(m: nn.Module, dtype: torch.dtype) -> cpu_decode.LinearParts | None:
+    """A linear layer's operands for cpu_decode, where its one-row forward is what the operator
+    computes: a 16-bit Linear in x's dtype (F.linear), or an int8 QuantLinear on its kernel."""
+    if type(m) is Linear:
+        return cpu_decode.LinearParts(m.weight, None, m.bias) if m.weight.dtype == dtype else None
+    return cpu_decode.quant_linear_parts(m, dtype)
 
 
 class Qwen3MoeModel(nn.Module):
@@ -353,7 +401,15 @@ class Qwen3MoeForCausalLM(nn.Module):
         else:  # query i sees keys 0..positions[i]
             keys = torch.arange(reads if reads is not None else cache.max_len, device=x.device)
             mask, causal = keys[None, :] <= positions[:, None], False
-        s = Step(positions, cos, sin, cache, reads, mask, causal)
+        # one row with its keys counted: prepared layers may run it as one call each (cpu_decode)
+        layer_op = (
+            b * t == 1
+            and end is not None
+            and cache is not None
+            and self.model.layers[0].decode_args is not None
+            and cpu_decode.takes(x, cache, end)
+        )
+        s = Step(positions, cos, sin, cache, reads, mask, causal, layer_op)
         prefetch = self.experts.prefetch if b * t == 1 else None
         for i, layer in enumerate(self.model.layers):
             x = layer(x, s)

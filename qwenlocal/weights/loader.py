@@ -132,6 +132,7 @@ def load_model(
         if plan.device.type in FUSED_QKV_DEVICES:
             for layer in model.model.layers:
                 layer.self_attn.fuse_qkv()
+                layer.fuse_decode()
     finally:
         ckpt.close()  # the memory maps, whether the load finished or failed
     model.plan = plan
