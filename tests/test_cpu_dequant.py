@@ -70,6 +70,12 @@ def test_a_two_dimensional_weight_is_one_matrix(built):
     assert got.shape == (128, 64) and torch.equal(bits(got), bits(want))
 
 
+def test_a_library_compiled_before_loads_on_the_first_ask(built, monkeypatch):
+    """Not in the background: the first prefill and the crossover probe see it, every run alike."""
+    monkeypatch.setitem(cpu_dequant._state, "status", "new")
+    assert cpu_dequant.ready()
+
+
 def test_the_operator_reads_the_cpu_layouts_only():
     assert all(cpu_dequant.reads(p) for p in PACKINGS)
     assert not cpu_dequant.reads("plain")
