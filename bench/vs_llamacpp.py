@@ -11,13 +11,16 @@ llama-bench). Engines alternate, best of `--rounds`, same thread count.
 Models: "ops" (bench/decode_profile.py's op structure: 48 layers, 128 experts, top-8, hidden
 128; its decode is almost all per-token overhead) and "real" (the real layer shapes, 2 layers).
 Decode: `--decode` greedy tokens after an 8-token prompt (llama-bench: tg of the same count);
-prefill: each of `--prefill` prompt lengths from an empty cache (llama-bench: pp).
+prefill: each of `--prefill` prompt lengths from an empty cache (llama-bench: pp). `--llama-arg`
+(repeatable; quoted, split like a shell line) goes to llama-bench as it is, e.g.
+`--llama-arg "--repack 0"` for a build whose repacked (AMX) Q4_0 path crashes in prefill.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import time
 
@@ -25,6 +28,7 @@ import torch
 from common import machine, markdown_table, real_shape_checkpoint
 from decode_profile import ops_checkpoint
 
+from quant import cpu_dequant
 from qwenlocal import load_model
 
 
@@ -50,9 +54,11 @@ def ours(folder, decode: int, prefills: list[int]) -> dict[str, float]:
     return out
 
 
-def llama(bench: str, gguf: str, decode: int, prefills: list[int], threads: int) -> dict[str, float]:
+def llama(
+    bench: str, gguf: str, decode: int, prefills: list[int], threads: int, extra: list[str]
+) -> dict[str, float]:
     args = [bench, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json"]
-    args += ["-n", str(decode), "-p", ",".join(str(p) for p in prefills) or "0"]
+    args += ["-n", str(decode), "-p", ",".join(str(p) for p in prefills) or "0", *extra]
     rows = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
     out = {}
     for r in rows:
@@ -70,8 +76,16 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--prefill", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="both engines (default: torch's count)")
+    ap.add_argument(
+        "--llama-arg", action="append", default=[], help='passed to llama-bench, e.g. "--repack 0"'
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    extra = [word for arg in args.llama_arg for word in shlex.split(arg)]
+    cpu_dequant.build()  # the prefill's int4 dequantize, built before timing instead of during it
     ggufs = dict(g.split("=", 1) for g in args.gguf)
     rows = []
     for name, gguf in ggufs.items():
@@ -82,7 +96,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for best, run in (
                 (best_ours, lambda f=folder, p=prefills: ours(f, args.decode, p)),
-                (best_llama, lambda g=gguf, p=prefills: llama(args.llama_bench, g, args.decode, p, threads)),
+                (
+                    best_llama,
+                    lambda g=gguf, p=prefills: llama(args.llama_bench, g, args.decode, p, threads, extra),
+                ),
             ):
                 for key, value in run().items():
                     best[key] = max(best.get(key, 0.0), value)
@@ -91,6 +108,8 @@ def main() -> None:
             rows.append([name, key, f"{value:.1f}", f"{ref:.1f}", f"{value / ref:.2f}x"])
             print(" | ".join(rows[-1]), flush=True)
     print(f"machine: {machine()}; {threads} threads; best of {args.rounds}, engines alternating")
+    if extra:
+        print(f"llama-bench arguments added: {shlex.join(extra)}")
     print(markdown_table(["model", "tok/s of", "qwenlocal (mixed)", "llama.cpp Q4_0", "ratio"], rows))
 
 

@@ -5,7 +5,8 @@
     device  format        rows <= crossover                          more rows (prefill)
     cpu     int8          torch's _weight_int8pack_mm (bf16/fp16 x)  the codes as the GEMM's dtype, GEMM,
                                                                      then the row scales (int8_gemm_cpu)
-    cpu     int4 (cpu)    torch's _weight_int4pack_mm_for_cpu        dequantize + GEMM
+    cpu     int4 (cpu)    torch's _weight_int4pack_mm_for_cpu        dequantize (C++ once built:
+                                                                     quant.cpu_dequant) + GEMM
     cpu     nf4 / fp4     the faster, measured once on this CPU, of bitsandbytes' matmul_4bit
                           (its C++ dequantize on AVX512-BF16 CPUs) and dequantize + GEMM
     cuda    nf4 / fp4     bitsandbytes' matmul_4bit (its gemv at one row, dequantize + GEMM above)
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_dequant
 from .formats import QTensor, dequantize
 from .int4 import cpu_packable, cpu_packing, dequantize_int4_t, int4_mm_cpu, repack_for_cpu
 from .pack import PackLayout, unpack
@@ -136,10 +138,13 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
     dt = gemm_dtype_cpu(x.dtype)
     if q.fmt == "int4":  # unpacked as W.T, which the GEMM reads as well as W
         assert q.scale_zero is not None
-        wt = scratch("qlinear_w", q.numel, torch.float32)
-        wt = dequantize_int4_t(q.weight, q.scale_zero, (n, k), q.blocksize, q.packing, wt)
-        if dt != torch.float32:  # the GEMM's copy in kept scratch too, not a fresh one per call
-            wt = scratch("qlinear_wg", q.numel, dt).view(k, n).copy_(wt)
+        wt = scratch("qlinear_w" if dt == torch.float32 else "qlinear_wg", q.numel, dt).view(k, n)
+        if cpu_dequant.reads(q.packing) and cpu_dequant.ready():  # C++, straight into the GEMM's dtype
+            cpu_dequant.dequantize_int4_t(q.weight, q.scale_zero, (n, k), q.blocksize, q.packing, wt)
+        else:  # the same values through fp32 scratch
+            w32 = scratch("qlinear_w", q.numel, torch.float32)
+            w32 = dequantize_int4_t(q.weight, q.scale_zero, (n, k), q.blocksize, q.packing, w32)
+            wt = w32 if dt == torch.float32 else wt.copy_(w32)
         return torch.matmul(x.to(dt), wt).to(x.dtype)
     w = dequantize(q, out=scratch("qlinear_w", q.numel, dt))
     return F.linear(x.to(dt), w.view(q.shape)).to(x.dtype)
@@ -245,12 +250,17 @@ def bnb_4bit_faster_on_cpu() -> bool:
         return best_seconds(lambda: bnb_matmul_4bit(x, q)) < best_seconds(lambda: plain(x, q))
 
 
-@measured_once
 def kernel_max_rows(fmt: str) -> int:
     """The most rows of x for which torch's `fmt` ("int8" or "int4") CPU kernel is faster than the
     GEMM path on this CPU. It is timed once per process on one expert-sized matrix (768 x 2048, as
     loaded) at each count of KERNEL_ROWS_LADDER, stopping at the first count where the kernel loses.
-    That takes about 0.1 s, on the first quantized call with a few rows."""
+    That takes about 0.1 s, on the first quantized call with a few rows. int4 is timed again once
+    the C++ dequantize (quant.cpu_dequant) is ready: it moves the crossover down (BENCHMARKS.md)."""
+    return _kernel_max_rows(fmt, fmt == "int4" and cpu_dequant.ready())
+
+
+@measured_once
+def _kernel_max_rows(fmt: str, fast_dequant: bool) -> int:
     from .formats import quantize
 
     w = torch.randn(768, 2048, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -266,6 +276,9 @@ def kernel_max_rows(fmt: str) -> int:
                 break
             best = rows
     return best
+
+
+kernel_max_rows.cache_clear = _kernel_max_rows.cache_clear  # type: ignore[attr-defined]
 
 
 def best_seconds(fn, repeat: int = 5) -> float:
