@@ -5,12 +5,13 @@ Two random checkpoints, quantized with the default recipe while loading:
   128): a step is almost all dispatch, Python and allocation, so its ms per token is the overhead;
 - "real": the real layer shapes, 2 layers.
 
-    python bench/decode_profile.py [--models ops real] [--steps 16]
+    python bench/decode_profile.py [--models ops real] [--steps 16] [--variants before fused torch-int4 layer op]
 
 Each model's step runs "before" (q/k/v as three matmuls, the norms through fp32 and back, as the
 step was before issue 22's attention work), "fused" (the fused attention in Python: the layers'
-C++ operator, qwenlocal.model.cpu_decode, off) and "layer op" (as loaded, the operator built),
-interleaved, on one load. Prints, per model and step: ms per token (best of `--steps` plain timed
+C++ operator, qwenlocal.model.cpu_decode, off), "torch-int4" (as loaded, but the experts' operator
+calls torch's int4 kernel per matrix, as it did before its own kernel) and "layer op" (as loaded,
+both operators built), interleaved, on one load. Prints, per model and step: ms per token (best of `--steps` plain timed
 steps), aten ops per layer (profiler events with no aten op above them, whether Python or a C++
 operator issued them), calls from Python per layer (ops with no op above them), the matmul
 kernels' time, and the ms per token outside them (the kernels' share of the profiled step, applied
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from common import CACHE, machine, markdown_table, real_shape_checkpoint
 from torch.profiler import ProfilerActivity, profile
 
+from quant import cpu_moe
 from qwenlocal import load_model
 from qwenlocal.model import cpu_decode, qwen3_moe
 from qwenlocal.model.qwen3_moe import rms_norm as fused_rms_norm
@@ -53,7 +55,7 @@ KERNELS = (
     "aten::linear",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
 )
-VARIANTS = ("before", "fused", "layer op")
+VARIANTS = ("before", "fused", "torch-int4", "layer op")
 
 
 def ops_checkpoint():
@@ -80,10 +82,21 @@ def reference_rms_norm(x, weight, eps):
 @contextmanager
 def variant(model, name: str):
     """ "before": q/k/v as three matmuls and the norms through fp32 (what the step did before the
-    fused projection); "fused": the fused projection, the layers in Python; "layer op": the step as
-    loaded."""
+    fused projection); "fused": the fused projection, the layers in Python; "torch-int4": as loaded,
+    the experts' operator with torch's kernel per matrix (block 0); "layer op": the step as loaded."""
     if name == "layer op":
         yield
+        return
+    if name == "torch-int4":
+        experts = model.experts
+        args = experts.fused_args() if hasattr(experts, "fused_args") else None
+        if args is not None:
+            experts._fused = (*args[:-1], 0)
+        try:
+            yield
+        finally:
+            if args is not None:
+                experts._fused = args
         return
     layers = model.model.layers
     saved = [(layer.decode_args, layer.self_attn.qkv) for layer in layers]
@@ -103,23 +116,24 @@ def variant(model, name: str):
 
 
 @torch.inference_mode()
-def profile_model(folder, recipe: str, steps: int) -> dict:
+def profile_model(folder, recipe: str, steps: int, variants: list[str]) -> dict:
     model = load_model(folder, dtype=torch.bfloat16, quant=recipe)
     if not cpu_decode.OPERATOR.build():
         raise SystemExit("the layer operator did not build here (no C++ compiler?)")
+    cpu_moe.build()  # the experts' operator ready before the first step (else built in the background)
     cache = model.new_cache(64)
     model(torch.arange(8).view(1, 8), cache=cache)
     token = torch.tensor([[11]])
-    for name in VARIANTS:
+    for name in variants:
         with variant(model, name):
             for _ in range(3):  # warm-up: probes, scratch buffers
                 step_ms(model, cache, token)
-    best = dict.fromkeys(VARIANTS, float("inf"))
+    best = dict.fromkeys(variants, float("inf"))
     for _ in range(steps):  # interleaved, best of `steps`: the machine may be loaded
-        for name in VARIANTS:
+        for name in variants:
             with variant(model, name):
                 best[name] = min(best[name], step_ms(model, cache, token))
-    return {name: profile_step(model, cache, token, best[name], name) for name in VARIANTS}
+    return {name: profile_step(model, cache, token, best[name], name) for name in variants}
 
 
 def profile_step(model, cache, token, ms: float, name: str) -> dict:
@@ -163,12 +177,13 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["ops", "real"], choices=["ops", "real"])
     ap.add_argument("--recipe", default="mixed")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = ap.parse_args()
     print(f"machine: {machine()}; {torch.get_num_threads()} threads")
     rows = []
     for name in args.models:
         folder = ops_checkpoint() if name == "ops" else real_shape_checkpoint(2)
-        results = profile_model(folder, args.recipe, args.steps)
+        results = profile_model(folder, args.recipe, args.steps, args.variants)
         label = "op structure (48 L, hidden 128)" if name == "ops" else "real shapes, 2 L"
         for v, r in results.items():
             rows.append(
@@ -176,8 +191,7 @@ def main() -> None:
                     label,
                     v,
                     f"{r['ms']:.2f}",
-                    f"{results['before']['ms'] / r['ms']:.2f}x",
-                    f"{results['fused']['ms'] / r['ms']:.2f}x",
+                    f"{results[args.variants[0]]['ms'] / r['ms']:.2f}x",
                     r["ops"],
                     f"{r['ops_per_layer']:.0f}",
                     f"{r['python_per_layer']:.0f}",
@@ -194,8 +208,7 @@ def main() -> None:
                 "model",
                 "step",
                 "ms / token",
-                "speed vs before",
-                "vs fused",
+                f"speed vs {args.variants[0]}",
                 "aten ops / token",
                 "aten ops / layer",
                 "calls from Python / layer",

@@ -4,16 +4,26 @@ decode token and a 4-token batch, per expert format (int4 repacked for torch's C
 loaded). Decides what `--moe auto` picks on the CPU.
 
     python bench/moe_cpu.py [FORMAT ...]       (int4 nf4+dq int8 bf16; default: all)
+    python bench/moe_cpu.py --op [--threads N ...]
+
+`--op`: a decode token's int4 experts through quant.cpu_moe's operator, one call a layer, with
+torch's kernel per matrix (block 0, what the operator did first) against its own kernel,
+interleaved in one process on the same tokens, on the op-structure shape (hidden 128, 64 per
+expert) and the real one (group 64 and 128); each expert id drawn anew per call from 128, so the
+weights come from memory as in a decode step.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 from common import machine, markdown_table
+
+from quant import cpu_moe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.test_grouped import make_experts, routing  # noqa: E402
@@ -32,10 +42,67 @@ def best_ms(fn, repeat: int = 7) -> float:
     return 1000 * min(times)
 
 
-def main() -> None:
-    torch.manual_seed(0)
+# (label, hidden, intermediate, int4 group, layers timed per call of best_ms)
+OP_SHAPES = [
+    ("op structure", 128, 64, 64, 200),
+    ("real, group 64", 2048, 768, 64, 10),
+    ("real, group 128", 2048, 768, 128, 10),
+]
+OP_EXPERTS = 128
+
+
+def op_table(threads: list[int]) -> None:
+    """The operator per layer: torch's kernel per matrix against the own kernel, interleaved."""
+    assert cpu_moe.build(), "the operator did not build"
     rows = []
-    for label in sys.argv[1:] or FORMATS:
+    for label, hidden, inter, group, reps in OP_SHAPES:
+        ex, _ = make_experts("int4", False, hidden=hidden, inter=inter, experts=OP_EXPERTS, group=group)
+        ex.use_kernel_layout()
+        args = ex.fused_args()
+        assert args is not None and args[-1] in cpu_moe.kernel_blocks(), "no own kernel here"
+        g = torch.Generator().manual_seed(0)
+        tokens = [
+            (torch.randn(1, hidden, generator=g).bfloat16(), torch.randperm(OP_EXPERTS, generator=g)[:8])
+            for _ in range(reps)
+        ]
+        w = torch.rand(8, generator=g).softmax(-1).bfloat16()
+
+        def layers(block: int, ex=ex, args=args, tokens=tokens, w=w) -> None:
+            for x, ids in tokens:
+                cpu_moe.moe_int4_row(x, ids, w, ex.blobs[0], *args[:-1], block)
+
+        for n in threads:
+            torch.set_num_threads(n)
+            best = {0: float("inf"), args[-1]: float("inf")}
+            with torch.inference_mode():
+                for _ in range(5):  # interleaved rounds: the machine may be loaded
+                    for block in best:
+                        best[block] = min(best[block], best_ms(lambda b=block: layers(b), repeat=3) / reps)
+            old, new = best[0], best[args[-1]]
+            rows.append([label, n, f"{1000 * old:.1f}", f"{1000 * new:.1f}", f"{old / new:.2f}"])
+            print(rows[-1], flush=True)
+    print(f"machine: {machine()}; own kernel block {args[-1]}")
+    print(
+        markdown_table(
+            ["shape", "threads", "torch kernel us / layer", "own kernel us / layer", "speed-up"], rows
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("formats", nargs="*", help=f"of {', '.join(FORMATS)} (default: all)")
+    ap.add_argument("--op", action="store_true", help="the decode operator's two kernels per layer")
+    ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    args = ap.parse_args()
+    if set(args.formats) - set(FORMATS):
+        ap.error(f"formats are {', '.join(FORMATS)}")
+    torch.manual_seed(0)
+    if args.op:
+        op_table(args.threads)
+        return
+    rows = []
+    for label in args.formats or FORMATS:
         fmt, dq = FORMATS[label]
         ex, dt = make_experts(fmt, dq, hidden=2048, inter=768, experts=EXPERTS)
         if fmt == "int4":

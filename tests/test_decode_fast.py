@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
 import pytest
 import torch
 
 from qwenlocal.experts.store import quant_swiglu
 from tests.test_grouped import make_experts, routing
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def kernel_experts(fmt: str):
@@ -91,6 +99,156 @@ def test_a_float32_decode_token_goes_through_the_int4_kernels_in_bf16():
         got = ex.one_token(0, x, ids[0], w[0])
         want = ex.one_token(0, x.bfloat16(), ids[0], w[0].bfloat16()).float()
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+# --- the operator's own int4 kernel (quant/cpu_moe.py): bit for bit torch's, per capability ---
+
+OWN_KERNEL_SHAPES = [(128, 64, 64), (512, 256, 64), (512, 256, 128)]  # hidden, inter, int4 group
+# Qwen3-30B-A3B's top-8 of 16 experts at tiny widths that whole 64-row blocks divide
+OWN_KERNEL_MODEL = {
+    "hidden_size": 128,
+    "moe_intermediate_size": 64,
+    "num_experts": 16,
+    "num_experts_per_tok": 8,
+}
+
+
+def own_block() -> int:
+    """The own kernel's block under the capability torch dispatches to now (0: none)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return 64 if cap.startswith("AVX512") else 32 if cap == "AVX2" else 0
+
+
+def built_cpu_moe():
+    from quant import cpu_moe
+    from quant.int4 import cpu_packing
+
+    if cpu_packing() is None:
+        pytest.skip("this CPU's int4 layout is not one we pack")
+    if not cpu_moe.build():
+        pytest.skip("no C++ compiler for torch extensions here")
+    if own_block() not in cpu_moe.kernel_blocks():
+        pytest.skip("no own int4 kernel for this CPU")
+    return cpu_moe
+
+
+def int4_layer(hidden: int, inter: int, group: int, crafted: bool = False):
+    """16 random int4 experts, repacked as loaded. `crafted`: every (scale, zero) is
+    (1 + 2^-7, -1.5 * 2^-23), where zero - 8 * scale is not exact in fp32, so torch's AVX512 and
+    AVX2 formulas give different bf16 results."""
+    ex, _ = make_experts("int4", False, hidden=hidden, inter=inter, experts=16, group=group)
+    if crafted:
+        for sl in ex.layout:
+            if sl.part == "scale_zero":
+                sz = ex.blobs[0][:, sl.offset : sl.offset + sl.nbytes].view(torch.bfloat16).view(16, -1, 2)
+                sz[..., 0] = 1 + 2**-7
+                sz[..., 1] = -1.5 * 2**-23
+    ex.use_kernel_layout()
+    return ex
+
+
+def own_kernel_outputs(hidden: int, inter: int, group: int, crafted: bool = False) -> list[torch.Tensor]:
+    """The operator's outputs through the own kernel for three random tokens (8 distinct experts
+    in random order, random weights), each asserted equal to the operator through torch's kernel
+    and to the Python loop. A crafted layer gets one-hot tokens: gate and up are single weights."""
+    from qwenlocal.experts.store import Experts
+
+    cpu_moe = built_cpu_moe()
+    ex = int4_layer(hidden, inter, group, crafted)
+    args = ex.fused_args()
+    assert args is not None and args[-1] == own_block()
+    outs = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(16, generator=g)[:8]
+        w = torch.rand(8, generator=g).softmax(-1).bfloat16()
+        x = torch.randn(1, hidden, generator=g).bfloat16()
+        if crafted:
+            x = torch.zeros_like(x)
+            x[0, 5 + seed] = 1
+        with torch.inference_mode():
+            own = cpu_moe.moe_int4_row(x, ids, w, ex.blobs[0], *args)
+            aten = cpu_moe.moe_int4_row(x, ids, w, ex.blobs[0], *args[:-1], 0)
+            loop = Experts.one_token(ex, 0, x, ids, w)
+        assert torch.equal(own, loop) and torch.equal(aten, loop)
+        outs.append(own)
+    return outs
+
+
+def greedy_logits(folder: Path, operator: bool, steps: int = 5) -> list[torch.Tensor]:
+    """A prompt, then `steps` greedy tokens of the int4 model in `folder`; the logits of each
+    forward. `operator` False: the experts in the Python loop."""
+    from quant import cpu_moe
+    from qwenlocal import load_model
+
+    model = load_model(folder, dtype=torch.bfloat16, quant="mixed")
+    assert model.experts.fused_args()[-1] == own_block()
+    cache = model.new_cache(32)
+    ids = torch.tensor([[17, 923, 4, 511, 77]])
+    out = []
+    with torch.inference_mode(), mock.patch.object(cpu_moe, "ready", lambda: operator):
+        for _ in range(steps + 1):
+            logits = model(ids, cache)
+            out.append(logits)
+            ids = logits[:, -1:].argmax(-1)
+    return out
+
+
+def check_greedy(folder: Path) -> None:
+    built_cpu_moe()
+    with_op, without = greedy_logits(folder, True), greedy_logits(folder, False)
+    assert all(torch.equal(a, b) for a, b in zip(with_op, without, strict=True))
+
+
+@pytest.mark.parametrize("shape", OWN_KERNEL_SHAPES)
+def test_the_own_int4_kernel_equals_torchs_and_the_python_loop_bit_for_bit(shape):
+    own_kernel_outputs(*shape)
+    own_kernel_outputs(*shape, crafted=True)
+
+
+def test_a_model_decodes_the_same_greedy_tokens_with_and_without_the_operator(checkpoint_factory):
+    from qwenlocal.weights.random_checkpoint import TINY
+
+    shape = {**TINY, **OWN_KERNEL_MODEL, "vocab_size": 1024}
+    check_greedy(checkpoint_factory("own-int4-kernel", shape, dtype=torch.bfloat16))
+
+
+AVX2_SCRIPT = """
+import sys, torch
+from tests.test_decode_fast import OWN_KERNEL_SHAPES, check_greedy, own_kernel_outputs
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+for shape in OWN_KERNEL_SHAPES:
+    own_kernel_outputs(*shape)
+torch.save(own_kernel_outputs(*OWN_KERNEL_SHAPES[0], crafted=True), sys.argv[1])
+check_greedy(sys.argv[2])
+print("ok")
+"""
+
+
+def test_the_own_avx2_kernel_equals_torchs_avx2_kernel_in_a_subprocess(tmp_path, checkpoint_factory):
+    """torch's AVX2 kernels forced on this CPU: the AVX2 layout and formula, checked as above; the
+    crafted layer's outputs differ from the AVX512 formula's, so each check can tell them apart."""
+    from qwenlocal.weights.random_checkpoint import TINY
+
+    built_cpu_moe()
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("the AVX2 kernels are the ones this process runs already, if any")
+    folder = checkpoint_factory(
+        "own-int4-kernel", {**TINY, **OWN_KERNEL_MODEL, "vocab_size": 1024}, dtype=torch.bfloat16
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "avx2.pt"
+    r = subprocess.run(
+        [sys.executable, "-c", AVX2_SCRIPT, str(out), str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    avx512 = own_kernel_outputs(*OWN_KERNEL_SHAPES[0], crafted=True)
+    assert not any(torch.equal(a, b) for a, b in zip(avx512, torch.load(out), strict=True))
 
 
 # --- attention at one token: q/k/v as one matmul, fewer ops in the norms and RoPE ---

@@ -38,8 +38,10 @@ def blocksize(fmt: str, width: int) -> int:
     return max(g for g in GROUP_SIZES if g <= 64 and width % g == 0) if fmt == "int4" else 64
 
 
-def make_experts(fmt: str, dq: bool, hidden: int = 64, inter: int = 32, experts: int = 8, seed: int = 0):
-    """One MoE layer of random experts in the given storage."""
+def make_experts(
+    fmt: str, dq: bool, hidden: int = 64, inter: int = 32, experts: int = 8, seed: int = 0, group: int = 0
+):
+    """One MoE layer of random experts in the given storage; int4 in groups of `group` if given."""
     from quant.formats import quantize
     from quant.pack import pack
 
@@ -78,7 +80,7 @@ def make_experts(fmt: str, dq: bool, hidden: int = 64, inter: int = 32, experts:
     blobs = []
     for e in range(experts):
         qs = {
-            p: quantize(w.to(torch.bfloat16), fmt, blocksize(fmt, w.shape[1]), dq)
+            p: quantize(w.to(torch.bfloat16), fmt, group or blocksize(fmt, w.shape[1]), dq)
             for p, w in weights[e].items()
         }
         blob, layout = pack(qs)

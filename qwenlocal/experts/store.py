@@ -285,7 +285,7 @@ class QuantExperts(Experts):
         return super().one_token(layer, x, ids, weights)
 
     def fused_args(self) -> tuple | None:
-        """(byte offsets, hidden, intermediate, group) for quant.cpu_moe, or None where the experts
+        """(byte offsets, hidden, intermediate, group, kernel block) for quant.cpu_moe, or None where the experts
         are not int4 in the CPU kernel layout, one group size, every piece aligned for the kernel."""
         if self._fused is None:
             specs = [self.layout.specs.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
@@ -307,7 +307,8 @@ class QuantExperts(Experts):
                     for part in ("weight", "scale_zero")
                 ]
                 inter, hidden = specs[0].shape
-                self._fused = (parts, hidden, inter, specs[0].blocksize)
+                block = cpu_moe.kernel_block(specs[0].packing, hidden, inter)
+                self._fused = (parts, hidden, inter, specs[0].blocksize, block)
         return None if self._fused == (False,) else self._fused
 
     def expert_forward(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
