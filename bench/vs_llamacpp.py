@@ -14,11 +14,14 @@ Decode: `--decode` greedy tokens after an 8-token prompt (llama-bench: tg of the
 prefill: each of `--prefill` prompt lengths from an empty cache (llama-bench: pp). `--llama-arg`
 (repeatable; quoted, split like a shell line) goes to llama-bench as it is, e.g.
 `--llama-arg "--repack 0"` for a build whose repacked (AMX) Q4_0 path crashes in prefill.
+`--plain-dequant`: our int4 prefill GEMMs dequantize in plain torch instead of quant.cpu_dequant's
+C++ loop (what they did before it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import subprocess
@@ -32,8 +35,13 @@ from quant import cpu_dequant
 from qwenlocal import load_model
 
 
+def ours(folder, decode: int, prefills: list[int], plain_dequant: bool) -> dict[str, float]:
+    with cpu_dequant.turned_off() if plain_dequant else contextlib.nullcontext():
+        return ours_timed(folder, decode, prefills)
+
+
 @torch.inference_mode()
-def ours(folder, decode: int, prefills: list[int]) -> dict[str, float]:
+def ours_timed(folder, decode: int, prefills: list[int]) -> dict[str, float]:
     model = load_model(folder, dtype=torch.bfloat16, quant="mixed")
     out = {}
     cache = model.new_cache(max(prefills + [8 + decode]) + 8)
@@ -80,6 +88,9 @@ def main() -> None:
     ap.add_argument(
         "--llama-arg", action="append", default=[], help='passed to llama-bench, e.g. "--repack 0"'
     )
+    ap.add_argument(
+        "--plain-dequant", action="store_true", help="int4 prefill through the plain-torch dequantize"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +106,7 @@ def main() -> None:
         best_llama: dict[str, float] = {}
         for _ in range(args.rounds):
             for best, run in (
-                (best_ours, lambda f=folder, p=prefills: ours(f, args.decode, p)),
+                (best_ours, lambda f=folder, p=prefills: ours(f, args.decode, p, args.plain_dequant)),
                 (
                     best_llama,
                     lambda g=gguf, p=prefills: llama(args.llama_bench, g, args.decode, p, threads, extra),

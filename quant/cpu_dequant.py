@@ -16,7 +16,7 @@ several: a 768 x 2048 expert matrix into bf16 took 0.28 ms on one Xeon core agai
 (BENCHMARKS.md, issue 22 prefill); the loop is bound by vector ops (the rounding to bf16 is 5 of
 ~12 a vector), not by memory.
 
-The operator is compiled on first use (torch.utils.cpp_extension, about 30 s) in a background
+The operator is compiled on first use (torch.utils.cpp_extension, under a minute) in a background
 thread, with -march=native into a build folder named after this CPU; until it is ready, or without
 a C++ compiler, callers use the plain-torch path (quant.int4), which stays the reference. Build
 folder and lock are quant.cpu_moe's.
