@@ -357,11 +357,13 @@ at::Tensor own_loop(const at::Tensor& x, const Picks& p, const at::Tensor& blob,
 at::Tensor moe_int4_row(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                         const at::Tensor& blob, at::IntArrayRef offs, int64_t hidden, int64_t inter,
                         int64_t group, int64_t block) {
-  TORCH_CHECK(blob.is_contiguous() && ids.numel() <= MAX_K && ids.numel() > 0,
-              "moe_int4_row: a contiguous blob, 0 < k <= 64");
+  TORCH_CHECK(blob.is_contiguous() && ids.numel() <= MAX_K && ids.numel() > 0 && offs.size() == 6,
+              "moe_int4_row: a contiguous blob, 0 < k <= 64, six offsets");
   const Picks p = sorted_picks(ids, weights);
-  if (own_kernel(block) && x.is_contiguous() && hidden % block == 0 && inter % block == 0 &&
-      hidden % group == 0 && inter % group == 0)
+  for (int64_t j = 0; j < p.k; ++j)
+    TORCH_CHECK(p.id[j] >= 0 && p.id[j] < blob.size(0), "moe_int4_row: expert id out of range");
+  if (own_kernel(block) && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.numel() == hidden &&
+      hidden % block == 0 && inter % block == 0 && hidden % group == 0 && inter % group == 0)
     return own_loop(x, p, blob, offs, hidden, inter, group, block);
   return aten_loop(x, p, weights, blob, offs, hidden, inter, group);
 }
