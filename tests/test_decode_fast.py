@@ -213,6 +213,15 @@ def test_a_model_decodes_the_same_greedy_tokens_with_and_without_the_operator(ch
     check_greedy(checkpoint_factory("own-int4-kernel", shape, dtype=torch.bfloat16))
 
 
+def test_the_operator_refuses_an_expert_id_outside_the_layer():
+    cpu_moe = built_cpu_moe()
+    ex = int4_layer(128, 64, 64)
+    x, w = torch.randn(1, 128).bfloat16(), torch.ones(2).bfloat16()
+    for block in (0, own_block()):
+        with pytest.raises(RuntimeError, match="out of range"):
+            cpu_moe.moe_int4_row(x, torch.tensor([3, 16]), w, ex.blobs[0], *ex.fused_args()[:-1], block)
+
+
 AVX2_SCRIPT = """
 import sys, torch
 from tests.test_decode_fast import OWN_KERNEL_SHAPES, check_greedy, own_kernel_outputs
