@@ -15,7 +15,9 @@ prefill: each of `--prefill` prompt lengths from an empty cache (llama-bench: pp
 (repeatable; quoted, split like a shell line) goes to llama-bench as it is, e.g.
 `--llama-arg "--repack 0"` for a build whose repacked (AMX) Q4_0 path crashes in prefill.
 `--plain-dequant`: our int4 prefill GEMMs dequantize in plain torch instead of quant.cpu_dequant's
-C++ loop (what they did before it).
+C++ loop (what they did before it). `--folder NAME=DIR` gives a model of another name its checkpoint
+(16-bit, or already quantized with the mixed recipe), e.g. the real shapes at 48 layers; such a model
+is decoded only (no prefill), as its two engines do not fit this machine's memory side by side.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import torch
 from common import machine, markdown_table, real_shape_checkpoint
 from decode_profile import ops_checkpoint
 
-from quant import cpu_dequant
+from quant import cpu_dequant, cpu_moe
 from qwenlocal import load_model
+from qwenlocal.model import cpu_decode
 
 
 def ours(folder, decode: int, prefills: list[int], plain_dequant: bool) -> dict[str, float]:
@@ -80,7 +83,8 @@ def llama(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-bench", required=True)
-    ap.add_argument("--gguf", action="append", required=True, help="ops=FILE or real=FILE")
+    ap.add_argument("--gguf", action="append", required=True, help="ops=FILE, real=FILE or NAME=FILE")
+    ap.add_argument("--folder", action="append", default=[], help="NAME=DIR: the checkpoint of model NAME")
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--prefill", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--rounds", type=int, default=2)
@@ -96,12 +100,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     extra = [word for arg in args.llama_arg for word in shlex.split(arg)]
-    cpu_dequant.build()  # the prefill's int4 dequantize, built before timing instead of during it
+    # the C++ operators (prefill dequantize, decode experts, decode layer) built before timing
+    cpu_dequant.build()
+    cpu_moe.build()
+    cpu_decode.OPERATOR.build()
     ggufs = dict(g.split("=", 1) for g in args.gguf)
+    folders = dict(f.split("=", 1) for f in args.folder)
     rows = []
     for name, gguf in ggufs.items():
-        folder = ops_checkpoint() if name == "ops" else real_shape_checkpoint(2)
-        prefills = [] if name == "ops" else args.prefill
+        if name in folders:
+            folder, prefills = folders[name], []
+        else:
+            folder = ops_checkpoint() if name == "ops" else real_shape_checkpoint(2)
+            prefills = [] if name == "ops" else args.prefill
         best_ours: dict[str, float] = {}
         best_llama: dict[str, float] = {}
         for _ in range(args.rounds):
