@@ -18,25 +18,16 @@ several: a 768 x 2048 expert matrix into bf16 took 0.28 ms on one Xeon core agai
 
 The operator is compiled on first use (torch.utils.cpp_extension, under a minute) in a background
 thread, with -march=native into a build folder named after this CPU; until it is ready, or without
-a C++ compiler, callers use the plain-torch path (quant.int4), which stays the reference. Build
-folder and lock are quant.cpu_moe's.
+a C++ compiler, callers use the plain-torch path (quant.int4), which stays the reference
+(quant.extensions builds it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import platform
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from .cpu_moe import _build_lock
-from .cpu_moe import build_dir as _moe_build_dir
+from .extensions import CppOperator
 from .int4 import cpu_packing_parts
 
 NAME = "qwenlocal_cpu_dequant"
@@ -184,108 +175,20 @@ TORCH_LIBRARY(qwenlocal_cpu_dequant, m) {
 TORCH_LIBRARY_IMPL(qwenlocal_cpu_dequant, CPU, m) { m.impl("int4_dequant", &int4_dequant); }
 """
 
-_state: dict[str, object] = {"status": "new", "off": False}  # status: new -> building -> ready | failed
-_lock = threading.Lock()
-log = logging.getLogger(__name__)
-
-
-def cpu_identity() -> str:
-    """A short hash of what -march=native compiles for: the CPU's model and feature flags."""
-    keys = (
-        "vendor_id",
-        "cpu family",
-        "model",
-        "model name",
-        "flags",
-        "Features",
-        "CPU implementer",
-        "CPU part",
-    )
-    seen: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in keys:
-                seen.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    text = repr(sorted(seen.items())) if seen else platform.processor() + platform.machine()
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def build_dir() -> Path:
-    """Beside quant.cpu_moe's: one folder per torch version, CPU (the code is built for this CPU)
-    and source, so that a library found there is this code, compiled."""
-    source = hashlib.sha1((_SOURCE + repr(_cflags())).encode()).hexdigest()[:8]
-    return _moe_build_dir().parent / f"{NAME}-torch{torch.__version__}-{cpu_identity()}-{source}"
-
-
-def _cflags() -> list[str]:
-    # -fopenmp: at::parallel_for is inline and serial without it (torch runs on OpenMP)
-    return ["-O3", "-ffp-contract=off", "-fopenmp", *native_flags()]
-
-
-def native_flags() -> list[str]:
-    """Code for this CPU; on x86 in 512-bit vectors where it has them (GCC's default for AVX512
-    CPUs is 256: the loop is bound by vector ops, and 512 bits took a 768 x 2048 matrix from 350
-    to 280 us on a Xeon)."""
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        return ["-march=native", "-mprefer-vector-width=512"]
-    return ["-mcpu=native"] if platform.machine().lower() in ("aarch64", "arm64") else []
+OPERATOR = CppOperator(NAME, _SOURCE, cflags=("-O3", "-ffp-contract=off"), openmp=True, native=True)
 
 
 def build() -> bool:
     """Compile (or load the compiled) operator now, blocking; whether it is available."""
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        folder = build_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        with _build_lock(folder):
-            load_inline(
-                NAME,
-                _SOURCE,
-                is_python_module=False,
-                extra_cflags=_cflags(),
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(folder),
-            )
-    except Exception as err:  # no compiler, no headers: the plain-torch dequantize
-        log.info("the CPU int4 dequantize operator did not build (%s); using plain torch", err)
-        _state["status"] = "failed"
-        return False
-    _state["status"] = "ready"
-    return True
+    return OPERATOR.build()
 
 
 def ready() -> bool:
-    """Whether the operator can be called. The first ask loads it at once where it was compiled
-    before (~0.2 s: the first prefill and the crossover probe then see it, every run alike), and
-    otherwise starts its build in the background."""
-    if _state["off"]:
-        return False
-    status = _state["status"]
-    if status == "ready":
-        return True
-    if status == "new":
-        with _lock:
-            if _state["status"] == "new":
-                if (build_dir() / f"{NAME}.so").is_file():
-                    return build()
-                _state["status"] = "building"
-                threading.Thread(target=build, name="cpu-dequant-build", daemon=True).start()
-    return False
+    """Whether the operator can be called; the first ask loads or starts building it."""
+    return OPERATOR.ready()
 
 
-@contextmanager
-def turned_off() -> Iterator[None]:
-    """Inside, `ready()` answers False and callers take the plain-torch path (the tests' fallback,
-    the benchmark's "before")."""
-    _state["off"] = True
-    try:
-        yield
-    finally:
-        _state["off"] = False
+turned_off = OPERATOR.turned_off
 
 
 def reads(packing: str) -> bool:

@@ -37,14 +37,10 @@ and the operator checks the CPU before taking one.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import threading
-from pathlib import Path
-
 import torch
 from torch import Tensor
+
+from .extensions import CppOperator
 
 NAME = "qwenlocal_cpu_moe"
 MAX_PICKS = 64  # the most experts a token picks that the operator takes (its sort buffer)
@@ -383,88 +379,17 @@ TORCH_LIBRARY(qwenlocal_cpu_moe, m) {
 TORCH_LIBRARY_IMPL(qwenlocal_cpu_moe, CPU, m) { m.impl("moe_int4_row", &moe_int4_row); }
 """
 
-_state: dict[str, object] = {"status": "new"}  # new -> building -> ready | failed
-_lock = threading.Lock()
-log = logging.getLogger(__name__)
-
-
-def build_dir() -> Path:
-    """$TORCH_EXTENSIONS_DIR, else the user's cache folder; one folder per torch version."""
-    base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
-    )
-    return Path(base) / f"{NAME}-torch{torch.__version__}"
+OPERATOR = CppOperator(NAME, _SOURCE, openmp=True)
 
 
 def build() -> bool:
     """Compile (or load the compiled) operator now, blocking; whether it is available."""
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        folder = build_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        openmp = ["-fopenmp"] if _openmp() else []
-        with _build_lock(folder):
-            load_inline(
-                NAME,
-                _SOURCE,
-                is_python_module=False,
-                extra_cflags=["-O2", *openmp],
-                extra_ldflags=openmp,
-                build_directory=str(folder),
-            )
-    except Exception as err:  # no compiler, no headers: the Python loop computes the experts
-        log.info("the CPU MoE operator did not build (%s); using the Python loop", err)
-        _state["status"] = "failed"
-        return False
-    _state["status"] = "ready"
-    return True
-
-
-def _openmp() -> bool:
-    """Whether the operator compiles with OpenMP: torch's `at::parallel_for` is a header whose
-    threads are `#pragma omp parallel` where torch uses OpenMP, serial in code built without it.
-    The extension then needs libgomp.so.1, which resolves to the copy torch has loaded."""
-    from .threads import per_thread
-
-    return sys.platform.startswith("linux") and per_thread()
-
-
-class _build_lock:
-    """An exclusive lock on the build folder that the OS releases if the process dies. torch's own
-    lock is a file that a killed build leaves behind (every later build would wait on it forever):
-    holding this lock, no live build is running, so such a file is stale and goes."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # Windows: torch's own lock only
-            self.file = None
-            return self
-        self.file = open(self.folder / "qwenlocal.lock", "w")  # noqa: SIM115 (closed in __exit__)
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-        (self.folder / "lock").unlink(missing_ok=True)
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()
+    return OPERATOR.build()
 
 
 def ready() -> bool:
-    """Whether the operator can be called; the first ask starts its build in the background."""
-    status = _state["status"]
-    if status == "ready":
-        return True
-    if status == "new":
-        with _lock:
-            if _state["status"] == "new":
-                _state["status"] = "building"
-                threading.Thread(target=build, name="cpu-moe-build", daemon=True).start()
-    return False
+    """Whether the operator can be called; the first ask loads or starts building it."""
+    return OPERATOR.ready()
 
 
 def kernel_block(packing: str, hidden: int, inter: int) -> int:

@@ -153,7 +153,7 @@ def test_cold_int4_experts_run_torchs_int4_kernel(qckpt, monkeypatch):
     assert packed and experts.layout == resident.experts.layout
     # the crossover probe runs its own int4 calls, once, and again when the C++ dequantize gets
     # ready: it stays as it is during the counts
-    monkeypatch.setitem(cpu_dequant._state, "off", True)
+    monkeypatch.setattr(cpu_dequant.OPERATOR, "off", True)
     kernels.kernel_max_rows("int4")
     calls: list[str] = []
     real = kernels.int4_kernel_cpu

@@ -72,7 +72,7 @@ def test_a_two_dimensional_weight_is_one_matrix(built):
 
 def test_a_library_compiled_before_loads_on_the_first_ask(built, monkeypatch):
     """Not in the background: the first prefill and the crossover probe see it, every run alike."""
-    monkeypatch.setitem(cpu_dequant._state, "status", "new")
+    monkeypatch.setattr(cpu_dequant.OPERATOR, "status", "new")
     assert cpu_dequant.ready()
 
 
@@ -143,11 +143,11 @@ def test_without_a_compiler_the_plain_torch_path_computes(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise OSError("no C++ compiler")
 
-    monkeypatch.setitem(cpu_dequant._state, "status", "new")
+    monkeypatch.setattr(cpu_dequant.OPERATOR, "status", "new")
     monkeypatch.setattr(ext, "load_inline", no_compiler)
     assert cpu_dequant.build() is False
     assert not cpu_dequant.ready()
-    assert cpu_dequant._state["status"] == "failed"  # not built again on the next ask
+    assert cpu_dequant.OPERATOR.status == "failed"  # not built again on the next ask
     q = int4((128, 256), 4)
     x = torch.randn(20, 256).to(torch.bfloat16)
     monkeypatch.setattr(cpu_dequant, "dequantize_int4_t", lambda *a: pytest.fail("the operator was called"))
@@ -170,7 +170,7 @@ def test_the_int4_crossover_is_timed_again_once_the_operator_is_ready(monkeypatc
             kernel_max_rows("int4")
             kernel_max_rows("int4")  # answered from the cache
         before = len(timed)
-        monkeypatch.setitem(cpu_dequant._state, "status", "ready")
+        monkeypatch.setattr(cpu_dequant.OPERATOR, "status", "ready")
         kernel_max_rows("int4")
     finally:
         kernel_max_rows.cache_clear()
