@@ -126,7 +126,16 @@ def native_flags() -> list[str]:
 
 def cpu_identity() -> str:
     """A short hash of what -march=native compiles for: the CPU's model and feature flags."""
-    keys = ("vendor_id", "cpu family", "model", "model name", "flags", "Features", "CPU implementer", "CPU part")
+    keys = (
+        "vendor_id",
+        "cpu family",
+        "model",
+        "model name",
+        "flags",
+        "Features",
+        "CPU implementer",
+        "CPU part",
+    )
     seen: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
