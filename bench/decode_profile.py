@@ -120,7 +120,7 @@ def profile_model(folder, recipe: str, steps: int, variants: list[str]) -> dict:
     model = load_model(folder, dtype=torch.bfloat16, quant=recipe)
     if not cpu_decode.OPERATOR.build():
         raise SystemExit("the layer operator did not build here (no C++ compiler?)")
-    cpu_moe.build()  # the experts' operator ready before the first step (else built in the background)
+    cpu_moe.OPERATOR.build()  # the experts' operator ready before the first step (else built in the background)
     cache = model.new_cache(64)
     model(torch.arange(8).view(1, 8), cache=cache)
     token = torch.tensor([[11]])

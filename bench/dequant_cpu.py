@@ -52,7 +52,7 @@ def time_matrix(name: str, n: int, k: int, rows: list[int], r: int) -> tuple[lis
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
         kernel = best_us(lambda x=x: int4_kernel_cpu(x, q), r)
         after = best_us(lambda x=x: plain(x, q), r)
-        with cpu_dequant.turned_off():
+        with cpu_dequant.OPERATOR.turned_off():
             before = best_us(lambda x=x: plain(x, q), r)
         gemm.append([name, m, f"{kernel:.0f}", f"{before:.0f}", f"{after:.0f}"])
     return deq, gemm
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not cpu_dequant.build():
+    if not cpu_dequant.OPERATOR.build():
         raise SystemExit("the C++ dequantize did not build here")
     print(f"machine: {machine()}; {args.threads} thread(s); CPU time of this thread, best of {args.repeats}")
     deq_rows, gemm_rows = [], []

@@ -53,7 +53,7 @@ OP_EXPERTS = 128
 
 def op_table(threads: list[int]) -> None:
     """The operator per layer: torch's kernel per matrix against the own kernel, interleaved."""
-    assert cpu_moe.build(), "the operator did not build"
+    assert cpu_moe.OPERATOR.build(), "the operator did not build"
     rows = []
     for label, hidden, inter, group, reps in OP_SHAPES:
         ex, _ = make_experts("int4", False, hidden=hidden, inter=inter, experts=OP_EXPERTS, group=group)

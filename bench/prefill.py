@@ -39,7 +39,7 @@ def variants(ab: bool) -> dict:
     if not ab:
         return {"": contextlib.nullcontext}
     return {
-        "before (plain-torch dequantize)": cpu_dequant.turned_off,
+        "before (plain-torch dequantize)": cpu_dequant.OPERATOR.turned_off,
         "after (C++ dequantize)": contextlib.nullcontext,
     }
 
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not cpu_dequant.build() and args.ab:  # built before timing, not in the background during it
+    if not cpu_dequant.OPERATOR.build() and args.ab:  # built before timing, not in the background during it
         raise SystemExit("--ab: the C++ dequantize did not build here")
     model = load_model(real_shape_checkpoint(args.layers), dtype=torch.bfloat16, quant=args.recipe)
     runs = variants(args.ab)

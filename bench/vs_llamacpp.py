@@ -39,7 +39,7 @@ from qwenlocal.model import cpu_decode
 
 
 def ours(folder, decode: int, prefills: list[int], plain_dequant: bool) -> dict[str, float]:
-    with cpu_dequant.turned_off() if plain_dequant else contextlib.nullcontext():
+    with cpu_dequant.OPERATOR.turned_off() if plain_dequant else contextlib.nullcontext():
         return ours_timed(folder, decode, prefills)
 
 
@@ -101,8 +101,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     extra = [word for arg in args.llama_arg for word in shlex.split(arg)]
     # the C++ operators (prefill dequantize, decode experts, decode layer) built before timing
-    cpu_dequant.build()
-    cpu_moe.build()
+    cpu_dequant.OPERATOR.build()
+    cpu_moe.OPERATOR.build()
     cpu_decode.OPERATOR.build()
     ggufs = dict(g.split("=", 1) for g in args.gguf)
     folders = dict(f.split("=", 1) for f in args.folder)

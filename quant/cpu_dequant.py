@@ -178,19 +178,6 @@ TORCH_LIBRARY_IMPL(qwenlocal_cpu_dequant, CPU, m) { m.impl("int4_dequant", &int4
 OPERATOR = CppOperator(NAME, _SOURCE, cflags=("-O3", "-ffp-contract=off"), openmp=True, native=True)
 
 
-def build() -> bool:
-    """Compile (or load the compiled) operator now, blocking; whether it is available."""
-    return OPERATOR.build()
-
-
-def ready() -> bool:
-    """Whether the operator can be called; the first ask loads or starts building it."""
-    return OPERATOR.ready()
-
-
-turned_off = OPERATOR.turned_off
-
-
 def reads(packing: str) -> bool:
     """Whether the operator reads this int4 packing (the CPU kernel layouts; not "plain")."""
     return packing.startswith("cpu-") and cpu_packing_parts(packing) in LAYOUTS

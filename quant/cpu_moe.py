@@ -382,16 +382,6 @@ TORCH_LIBRARY_IMPL(qwenlocal_cpu_moe, CPU, m) { m.impl("moe_int4_row", &moe_int4
 OPERATOR = CppOperator(NAME, _SOURCE, openmp=True)
 
 
-def build() -> bool:
-    """Compile (or load the compiled) operator now, blocking; whether it is available."""
-    return OPERATOR.build()
-
-
-def ready() -> bool:
-    """Whether the operator can be called; the first ask loads or starts building it."""
-    return OPERATOR.ready()
-
-
 def kernel_block(packing: str, hidden: int, inter: int) -> int:
     """The block of rows of the own kernel for experts in `packing`, or 0 for torch's kernel: the
     own one reproduces the kernel torch dispatches to now, so the layout must be this CPU's."""

@@ -139,7 +139,9 @@ def plain(x: Tensor, q: QTensor) -> Tensor:
     if q.fmt == "int4":  # unpacked as W.T, which the GEMM reads as well as W
         assert q.scale_zero is not None
         wt = scratch("qlinear_w" if dt == torch.float32 else "qlinear_wg", q.numel, dt).view(k, n)
-        if cpu_dequant.reads(q.packing) and cpu_dequant.ready():  # C++, straight into the GEMM's dtype
+        if (
+            cpu_dequant.reads(q.packing) and cpu_dequant.OPERATOR.ready()
+        ):  # C++, straight into the GEMM's dtype
             cpu_dequant.dequantize_int4_t(q.weight, q.scale_zero, (n, k), q.blocksize, q.packing, wt)
         else:  # the same values through fp32 scratch
             w32 = scratch("qlinear_w", q.numel, torch.float32)
@@ -256,7 +258,7 @@ def kernel_max_rows(fmt: str) -> int:
     loaded) at each count of KERNEL_ROWS_LADDER, stopping at the first count where the kernel loses.
     That takes about 0.1 s, on the first quantized call with a few rows. int4 is timed again once
     the C++ dequantize (quant.cpu_dequant) is ready: it moves the crossover down (BENCHMARKS.md)."""
-    return _kernel_max_rows(fmt, fmt == "int4" and cpu_dequant.ready())
+    return _kernel_max_rows(fmt, fmt == "int4" and cpu_dequant.OPERATOR.ready())
 
 
 @measured_once

@@ -17,7 +17,7 @@ PACKINGS = ("cpu-halves64", "cpu-halves32", "cpu-pairs32")  # every layout, what
 
 @pytest.fixture(scope="module")
 def built():
-    if not cpu_dequant.build():
+    if not cpu_dequant.OPERATOR.build():
         pytest.skip("no C++ compiler for torch extensions here")
 
 
@@ -73,7 +73,7 @@ def test_a_two_dimensional_weight_is_one_matrix(built):
 def test_a_library_compiled_before_loads_on_the_first_ask(built, monkeypatch):
     """Not in the background: the first prefill and the crossover probe see it, every run alike."""
     monkeypatch.setattr(cpu_dequant.OPERATOR, "status", "new")
-    assert cpu_dequant.ready()
+    assert cpu_dequant.OPERATOR.ready()
 
 
 def test_the_operator_reads_the_cpu_layouts_only():
@@ -96,7 +96,7 @@ def test_the_gemm_path_takes_the_operator_and_equals_the_plain_torch_path(built,
     for q, seed in ((int4((256, 512), 0), 1), (int4((128, 256), 2), 3)):
         x = torch.randn(40, q.shape[1], generator=torch.Generator().manual_seed(seed)).to(dtype)
         with torch.inference_mode():
-            with cpu_dequant.turned_off():
+            with cpu_dequant.OPERATOR.turned_off():
                 want = plain(x, q)
             got = plain(x, q)
         assert torch.equal(bits(got), bits(want))
@@ -127,7 +127,7 @@ def test_prefill_logits_are_equal_with_and_without_the_operator(built, monkeypat
     monkeypatch.setattr(cpu_dequant, "dequantize_int4_t", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        with cpu_dequant.turned_off():
+        with cpu_dequant.OPERATOR.turned_off():
             want = model(ids)
         assert not calls
         got = model(ids)
@@ -145,8 +145,8 @@ def test_without_a_compiler_the_plain_torch_path_computes(monkeypatch):
 
     monkeypatch.setattr(cpu_dequant.OPERATOR, "status", "new")
     monkeypatch.setattr(ext, "load_inline", no_compiler)
-    assert cpu_dequant.build() is False
-    assert not cpu_dequant.ready()
+    assert cpu_dequant.OPERATOR.build() is False
+    assert not cpu_dequant.OPERATOR.ready()
     assert cpu_dequant.OPERATOR.status == "failed"  # not built again on the next ask
     q = int4((128, 256), 4)
     x = torch.randn(20, 256).to(torch.bfloat16)
@@ -166,7 +166,7 @@ def test_the_int4_crossover_is_timed_again_once_the_operator_is_ready(monkeypatc
     )
     kernel_max_rows.cache_clear()
     try:
-        with cpu_dequant.turned_off():
+        with cpu_dequant.OPERATOR.turned_off():
             kernel_max_rows("int4")
             kernel_max_rows("int4")  # answered from the cache
         before = len(timed)

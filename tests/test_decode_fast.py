@@ -66,7 +66,7 @@ def test_the_cpu_moe_operator_equals_the_python_loop_bit_for_bit():
 
     if cpu_packing() is None:
         pytest.skip("this CPU's int4 layout is not one we pack")
-    if not cpu_moe.build():
+    if not cpu_moe.OPERATOR.build():
         pytest.skip("no C++ compiler for torch extensions here")
     ex, dt = kernel_experts("int4")
     assert ex.fused_args() is not None
@@ -74,7 +74,7 @@ def test_the_cpu_moe_operator_equals_the_python_loop_bit_for_bit():
         ids, w = routing(1, n_picks, dtype=dt, seed=n_picks)
         x = torch.randn(1, 128, generator=torch.Generator().manual_seed(n_picks)).to(dt)
         with torch.inference_mode():
-            assert cpu_moe.ready()
+            assert cpu_moe.OPERATOR.ready()
             got = ex.one_token(0, x, ids[0], w[0])
             want = Experts.one_token(ex, 0, x, ids[0], w[0])
         assert torch.equal(got, want)
@@ -125,7 +125,7 @@ def built_cpu_moe():
 
     if cpu_packing() is None:
         pytest.skip("this CPU's int4 layout is not one we pack")
-    if not cpu_moe.build():
+    if not cpu_moe.OPERATOR.build():
         pytest.skip("no C++ compiler for torch extensions here")
     if own_block() not in cpu_moe.kernel_blocks():
         pytest.skip("no own int4 kernel for this CPU")
@@ -186,7 +186,7 @@ def greedy_logits(folder: Path, operator: bool, steps: int = 5) -> list[torch.Te
     cache = model.new_cache(32)
     ids = torch.tensor([[17, 923, 4, 511, 77]])
     out = []
-    with torch.inference_mode(), mock.patch.object(cpu_moe, "ready", lambda: operator):
+    with torch.inference_mode(), mock.patch.object(cpu_moe.OPERATOR, "ready", lambda: operator):
         for _ in range(steps + 1):
             logits = model(ids, cache)
             out.append(logits)

@@ -280,7 +280,7 @@ class QuantExperts(Experts):
             return self.one_token(layer, x.to(bf16), ids, weights.to(bf16)).to(x.dtype)
         if not x.is_cuda and x.dtype == torch.bfloat16 and ids.dtype == torch.int64:
             args = self.fused_args()
-            if args is not None and cpu_moe.ready():
+            if args is not None and cpu_moe.OPERATOR.ready():
                 return cpu_moe.moe_int4_row(x.contiguous(), ids, weights, self.blobs[layer], *args)
         return super().one_token(layer, x, ids, weights)
 
